@@ -1,0 +1,110 @@
+"""The interface every teacher family implements: conditioning, parameterisation and CFG live here,
+so that losses and training loops never ask which family they are running."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from models.flow import VelocityFn, cfg_combine, x0_from_velocity
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The prompt embeddings a family's network takes, each with the batch as its first dim.
+
+    SD3: {"prompt_embeds": (B, L, D), "pooled_projections": (B, P)}; the embedded families use one tensor.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+
+    def __post_init__(self):
+        sizes = {name: t.shape[0] for name, t in self.tensors.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"conditioning tensors disagree on batch size: {sizes}")
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return Conditioning({k: move(t) for k, t in self.tensors.items()})
+
+    def expand(self, batch_size: int) -> Conditioning:
+        """Repeat a batch-1 conditioning (the empty prompt) to batch_size rows."""
+        if self.batch_size != 1:
+            raise ValueError(f"only a batch-1 conditioning can be expanded, this one has {self.batch_size}")
+        return Conditioning({k: t.expand(batch_size, *t.shape[1:]) for k, t in self.tensors.items()})
+
+    def __getitem__(self, index) -> Conditioning:
+        return Conditioning({k: t[index] for k, t in self.tensors.items()})
+
+    def where(self, mask: torch.Tensor, other: Conditioning) -> Conditioning:
+        """Row-wise choice: other's row where mask (B,) is True, else this row (CFG dropout)."""
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))).to(a.device), b.to(a.device), a)
+        return Conditioning({k: pick(t, other.tensors[k]) for k, t in self.tensors.items()})
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        keys = items[0].tensors.keys()
+        return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
+
+
+class TeacherAdapter(ABC):
+    """One per teacher family. The same network class serves as teacher, generator and critic; the
+    adapter turns (network, x_t, t, conditioning) into a velocity in the flow convention of models.flow.
+
+    Subclasses set prediction_type ("velocity" for flow teachers, "epsilon" for SDXL-like ones: the
+    diversity target then takes its x-prediction form) and implement the abstract methods.
+    """
+
+    family: ClassVar[str]
+    prediction_type: ClassVar[Literal["velocity", "epsilon"]] = "velocity"
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample in the space the flow runs in, without the batch dim."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Prompt embeddings for a list of prompts; the empty prompt "" is the unconditional one."""
+
+    @abstractmethod
+    def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The network's velocity at x_t: (B, *latent_shape), t: (B,) in [0, 1]."""
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules the adapter owns that train with an embedded teacher (a text encoder); none by default."""
+        return []
+
+    def negative_conditioning(self, batch_size: int) -> Conditioning:
+        """The empty-prompt conditioning CFG is taken against, repeated to batch_size."""
+        return self.encode_prompts([""]).expand(batch_size)
+
+    def guided_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                        uncond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """CFG velocity v_u + w (v_c - v_u), with both branches in one doubled batch."""
+        v = self.velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+        v_uncond, v_cond = v.chunk(2)
+        return cfg_combine(v_uncond, v_cond, guidance_scale)
+
+    def x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return x0_from_velocity(x_t, self.velocity(net, x_t, t, cond), t)
+
+    def velocity_fn(self, net: nn.Module, cond: Conditioning, uncond: Conditioning | None = None,
+                    guidance_scale: float | None = None) -> VelocityFn:
+        """Bind a network and conditioning into velocity_fn(x_t, t) for rollouts; guided when uncond is given."""
+        if uncond is None:
+            return lambda x_t, t: self.velocity(net, x_t, t, cond)
+        if guidance_scale is None:
+            raise ValueError("a guided velocity_fn needs guidance_scale")
+        return lambda x_t, t: self.guided_velocity(net, x_t, t, cond, uncond, guidance_scale)

@@ -1,0 +1,63 @@
+"""The two trajectories DP-DMD needs: the teacher's anchor (eps -> z_K) and the generator's few-step rollout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.flow import VelocityFn, batch_t, euler_step, ode_rollout
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The teacher's state z_K after K guided ODE steps from eps, and its time t_K."""
+
+    z: torch.Tensor  # (B, ...)
+    t: torch.Tensor  # scalar
+
+
+def teacher_anchor(guided_velocity_fn: VelocityFn, eps: torch.Tensor, teacher_sigmas: torch.Tensor,
+                   anchor_step: int) -> Anchor:
+    """Run the first anchor_step (K) Euler steps of the teacher's guided ODE from eps (t = 1).
+
+    guided_velocity_fn must be deterministic (CFG velocity of the teacher): a stochastic sampler breaks
+    the target. teacher_sigmas: (S + 1,) from sampling_sigmas(S, shift), 1 <= K < S + 1.
+    """
+    num_steps = teacher_sigmas.numel() - 1
+    if not 1 <= anchor_step <= num_steps:
+        raise ValueError(f"anchor_step K must be in [1, {num_steps}] for a {num_steps}-step teacher, got {anchor_step}")
+    sigmas = teacher_sigmas[: anchor_step + 1]
+    with torch.no_grad():
+        z = ode_rollout(guided_velocity_fn, eps, sigmas)
+    return Anchor(z=z, t=sigmas[-1].clone())
+
+
+@dataclass(frozen=True)
+class GeneratorRollout:
+    """v_first: the generator's velocity at (eps, t = 1), carrying gradient (for the diversity loss).
+    x_first: the state after the first step, detached when the stop-gradient is on.
+    x_gen: the final sample (t = 0), carrying gradient through steps 2..N only."""
+
+    v_first: torch.Tensor
+    x_first: torch.Tensor
+    x_gen: torch.Tensor
+
+
+def generator_rollout(velocity_fn: VelocityFn, eps: torch.Tensor, generator_sigmas: torch.Tensor,
+                      detach_first_step: bool = True) -> GeneratorRollout:
+    """The N-step generator sample with the DP-DMD stop-gradient after step 1 (PAPER.md, loss 2).
+
+    eps: (B, ...) noise at t = generator_sigmas[0] = 1; generator_sigmas: (N + 1,) ending at 0.
+    Step 1 gives v_first and x_first = eps + (t_1 - 1) v_first, detached so that the DMD term
+    reaches the generator only through steps 2..N and the diversity term only through step 1.
+    """
+    if generator_sigmas.numel() < 2:
+        raise ValueError("generator_sigmas needs at least two entries (one step)")
+    t0, t1 = generator_sigmas[0], generator_sigmas[1]
+    v_first = velocity_fn(eps, batch_t(t0, eps))
+    x_first = euler_step(eps, v_first, t0, t1)
+    if detach_first_step:
+        x_first = x_first.detach()
+    x_gen = ode_rollout(velocity_fn, x_first, generator_sigmas[1:])
+    return GeneratorRollout(v_first=v_first, x_first=x_first, x_gen=x_gen)

@@ -1,0 +1,219 @@
+"""Config precedence (defaults <- recipe <- overrides), every validation error path, and saving."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.recipe import builtin_recipes, dump, resolve, save
+from workers.config import ConfigError, RunConfig, build, config_keys, to_dict
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"loss": {"diversity_weight": 0.2, "anchor_step": 10},
+                                    "teacher": {"guidance_scale": 5.0}}))
+    return path
+
+
+def test_precedence_defaults_recipe_overrides(recipe_file):
+    config = resolve(recipe_file, ["loss.diversity_weight=0.3"])
+    assert config.loss.diversity_weight == 0.3  # override beats recipe
+    assert config.loss.anchor_step == 10  # recipe beats default
+    assert config.teacher.guidance_scale == 5.0
+    assert config.loss.normaliser == RunConfig().loss.normaliser  # default where neither speaks
+    assert config.schedule.critic_updates_per_generator == 5
+
+
+def test_override_creates_missing_sections_and_parses_yaml_values():
+    config = resolve(None, ["generator.optim.betas=[0.0, 0.99]", "loss.detach_first_step=false",
+                            "generator.shift=null", "tracking.run_name=my run"])
+    assert config.generator.optim.betas == [0.0, 0.99]
+    assert config.loss.detach_first_step is False
+    assert config.generator.shift is None
+    assert config.tracking.run_name == "my run"
+
+
+def test_ints_and_dotless_exponents_are_accepted_for_floats(tmp_path):
+    assert resolve(None, ["teacher.guidance_scale=4"]).teacher.guidance_scale == 4.0
+    assert resolve(None, ["generator.optim.lr=3e-4"]).generator.optim.lr == 3e-4
+    path = tmp_path / "r.yaml"
+    path.write_text("critic:\n  optim:\n    lr: 1e-5\n")  # YAML 1.1 reads this as a string
+    assert resolve(path).critic.optim.lr == 1e-5
+    with pytest.raises(ConfigError, match="expected float"):
+        resolve(None, ["generator.optim.lr=fast"])
+
+
+def test_unknown_key_is_named_with_a_suggestion(recipe_file):
+    with pytest.raises(ConfigError) as info:
+        resolve(recipe_file, ["loss.anchor_stp=3"])
+    assert info.value.key == "loss.anchor_stp"
+    assert "did you mean 'loss.anchor_step'" in str(info.value)
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError) as info:
+        resolve(None, ["optimiser.lr=1"])
+    assert info.value.key == "optimiser.lr" or info.value.key == "optimiser"
+    assert "valid keys here" in str(info.value)
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher:\n  familly: toy2d\n")
+    with pytest.raises(ConfigError, match="teacher.familly.*did you mean 'teacher.family'"):
+        resolve(path)
+
+
+INVALID = [
+    ("teacher.family=nope", "teacher.family"),
+    ("teacher.guidance_scale=-1", "teacher.guidance_scale"),
+    ("teacher.num_steps=0", "teacher.num_steps"),
+    ("teacher.shift=0", "teacher.shift"),
+    ("teacher.dtype=fp16", "teacher.dtype"),
+    ("teacher.train.steps=0", "teacher.train.steps"),
+    ("teacher.train.batch_size=0", "teacher.train.batch_size"),
+    ("teacher.train.width=0", "teacher.train.width"),
+    ("teacher.train.lr=0", "teacher.train.lr"),
+    ("teacher.train.cfg_dropout=0", "teacher.train.cfg_dropout"),
+    ("generator.num_steps=0", "generator.num_steps"),
+    ("generator.shift=-1", "generator.shift"),
+    ("generator.optim.lr=0", "generator.optim.lr"),
+    ("generator.optim.weight_decay=-1", "generator.optim.weight_decay"),
+    ("generator.optim.betas=[0.9]", "generator.optim.betas"),
+    ("generator.optim.betas=[0.9, 1.0]", "generator.optim.betas"),
+    ("generator.optim.betas=[0.9, x]", "generator.optim.betas[1]"),
+    ("generator.optim.grad_clip=-1", "generator.optim.grad_clip"),
+    ("critic.optim.lr=-1e-5", "critic.optim.lr"),
+    ("loss.diversity_weight=-0.1", "loss.diversity_weight"),
+    ("loss.anchor_step=0", "loss.anchor_step"),
+    ("loss.anchor_step=31", "loss.anchor_step"),
+    ("loss.normaliser=l2", "loss.normaliser"),
+    ("loss.detach_first_step=maybe", "loss.detach_first_step"),
+    ("schedule.critic_updates_per_generator=0", "schedule.critic_updates_per_generator"),
+    ("schedule.num_generator_updates=0", "schedule.num_generator_updates"),
+    ("schedule.checkpoint_every=-1", "schedule.checkpoint_every"),
+    ("schedule.log_every=0", "schedule.log_every"),
+    ("schedule.on_nonfinite=ignore", "schedule.on_nonfinite"),
+    ("trajectories.seeds_per_prompt=0", "trajectories.seeds_per_prompt"),
+    ("trajectories.rows_per_shard=0", "trajectories.rows_per_shard"),
+    ("trajectories.batch_size=0", "trajectories.batch_size"),
+    ("trajectories.num_actors=0", "trajectories.num_actors"),
+    ("trajectories.seed_offset=-1", "trajectories.seed_offset"),
+    ("trajectories.cpus_per_actor=0", "trajectories.cpus_per_actor"),
+    ("trajectories.gpus_per_actor=-1", "trajectories.gpus_per_actor"),
+    ("evaluation.seeds_per_prompt=1", "evaluation.seeds_per_prompt"),
+    ("evaluation.seed_offset=-1", "evaluation.seed_offset"),
+    ("evaluation.batch_size=0", "evaluation.batch_size"),
+    ("distributed.num_workers=0", "distributed.num_workers"),
+    ("distributed.cpus_per_worker=0", "distributed.cpus_per_worker"),
+    ("distributed.zero_stage=4", "distributed.zero_stage"),
+    ("distributed.precision=fp16", "distributed.precision"),
+    ("distributed.batch_size_per_worker=0", "distributed.batch_size_per_worker"),
+    ("distributed.use_gpu=1", "distributed.use_gpu"),
+    ("tracking.experiment=' '", "tracking.experiment"),
+    ("storage.output_dir=''", "storage.output_dir"),
+    ("storage.trajectory_root=s3://key:secret@bucket/prefix", "storage.trajectory_root"),
+    ("storage.s3_endpoint_url=http://user:pw@localhost:9000", "storage.s3_endpoint_url"),
+    ("seed=-1", "seed"),
+    ("seed=1.5", "seed"),
+    ("schedule.num_generator_updates=true", "schedule.num_generator_updates"),
+    ("name=3", "name"),
+]
+
+
+@pytest.mark.parametrize("override,key", INVALID)
+def test_every_invalid_value_names_its_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        resolve(None, [override])
+    assert info.value.key == key
+    assert len(info.value.message) > 10  # says what is expected, not just "invalid"
+
+
+@pytest.mark.parametrize("override", ["loss.diversity_weight", "=3", "loss..x=1", ".x=1"])
+def test_malformed_overrides_show_the_expected_form(override):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        resolve(None, [override])
+
+
+def test_override_below_a_value_is_refused(recipe_file):
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        resolve(recipe_file, ["loss.anchor_step.x=1"])  # set by the recipe
+    with pytest.raises(ConfigError) as info:
+        resolve(None, ["seed.x=1"])  # only a default
+    assert info.value.key == "seed"
+
+
+def test_section_given_a_value_is_refused():
+    with pytest.raises(ConfigError) as info:
+        resolve(None, ["loss=3"])
+    assert info.value.key == "loss"
+
+
+def test_missing_recipe_lists_the_builtins():
+    with pytest.raises(ConfigError, match="toy2d"):
+        resolve("no-such-recipe")
+
+
+def test_recipe_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve(path)
+
+
+def test_saved_config_resolves_back_to_the_same_config(tmp_path, recipe_file):
+    config = resolve(recipe_file, ["loss.diversity_weight=0.07", "generator.shift=2.0"])
+    path = save(config, tmp_path / "run")
+    assert path.name == "config.yaml"
+    assert resolve(path) == config
+    assert yaml.safe_load(path.read_text()) == to_dict(config)
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_builtin_recipes_resolve(name):
+    assert isinstance(resolve(name), RunConfig)
+
+
+def test_every_key_can_be_overridden_with_its_own_value():
+    config = RunConfig()
+    data = to_dict(config)
+    keys = config_keys()
+    assert {"loss.diversity_weight", "loss.anchor_step", "teacher.train.lr", "distributed.zero_stage"} <= set(keys)
+    for key in keys:
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        assert resolve(None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]) == config, key
+
+
+def test_build_rejects_a_non_mapping_section():
+    with pytest.raises(ConfigError, match="mapping"):
+        build(RunConfig, {"teacher": [1, 2]})
+
+
+def test_cli_config_prints_the_resolved_config(capsys):
+    assert cli.main(["config", "--recipe", "toy2d", "loss.diversity_weight=0.1"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"]["diversity_weight"] == 0.1
+    assert printed["teacher"]["family"] == "toy2d"
+
+
+def test_cli_reports_config_errors_before_any_work(capsys):
+    assert cli.main(["train-teacher", "loss.lamda=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.lamda" in err and "valid keys here" in err
+
+
+def test_help_lists_the_real_subcommands():
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("demo", "config", "train-teacher", "evaluate", "sample"):
+        assert command in out
+
+
+def test_dump_is_yaml_of_every_section():
+    assert set(yaml.safe_load(dump(RunConfig()))) == {f.split(".")[0] for f in config_keys()}

@@ -1,0 +1,1 @@
+"""Ray Tune search spaces, as YAML files keyed by the same dotted paths as recipes."""

@@ -1,0 +1,359 @@
+"""Typed, self-validating configs for every component, and the machinery that builds them from plain dicts.
+
+Values resolve as dataclass defaults <- YAML recipe <- dotted key=value overrides (orchestrator.recipe).
+Every check runs before any work starts; each error names the dotted key and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """An invalid or unknown config key. key is the full dotted path."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Components
+
+
+@dataclass
+class TeacherTrainConfig:
+    """How `dpdmd train-teacher` trains an embedded family's teacher (flow matching with CFG dropout)."""
+
+    steps: int = 3000
+    batch_size: int = 512
+    lr: float = 1e-3
+    cfg_dropout: float = 0.15  # fraction of rows trained on the empty prompt
+    width: int = 256  # hidden width (MLP) or base channel count (image models)
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "width"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 < self.cfg_dropout < 1, "cfg_dropout",
+               f"must be in (0, 1) so that the teacher also learns the unconditional velocity CFG needs, "
+               f"got {self.cfg_dropout}")
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen multi-step teacher and its sampler (PAPER.md: CFG scale w, scheduler shift, steps)."""
+
+    family: str = "toy2d"
+    path: str = ""  # local directory or s3:// URL of a saved teacher; "" = the family's embedded default
+    guidance_scale: float = 3.5  # w in v_u + w (v_c - v_u)
+    num_steps: int = 30
+    shift: float = 3.0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
+
+    def __post_init__(self):
+        from models.families import FAMILIES
+
+        _check(self.family in FAMILIES, "family",
+               f"unknown teacher family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        _check(self.guidance_scale >= 0, "guidance_scale",
+               f"must be >= 0 (1.0 is the conditional model alone), got {self.guidance_scale}")
+        _check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        _check(self.shift > 0, "shift", f"must be > 0 (1.0 is the linear schedule), got {self.shift}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings (PAPER.md recipe: lr 1e-5, weight decay 0, clip 1.0)."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+               f"must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+
+
+@dataclass
+class GeneratorConfig:
+    """The few-step student, initialised from the teacher and sampled without CFG."""
+
+    num_steps: int = 4  # NFE
+    shift: float | None = None  # None: the teacher's shift
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        _check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        _check(self.shift is None or self.shift > 0, "shift", f"must be > 0 or null, got {self.shift}")
+
+
+@dataclass
+class CriticConfig:
+    """The fake score, initialised from the teacher and trained on generator samples."""
+
+    gradient_checkpointing: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class LossConfig:
+    """The DP-DMD objective L = L_dmd + diversity_weight * L_div (PAPER.md, Losses)."""
+
+    diversity_weight: float = 0.05  # lambda; 0 is plain DMD
+    anchor_step: int = 5  # K: teacher ODE steps to the anchor z_K
+    normaliser: Literal["xt", "xgen"] = "xt"  # DMD gradient normaliser: reference script / DMD2
+    detach_first_step: bool = True  # stop-gradient after the generator's first step
+
+    def __post_init__(self):
+        _check(self.diversity_weight >= 0, "diversity_weight",
+               f"must be >= 0 (0 is plain DMD, the paper uses 0.05), got {self.diversity_weight}")
+        _check(self.anchor_step >= 1, "anchor_step", f"must be >= 1 teacher step, got {self.anchor_step}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The two time-scale update schedule and its bookkeeping."""
+
+    critic_updates_per_generator: int = 5
+    num_generator_updates: int = 6000
+    checkpoint_every: int = 500  # generator updates between checkpoints; 0 = only at the end
+    log_every: int = 10
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self):
+        _check(self.critic_updates_per_generator >= 1, "critic_updates_per_generator",
+               f"must be >= 1 (the paper's script uses 5), got {self.critic_updates_per_generator}")
+        _check(self.num_generator_updates >= 1, "num_generator_updates",
+               f"must be >= 1, got {self.num_generator_updates}")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class TrajectoryConfig:
+    """The precomputed teacher trajectories: which prompts and seeds, and the actor pool that makes them."""
+
+    prompts: str = ""  # a text file, one prompt a line; "" = the family's embedded training prompts
+    seeds_per_prompt: int = 8
+    seed_offset: int = 0
+    rows_per_shard: int = 256
+    batch_size: int = 64
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self):
+        for key in ("seeds_per_prompt", "rows_per_shard", "batch_size", "num_actors"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.seed_offset >= 0, "seed_offset", f"must be >= 0, got {self.seed_offset}")
+        _check(self.cpus_per_actor > 0, "cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        _check(self.gpus_per_actor >= 0, "gpus_per_actor", f"must be >= 0, got {self.gpus_per_actor}")
+
+
+@dataclass
+class EvalConfig:
+    """The paper's protocol: the same held-out prompts and seeds for every model compared."""
+
+    prompts: str = ""  # a text file, one prompt a line; "" = the family's evaluation prompts
+    seeds_per_prompt: int = 9  # R
+    seed_offset: int = 1_000_000  # held-out seeds start here, far from the training seeds
+    batch_size: int = 256
+
+    def __post_init__(self):
+        _check(self.seeds_per_prompt >= 2, "seeds_per_prompt",
+               f"must be >= 2 (diversity compares seeds pairwise), got {self.seeds_per_prompt}")
+        _check(self.seed_offset >= 0, "seed_offset", f"must be >= 0, got {self.seed_offset}")
+        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class DistributedConfig:
+    """Ray Train workers and DeepSpeed ZeRO sharding."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    batch_size_per_worker: int = 4
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker",
+               f"must be > 0 (fractions such as 0.5 let small machines fit more workers), got {self.cpus_per_worker}")
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.batch_size_per_worker >= 1, "batch_size_per_worker",
+               f"must be >= 1, got {self.batch_size_per_worker}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. Credentials never go here: MLflow reads them from its own environment variables."""
+
+    tracking_uri: str = ""  # "" = sqlite file in storage.output_dir
+    experiment: str = "dpdmd"
+    run_name: str = ""
+
+    def __post_init__(self):
+        _check(bool(self.experiment.strip()), "experiment", "must be a non-empty name")
+
+
+@dataclass
+class StorageConfig:
+    """Where runs write. URLs may be local paths or s3://bucket/prefix (credentials from the AWS chain)."""
+
+    output_dir: str = "outputs"
+    trajectory_root: str = ""  # "" = <output_dir>/trajectories
+    s3_endpoint_url: str = ""  # for S3-compatible stores that are not AWS; "" = AWS
+
+    def __post_init__(self):
+        _check(bool(self.output_dir.strip()), "output_dir", "must be a non-empty path")
+        for key in ("output_dir", "trajectory_root", "s3_endpoint_url"):
+            url = urlsplit(getattr(self, key))
+            _check(url.username is None and url.password is None, key,
+                   "must not hold credentials; give them through the AWS environment or profile")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. Sections are the dotted-path prefixes used by recipes and overrides."""
+
+    name: str = "dpdmd"
+    seed: int = 0
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trajectories: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self):
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
+               f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
+               "the paper uses K = 5 of 30")
+
+    @property
+    def generator_shift(self) -> float:
+        return self.teacher.shift if self.generator.shift is None else self.generator.shift
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building configs from plain data
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce: int -> float) a plain value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str = ""):
+    """Build dataclass cls from a nested mapping; missing keys take defaults, unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, f"expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {_join(prefix, close[0])!r}? " if close else ""
+        raise ConfigError(_join(prefix, str(key)),
+                          f"unknown key; {hint}valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], _join(prefix, name)
+        kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names keys relative to its own section
+        raise ConfigError(_join(prefix, err.key), err.message) from None
+
+
+def to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config class, e.g. 'loss.diversity_weight'."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        key = _join(prefix, name)
+        keys.extend(config_keys(tp, key) if dataclasses.is_dataclass(tp) else [key])
+    return keys

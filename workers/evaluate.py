@@ -1,0 +1,84 @@
+"""Evaluation with the paper's protocol: held-out prompts x R seeds, the same pairs for every model compared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.adapter import TeacherAdapter
+from models.families import family_module
+from models.flow import sampling_sigmas
+from models.sampling import Sampler, grid_pairs, sample
+from workers.config import RunConfig
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file, one a line; blank lines and lines starting with # are skipped."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist: give a text file with one prompt a line")
+    prompts = [line.strip() for line in file.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def eval_prompts(config: RunConfig) -> list[str]:
+    ev = config.evaluation
+    return read_prompts(ev.prompts) if ev.prompts else family_module(config.teacher.family).eval_prompts()
+
+
+def eval_seeds(config: RunConfig) -> list[int]:
+    ev = config.evaluation
+    return list(range(ev.seed_offset, ev.seed_offset + ev.seeds_per_prompt))
+
+
+def teacher_sampler(config: RunConfig) -> Sampler:
+    """The teacher's own multi-step guided ODE sampler."""
+    t = config.teacher
+    return Sampler(sampling_sigmas(t.num_steps, t.shift), t.guidance_scale)
+
+
+def generator_sampler(config: RunConfig) -> Sampler:
+    """The generator's few-step sampler: no CFG."""
+    return Sampler(sampling_sigmas(config.generator.num_steps, config.generator_shift), None)
+
+
+@dataclass
+class Evaluation:
+    prompts: list[str]  # one entry per sample, prompt-major
+    seeds: list[int]
+    samples: torch.Tensor  # (len(prompts), *latent_shape)
+    metrics: dict[str, float]
+
+
+def evaluate(config: RunConfig, adapter: TeacherAdapter, net: nn.Module, sampler: Sampler,
+             prompts: list[str] | None = None, seeds: list[int] | None = None) -> Evaluation:
+    """Sample every (prompt, seed) pair with sampler and score the samples with the family's metrics."""
+    prompts, seeds = grid_pairs(prompts or eval_prompts(config), seeds or eval_seeds(config))
+    samples = sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size)
+    metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=config.seed)
+    return Evaluation(prompts, seeds, samples, metrics)
+
+
+def save_samples(evaluation: Evaluation, path: Path) -> Path:
+    """The raw arrays: prompt, seed and sample of every pair, in one .npz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, prompt=np.array(evaluation.prompts), seed=np.array(evaluation.seeds),
+                        sample=evaluation.samples.numpy())
+    return path
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A Markdown table, one row per model, one column per metric."""
+    columns = list(dict.fromkeys(k for metrics in rows.values() for k in metrics))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:.4g}" if c in metrics else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

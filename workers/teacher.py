@@ -1,0 +1,106 @@
+"""Finding, training and loading teachers. Embedded families train their own teacher with flow matching
+and CFG dropout; the result lands in a directory named by its settings, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from models.families import family_module
+from models.flow import interpolate
+from models.losses import flow_matching_loss
+from workers.config import RunConfig
+
+
+def embedded_teacher_dir(config: RunConfig) -> Path:
+    """<output_dir>/teachers/<family>-<hash of the training settings>: new settings, new teacher."""
+    settings = json.dumps({"family": config.teacher.family, **asdict(config.teacher.train)}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    return Path(config.storage.output_dir) / "teachers" / f"{config.teacher.family}-{digest}"
+
+
+def teacher_dir(config: RunConfig) -> Path:
+    return Path(config.teacher.path) if config.teacher.path else embedded_teacher_dir(config)
+
+
+def load_teacher(config: RunConfig):
+    """(adapter, net) of the configured teacher, in eval mode with frozen weights."""
+    path = teacher_dir(config)
+    if not path.is_dir():
+        fix = (f"train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
+               else "point teacher.path at a directory written by `dpdmd train-teacher` or save_pretrained")
+        raise FileNotFoundError(f"no {config.teacher.family} teacher at {path}: {fix}")
+    adapter, net = family_module(config.teacher.family).load_teacher(path)
+    for module in (net, *adapter.trainable_modules()):
+        module.eval().requires_grad_(False)
+    return adapter, net
+
+
+def train_teacher(config: RunConfig, out_dir: Path | None = None, progress: bool = True,
+                  device: str | torch.device = "cpu") -> Path:
+    """Train the family's embedded teacher and save it (save_pretrained) to out_dir, atomically.
+
+    Flow matching: t ~ U(0, 1), x_t = (1 - t) x0 + t eps, regress v on eps - x0; a cfg_dropout share of
+    rows sees the empty prompt so the same network gives the unconditional velocity CFG needs.
+    Random draws come from one CPU generator whatever the device, so a GPU run sees the same data.
+    """
+    family, train = family_module(config.teacher.family), config.teacher.train
+    out_dir = Path(out_dir) if out_dir is not None else embedded_teacher_dir(config)
+    adapter, net = family.new_teacher(width=train.width, seed=train.seed)
+    modules = [net, *adapter.trainable_modules()]
+    parameters = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.to(device).train()
+    optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.steps, eta_min=train.lr * 0.05)
+    generator = torch.Generator().manual_seed(train.seed)
+    losses: list[float] = []
+    start = time.time()
+    bar = tqdm(range(train.steps), desc=f"train {config.teacher.family} teacher", disable=not progress,
+               mininterval=2.0)
+    for step in bar:
+        x0, prompts = family.training_batch(train.batch_size, generator)
+        x0 = x0.to(device)
+        drop = torch.rand(train.batch_size, generator=generator) < train.cfg_dropout
+        cond = adapter.encode_prompts(prompts).where(drop, adapter.negative_conditioning(train.batch_size))
+        t = torch.rand(train.batch_size, generator=generator).to(device)
+        eps = torch.randn(x0.shape, generator=generator).to(device)
+        out = flow_matching_loss(adapter.velocity(net, interpolate(x0, eps, t), t, cond), x0, eps, name="teacher")
+        out.raise_if_nonfinite(where=f"teacher training step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(out.loss.item())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    for m in modules:
+        m.cpu()
+    _save_atomically(family, adapter, net, out_dir, {"family": config.teacher.family, "train": asdict(train),
+                                    "seconds": round(time.time() - start, 1), "losses": losses})
+    return out_dir
+
+
+def _save_atomically(family, adapter, net, out_dir: Path, log: dict) -> None:
+    """Write into a sibling temp dir, then rename: a killed run never leaves a half-written teacher."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        family.save_teacher(adapter, net, tmp)
+        (tmp / "training_log.json").write_text(json.dumps(log))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
