@@ -3,6 +3,8 @@
     dpdmd demo                                            # the embedded default, end to end
     dpdmd config --recipe toy2d loss.diversity_weight=0.1 # print the resolved, validated config
     dpdmd train-teacher --recipe toy2d                    # train an embedded family's teacher
+    dpdmd precompute --recipe toy2d                       # teacher anchors into the trajectory store
+    dpdmd distill --recipe toy2d                          # DP-DMD on Ray Train + DeepSpeed
     dpdmd evaluate --recipe toy2d                         # the teacher's metrics on held-out seeds
     dpdmd sample --recipe toy2d --prompt "class 1" --seeds 0-8 --out samples/
 """
@@ -11,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# Busy-waiting OpenMP threads slow small CPU models down many times over as soon as another process
+# shares the cores (Ray workers, a second job); passive waiting costs little when the cores are free.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from orchestrator import recipe as recipes
 from workers.config import ConfigError, RunConfig
@@ -88,20 +95,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from models.families import family_module
     from models.sampling import grid_pairs, sample
-    from workers.evaluate import Evaluation, eval_prompts, save_samples, teacher_sampler
+    from workers.evaluate import Evaluation, eval_prompts, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
     prompts = args.prompt or eval_prompts(config)
     seeds = parse_seeds(args.seeds)
-    adapter, net = load_teacher(config)
+    if args.generator:
+        adapter, net, sampler = load_generator(args.generator)
+    else:
+        (adapter, net), sampler = load_teacher(config), teacher_sampler(config)
     pairs = grid_pairs(prompts, seeds)
-    samples = sample(adapter, net, *pairs, teacher_sampler(config), batch_size=config.evaluation.batch_size)
+    samples = sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size)
     out = Path(args.out) if args.out else new_run_dir(config, "sample")
     save_samples(Evaluation(*pairs, samples, {}), out / "samples.npz")
-    png = family_module(config.teacher.family).render({"teacher": samples}, pairs[0], out / "samples.png")
+    name = "generator" if args.generator else "teacher"
+    png = family_module(config.teacher.family).render({name: samples}, pairs[0], out / "samples.png")
     print(f"{len(pairs[0])} samples ({len(prompts)} prompts x {len(seeds)} seeds) in {out / 'samples.npz'} "
           f"and {png}")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from orchestrator.precompute import precompute
+
+    config = recipes.resolve(args.recipe, args.overrides)
+    _, summary = precompute(config, use_ray=not args.no_ray)
+    print(summary)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from orchestrator.distill import run_distill
+
+    run_distill(recipes.resolve(args.recipe, args.overrides))
     return 0
 
 
@@ -130,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for the teacher (default: under storage.output_dir)")
     p.set_defaults(func=cmd_train_teacher)
 
+    p = sub.add_parser("precompute", help="teacher anchors and prompt embeddings into the Parquet trajectory store")
+    _add_recipe_args(p, DEFAULT_RECIPE)
+    p.add_argument("--no-ray", action="store_true", help="compute in this process instead of a Ray actor pool")
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("distill", help="distil a few-step generator on Ray Train with DeepSpeed engines")
+    _add_recipe_args(p, DEFAULT_RECIPE)
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("evaluate", help="the teacher's diversity and quality on held-out prompts and seeds")
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.set_defaults(func=cmd_evaluate)
@@ -139,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: the eval prompts)")
     p.add_argument("--seeds", default="0-8", help="seeds, e.g. 0-8 or 1,5,9 (default: 0-8)")
     p.add_argument("--out", default=None, help="output directory (default: a new run directory)")
+    p.add_argument("--generator", default=None,
+                   help="an exported generator directory (from dpdmd distill); default: the recipe's teacher")
     p.set_defaults(func=cmd_sample)
     return parser
 

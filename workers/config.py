@@ -198,6 +198,7 @@ class DistributedConfig:
     zero_stage: int = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     batch_size_per_worker: int = 4
+    max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
@@ -206,6 +207,7 @@ class DistributedConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _check(self.batch_size_per_worker >= 1, "batch_size_per_worker",
                f"must be >= 1, got {self.batch_size_per_worker}")
+        _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
 
 
 @dataclass

@@ -49,6 +49,23 @@ def generator_sampler(config: RunConfig) -> Sampler:
     return Sampler(sampling_sigmas(config.generator.num_steps, config.generator_shift), None)
 
 
+GENERATOR_META = "dpdmd_generator.json"
+
+
+def load_generator(path: str | Path):
+    """(adapter, net, sampler) of an exported generator: its family's format plus its few-step sampler."""
+    import json
+
+    meta_path = Path(path) / GENERATOR_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not an exported generator (no {GENERATOR_META}); give the "
+                                "generator/ directory that `dpdmd distill` writes into its run directory")
+    meta = json.loads(meta_path.read_text())
+    adapter, net = family_module(meta["family"]).load_teacher(path)
+    net.eval().requires_grad_(False)
+    return adapter, net, Sampler(sampling_sigmas(meta["num_steps"], meta["shift"]), meta["guidance_scale"])
+
+
 @dataclass
 class Evaluation:
     prompts: list[str]  # one entry per sample, prompt-major

@@ -32,8 +32,8 @@ def teacher_dir(config: RunConfig) -> Path:
     return Path(config.teacher.path) if config.teacher.path else embedded_teacher_dir(config)
 
 
-def load_teacher(config: RunConfig):
-    """(adapter, net) of the configured teacher, in eval mode with frozen weights."""
+def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype."""
     path = teacher_dir(config)
     if not path.is_dir():
         fix = (f"train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
@@ -42,6 +42,9 @@ def load_teacher(config: RunConfig):
     adapter, net = family_module(config.teacher.family).load_teacher(path)
     for module in (net, *adapter.trainable_modules()):
         module.eval().requires_grad_(False)
+    net.to(device)
+    if dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
+        net.to(dtype)
     return adapter, net
 
 

@@ -1,0 +1,95 @@
+"""`dpdmd distill`: the driver. Checks the recipe against the cluster, makes sure the trajectory store is
+complete, then fits a Ray TorchTrainer whose workers run workers.train.train with DeepSpeed engines.
+
+    dpdmd distill --recipe toy2d distributed.num_workers=2 distributed.zero_stage=3
+    ray job submit --address http://HEAD:8265 --working-dir . -- dpdmd distill --recipe toy2d
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orchestrator import recipe as recipes
+from orchestrator.cluster import ensure_ray
+from orchestrator.precompute import precompute
+from workers.config import ConfigError, RunConfig
+from workers.train import GENERATOR_DIR
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    generator_dir: Path
+    metrics: dict
+
+
+def check_cluster(config: RunConfig, resources: dict) -> None:
+    """Refuse, before anything is reserved, a recipe the cluster cannot run."""
+    dist = config.distributed
+    cpus = dist.num_workers * dist.cpus_per_worker
+    if cpus > resources.get("CPU", 0):
+        raise ConfigError("distributed.cpus_per_worker",
+                          f"{dist.num_workers} workers x {dist.cpus_per_worker} CPUs = {cpus:g} CPUs, but the "
+                          f"cluster has {resources.get('CPU', 0):g}; lower distributed.num_workers or "
+                          "distributed.cpus_per_worker (fractions such as 0.5 are allowed)")
+    if dist.use_gpu and dist.num_workers > resources.get("GPU", 0):
+        raise ConfigError("distributed.num_workers",
+                          f"{dist.num_workers} GPU workers, but the cluster has {resources.get('GPU', 0):g} GPUs; "
+                          "lower distributed.num_workers or set distributed.use_gpu=false")
+    if dist.precision == "bf16" and not dist.use_gpu and dist.zero_stage == 0:
+        raise ConfigError("distributed.precision", "bf16 without ZeRO (stage 0) is not supported by DeepSpeed on "
+                                                   "CPU; use distributed.zero_stage=1..3 or precision=fp32")
+
+
+def run_distill(config: RunConfig, run_dir: Path | None = None) -> DistillResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.ray_worker import DATASET, train_fn_per_worker
+
+    run_dir = run_dir or Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
+    recipes.save(config, run_dir)
+    ensure_ray()
+    check_cluster(config, ray.cluster_resources())
+    store, summary = precompute(config)
+    print(summary)
+
+    dist = config.distributed
+    storage = (Path(config.storage.output_dir) / "ray_results").resolve()
+    print(f"[distill] {dist.num_workers} workers, ZeRO-{dist.zero_stage}, {dist.precision}; "
+          f"checkpoints under {storage / run_dir.name}; metrics in {run_dir}")
+    paths = [store.shard_path(s) for s in store.shards]
+    dataset = ray.data.read_parquet(paths, filesystem=_arrow_fs(store.fs))
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": asdict(config), "columns": store.manifest["columns"],
+                           "negative": store.negative()},
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker={"CPU": dist.cpus_per_worker}),
+        run_config=RayRunConfig(name=run_dir.name, storage_path=str(storage),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                failure_config=FailureConfig(max_failures=dist.max_failures)),
+        datasets={DATASET: dataset},
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    generator_dir = run_dir / GENERATOR_DIR
+    with result.checkpoint.as_directory() as checkpoint:
+        shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
+    print(f"[distill] generator exported to {generator_dir}")
+    return DistillResult(run_dir, generator_dir, dict(result.metrics or {}))
+
+
+def _arrow_fs(fs):
+    """Ray Data reads through pyarrow; hand it the store's fsspec filesystem (None for local paths)."""
+    import pyarrow.fs
+
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        return None
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

@@ -1,0 +1,103 @@
+"""The train function in a single process (no Ray): update isolation, non-finite losses, resume."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from models.losses import NonFiniteLossError
+from orchestrator.precompute import precompute
+from workers.context import LocalContext
+from workers.distill import Distiller
+from workers.engines import build_engine, init_distributed
+from workers.distill import copy_for_training
+from workers.evaluate import load_generator
+from workers.teacher import load_teacher
+from workers.train import GENERATOR_DIR, store_source, train
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill")
+    precompute(tiny_config(path), use_ray=False, progress=False)
+    return path
+
+
+def _store(config):
+    return precompute(config, use_ray=False, progress=False)[0]
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_critic_steps_leave_the_generator_and_generator_steps_the_critic(out):
+    config = tiny_config(out, "distributed.zero_stage=2")
+    init_distributed(False)
+    adapter, teacher = load_teacher(config)
+    generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
+    critic = build_engine(copy_for_training(teacher), config.critic.optim, config)
+    store = _store(config)
+    d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"), torch.float32,
+                  torch.Generator().manual_seed(0), store.negative())
+    batches = store.batches(8)
+    g0, c0, t0 = _params(generator.module), _params(critic.module), _params(teacher)
+    d.critic_step(next(batches), "critic")
+    g1, c1 = _params(generator.module), _params(critic.module)
+    assert _same(g0, g1) and not _same(c0, c1)
+    d.generator_step(next(batches), "generator")
+    g2, c2 = _params(generator.module), _params(critic.module)
+    assert not _same(g1, g2) and _same(c1, c2)
+    assert _same(t0, _params(teacher))  # the teacher never moves
+
+
+def _poisoned(store, at_batch):
+    def source(config, ctx, start_row):
+        for i, batch in enumerate(store.batches(config.distributed.batch_size_per_worker, start_row=start_row)):
+            if i == at_batch:
+                batch.z = batch.z.clone()
+                batch.z[0, 0] = float("nan")
+            yield batch
+    return source
+
+
+def test_a_nan_stops_the_run_naming_the_step_and_the_term(out, tmp_path):
+    config = tiny_config(out)
+    store = _store(config)
+    # batches 0, 1 feed critic updates, batch 2 the first generator update (2 critic updates per cycle)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 2), store.negative())
+    assert "generator update 1" in str(info.value)
+    assert "div.target" in info.value.terms
+
+
+def test_skip_mode_skips_on_every_rank_and_counts(out, tmp_path):
+    config = tiny_config(out, "schedule.on_nonfinite=skip")
+    store = _store(config)
+    progress = train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 2), store.negative())
+    assert progress.generator_updates == 4 and progress.skipped_steps == 1
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["skipped_steps"] == 1
+
+
+def test_resume_continues_to_the_same_weights(out, tmp_path):
+    config = tiny_config(out)
+    store = _store(config)
+    straight = train(config, LocalContext(tmp_path / "a", resume=False), store_source(store), store.negative())
+    assert straight.generator_updates == 4 and straight.critic_updates == 8 and straight.rows_consumed == 96
+
+    half = tiny_config(out, "schedule.num_generator_updates=2")
+    train(half, LocalContext(tmp_path / "b", resume=False), store_source(store), store.negative())
+    resumed = train(config, LocalContext(tmp_path / "b", resume=True), store_source(store), store.negative())
+    assert resumed.generator_updates == 4 and resumed.critic_updates == 8 and resumed.rows_consumed == 96
+
+    _, a, _ = load_generator(tmp_path / "a" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
+    _, b, sampler = load_generator(tmp_path / "b" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    assert sampler.guidance_scale is None and len(sampler.sigmas) == config.generator.num_steps + 1

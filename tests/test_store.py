@@ -1,0 +1,171 @@
+"""The trajectory store: exact rows, anchors equal to an independent rollout, reuse, new stores on new
+settings, corruption named, killed runs completed without duplicates; local and S3 (moto)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import tiny_config
+from models.flow import ode_rollout, sampling_sigmas
+from orchestrator.precompute import precompute
+from workers.precompute import CRASH_AFTER_ENV
+from workers.store import StoreError, open_store
+from workers.teacher import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store")
+    tiny_config(path)
+    return path
+
+
+def test_rows_ids_and_manifest(out):
+    config = tiny_config(out)
+    store, summary = precompute(config, use_ray=False, progress=False)
+    assert not summary.reused and summary.rows == 64 and summary.shards_written == 4
+    assert store.manifest["num_rows"] == 64 and len(store.shards) == 4
+    assert store.manifest["seed_range"] == [0, 64]
+    tables = [store.read_shard(s) for s in store.shards]
+    seeds = sorted(v for t in tables for v in t.column("seed").to_pylist())
+    assert seeds == list(range(64))  # every row once
+    for t in tables:
+        for pid, prompt in zip(t.column("prompt_id").to_pylist(), t.column("prompt").to_pylist()):
+            assert prompt == f"class {pid}"
+    fp = store.manifest["fingerprint"]
+    assert fp["anchor_step"] == 5 and fp["guidance_scale"] == 2.0 and fp["shift"] == 1.0
+    assert len(fp["weights_sha256"]) == 64
+    assert store.negative().tensors["class_ids"].tolist() == [4]  # the null class
+
+
+def test_anchor_equals_an_independent_teacher_rollout(out):
+    config = tiny_config(out)
+    store, _ = precompute(config, use_ray=False, progress=False)
+    batch = next(store.batches(8))
+    adapter, teacher = load_teacher(config)
+    sigmas = sampling_sigmas(config.teacher.num_steps, config.teacher.shift)[: config.loss.anchor_step + 1]
+    cond, uncond = batch.cond, store.negative().expand(8)
+
+    def guided(x, t):
+        v_u = teacher(x, t, uncond.tensors["class_ids"])
+        v_c = teacher(x, t, cond.tensors["class_ids"])
+        return v_u + config.teacher.guidance_scale * (v_c - v_u)
+
+    with torch.no_grad():
+        z = ode_rollout(guided, batch.eps, sigmas)
+    torch.testing.assert_close(batch.z, z, atol=1e-5, rtol=1e-5)
+    assert bool((batch.t_anchor == sigmas[-1]).all())
+    # eps is the seeded noise of the row's seed
+    from models.sampling import seeded_noise
+    torch.testing.assert_close(batch.eps, seeded_noise(batch.seeds.tolist(), (2,)))
+
+
+def test_same_settings_reuse_the_store_and_new_settings_make_a_new_one(out):
+    config = tiny_config(out)
+    first, _ = precompute(config, use_ray=False, progress=False)
+    again, summary = precompute(config, use_ray=False, progress=False)
+    assert summary.reused and again.root == first.root
+    roots = {first.root}
+    for change in (["loss.anchor_step=3"], ["teacher.guidance_scale=3.0"], ["trajectories.seeds_per_prompt=8"]):
+        store, summary = precompute(tiny_config(out, *change), use_ray=False, progress=False)
+        assert not summary.reused and store.root not in roots
+        roots.add(store.root)
+    # a run setting that does not touch the anchors shares the store
+    store, summary = precompute(tiny_config(out, "loss.diversity_weight=0.0"), use_ray=False, progress=False)
+    assert summary.reused and store.root == first.root
+
+
+def test_new_teacher_weights_make_a_new_store(out):
+    store_a, _ = precompute(tiny_config(out), use_ray=False, progress=False)
+    store_b, _ = precompute(tiny_config(out, "teacher.train.seed=1"), use_ray=False, progress=False)
+    assert store_a.manifest["fingerprint"]["weights_sha256"] != store_b.manifest["fingerprint"]["weights_sha256"]
+    assert store_a.root != store_b.root
+
+
+def test_corrupt_and_missing_shards_are_named(tmp_path):
+    config = tiny_config(tmp_path)
+    store, _ = precompute(config, use_ray=False, progress=False)
+    victim = store.shard_path(store.shards[2])
+    data = Path(victim).read_bytes()
+    Path(victim).write_bytes(data[:100] + bytes(len(data) - 100))  # same size, garbage inside
+    with pytest.raises(StoreError, match="shard-00002.parquet"):
+        store.verify(checksums=True)
+    with pytest.raises(StoreError, match="shard-00002.parquet"):
+        store.read_shard(store.shards[2])
+    Path(victim).unlink()
+    with pytest.raises(StoreError, match="shard-00002.parquet is missing"):
+        open_store(store.fs, store.root)
+
+
+def test_an_incomplete_store_is_refused(tmp_path):
+    config = tiny_config(tmp_path)
+    store, _ = precompute(config, use_ray=False, progress=False)
+    Path(store.root, "manifest.json").unlink()
+    with pytest.raises(StoreError, match="dpdmd precompute"):
+        open_store(store.fs, store.root)
+
+
+def test_killed_precompute_leaves_a_consistent_store_and_a_rerun_completes_it(tmp_path):
+    tiny_config(tmp_path)  # train the teacher here, not in the subprocess
+    code = ("import sys; sys.path.insert(0, 'tests'); from helpers import tiny_config; "
+            "from orchestrator.precompute import precompute; "
+            f"precompute(tiny_config(__import__('pathlib').Path({str(tmp_path)!r})), use_ray=False, progress=False)")
+    env = {**os.environ, CRASH_AFTER_ENV: "2"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 17, proc.stderr
+    root = next((tmp_path / "trajectories").iterdir())
+    shards = sorted(root.glob("shard-*.parquet"))
+    assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert not (root / "manifest.json").exists() and not list(root.glob("*.tmp"))
+    for p in shards:
+        assert pq.read_table(p).num_rows == 16  # whole shards only
+    store, summary = precompute(tiny_config(tmp_path), use_ray=False, progress=False)
+    assert summary.shards_written == 2 and store.num_rows == 64
+    seeds = [s for shard in store.shards for s in store.read_shard(shard).column("seed").to_pylist()]
+    assert sorted(seeds) == list(range(64))
+
+
+def test_store_on_s3(tmp_path, monkeypatch):
+    moto = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="anchors")
+        overrides = ["storage.trajectory_root=s3://anchors/stores", f"storage.s3_endpoint_url={endpoint}"]
+        config = tiny_config(tmp_path, *overrides)
+        store, summary = precompute(config, use_ray=False, progress=False)
+        assert store.root.startswith("anchors/stores/toy2d-") and store.num_rows == 64
+        assert summary.rows == 64
+        local, _ = precompute(tiny_config(tmp_path), use_ray=False, progress=False)
+        a, b = next(store.batches(16, seed=3)), next(local.batches(16, seed=3))
+        torch.testing.assert_close(a.z, b.z)
+        _, again = precompute(config, use_ray=False, progress=False)
+        assert again.reused
+        assert "testing" not in str(store.manifest)
+    finally:
+        server.stop()
+
+
+def test_store_batches_cover_each_rank_share_and_resume_position(out):
+    store, _ = precompute(tiny_config(out), use_ray=False, progress=False)
+    rank0 = next(store.batches(32, rank=0, world_size=2))
+    rank1 = next(store.batches(32, rank=1, world_size=2))
+    assert set(rank0.seeds.tolist()).isdisjoint(rank1.seeds.tolist())
+    stream = store.batches(8, seed=1)
+    first_three = [next(stream).seeds.tolist() for _ in range(3)]
+    resumed = next(store.batches(8, start_row=16, seed=1)).seeds.tolist()
+    assert resumed == first_three[2]

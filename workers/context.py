@@ -1,0 +1,90 @@
+"""What a training worker needs from whoever runs it: rank, reporting, checkpoints and the finite-loss vote.
+
+LocalContext serves a single process or torchrun; workers/ray_worker.py gives the Ray Train one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+LOGGED = ("loss_dmd", "loss_div", "loss_critic", "samples_per_s", "skipped_steps")
+
+
+class WorkerContext:
+    """Base: a world of one, reports to stdout, no checkpoints to resume from."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+
+    def all_finite(self, flag: torch.Tensor) -> bool:
+        """True only if every rank's flag is True: one small all-reduce, the loop's only host sync."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            flag = flag.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        raise NotImplementedError
+
+    def log(self, metrics: dict, total: int) -> None:
+        """One progress line from rank 0."""
+        if self.rank == 0:
+            shown = " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics)
+            print(f"[distill] generator update {metrics['generator_update']}/{total} {shown}", flush=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        return None
+
+    def checkpoint_staging_dir(self, name: str) -> Path:
+        """Where this rank writes a checkpoint before report() hands it over."""
+        raise NotImplementedError
+
+
+class LocalContext(WorkerContext):
+    """A single process or one torchrun rank; checkpoints live under run_dir/checkpoints/<name>/."""
+
+    def __init__(self, run_dir: Path, resume: bool = True):
+        self.run_dir = Path(run_dir)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.resume = resume
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir is not None:
+            if self.world_size > 1:
+                torch.distributed.barrier()  # every rank's shards are written
+            if self.rank == 0:
+                (self.run_dir / "checkpoints" / "latest").write_text(checkpoint_dir.name)
+
+    def latest_checkpoint(self) -> Path | None:
+        marker = self.run_dir / "checkpoints" / "latest"
+        if not self.resume or not marker.is_file():
+            return None
+        return self.run_dir / "checkpoints" / marker.read_text().strip()
+
+    def checkpoint_staging_dir(self, name: str) -> Path:
+        path = self.run_dir / "checkpoints" / name
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,162 @@
+"""The DP-DMD training loop that runs on every worker: critic_step() and generator_step() in a short loop.
+
+The loop knows nothing of Ray: a WorkerContext (workers/context.py) supplies rank, data, reporting and
+checkpoints, so the same function runs under Ray Train, torchrun or a single process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.adapter import Conditioning, TeacherAdapter
+from models.flow import interpolate, sample_sigmas, sampling_sigmas, training_sigmas, x0_from_velocity
+from models.losses import (LossOutput, NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss,
+                           dmd_loss, generator_objective)
+from models.rollout import generator_rollout
+from workers.config import RunConfig
+
+
+@dataclass
+class AnchorBatch:
+    """One training batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the
+    prompt conditioning, and the rows' ids (prompt_id, seed) for bookkeeping."""
+
+    eps: torch.Tensor
+    z: torch.Tensor
+    t_anchor: torch.Tensor
+    cond: Conditioning
+    prompt_ids: torch.Tensor
+    seeds: torch.Tensor
+
+    def to(self, device, dtype=None) -> AnchorBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return AnchorBatch(move(self.eps), move(self.z), move(self.t_anchor), self.cond.to(device, dtype),
+                           self.prompt_ids.to(device), self.seeds.to(device))
+
+
+@dataclass
+class Progress:
+    """Where the run stands; with the engines and RNG state, everything a resume needs."""
+
+    generator_updates: int = 0  # completed generator updates (one cycle = critic updates + 1 generator update)
+    critic_updates: int = 0
+    cycle_position: int = 0  # critic updates done in the current cycle
+    rows_consumed: int = 0  # data position: anchor rows this rank has consumed
+    skipped_steps: int = 0  # steps every rank agreed to skip on a non-finite loss
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        return cls(**json.loads(text))
+
+
+class Distiller:
+    """Holds the three networks and takes one critic or generator update at a time.
+
+    generator and critic are engines (DeepSpeed, or anything with .module, .backward(loss), .step()),
+    initialised from the teacher; the teacher is a frozen module.
+    """
+
+    def __init__(self, config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, generator, critic,
+                 device: torch.device, dtype: torch.dtype, rng: torch.Generator, negative: Conditioning,
+                 all_finite=None):
+        self.config, self.adapter, self.teacher = config, adapter, teacher
+        self.negative = negative.to(device, dtype)  # the empty prompt, batch 1: no text encoder needed here
+        self.generator, self.critic = generator, critic
+        self.device, self.dtype, self.rng = device, dtype, rng
+        self.generator_sigmas = sampling_sigmas(config.generator.num_steps, config.generator_shift).to(device)
+        self.loss_sigmas = training_sigmas(config.teacher.shift).to(device)
+        self.all_finite = all_finite or (lambda flag: bool(flag))
+        self.skipped = 0
+
+    # -- the two updates -------------------------------------------------------------------------------
+
+    def critic_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
+        """Loss 5: flow matching on a fresh no-grad generator sample."""
+        with torch.no_grad():
+            eps = self._noise(batch.eps.shape)
+            x_gen = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), eps,
+                                      self.generator_sigmas).x_gen
+        t, eps2 = self._draw_t(len(eps)), self._noise(x_gen.shape)
+        x_t = interpolate(x_gen, eps2, t)
+        out = critic_loss(self.adapter.velocity(self.critic.module, x_t, t, batch.cond), x_gen, eps2)
+        return self._apply(self.critic, out, where)
+
+    def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
+        """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
+        loss_cfg = self.config.loss
+        rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), batch.eps,
+                                    self.generator_sigmas, loss_cfg.detach_first_step)
+        div = diversity_loss(rollout.v_first, anchor_velocity(batch.eps, batch.z, batch.t_anchor))
+        t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
+        x_t = interpolate(rollout.x_gen.detach(), eps2, t)
+        with torch.no_grad():
+            uncond = self.negative.expand(len(x_t))
+            v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, batch.cond, uncond,
+                                                     self.config.teacher.guidance_scale)
+            v_critic = self.adapter.velocity(self.critic.module, x_t, t, batch.cond)
+        dmd = dmd_loss(rollout.x_gen, x0_from_velocity(x_t, v_teacher, t), x0_from_velocity(x_t, v_critic, t),
+                       x_t, loss_cfg.normaliser)
+        return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _apply(self, engine, out: LossOutput, where: str) -> dict[str, float]:
+        """Backward and step, once every rank agrees the loss is finite (one sync per step)."""
+        if not self.all_finite(out.finite_flag()):
+            terms = out.nonfinite_terms() or ["(another rank)"]
+            if self.config.schedule.on_nonfinite == "raise":
+                raise NonFiniteLossError(terms, where)
+            self.skipped += 1
+            return {"skipped": 1.0}
+        engine.backward(out.loss)
+        engine.step()
+        return {k: float(v) for k, v in out.metrics.items()}
+
+    def _velocity_fn(self, net: nn.Module, cond: Conditioning):
+        return lambda x_t, t: self.adapter.velocity(net, x_t, t, cond)
+
+    def _noise(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng).to(self.device, self.dtype)
+
+    def _draw_t(self, n: int) -> torch.Tensor:
+        return sample_sigmas(self.loss_sigmas.cpu(), n, self.rng).to(self.device, self.dtype)
+
+
+def copy_for_training(teacher: nn.Module) -> nn.Module:
+    """A trainable copy of the teacher's network: generator and critic both start here."""
+    net = copy.deepcopy(teacher)
+    net.train().requires_grad_(True)
+    return net
+
+
+def write_progress(directory: Path, progress: Progress, rng: torch.Generator, rank: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (directory / "progress.json").write_text(progress.to_json())
+    torch.save({"rng": rng.get_state(), "torch": torch.get_rng_state()}, directory / f"rng_rank{rank}.pt")
+
+
+def read_progress(directory: Path, rng: torch.Generator, rank: int) -> Progress:
+    progress = Progress.from_json((directory / "progress.json").read_text())
+    state = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)
+    rng.set_state(state["rng"])
+    torch.set_rng_state(state["torch"])
+    return progress
+
+
+def timed(fn, *args) -> tuple[dict[str, float], float]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start

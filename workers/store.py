@@ -1,0 +1,319 @@
+"""The trajectory store: Parquet shards of teacher anchors under a local path or s3://bucket/prefix.
+
+Content-addressed: the store's directory is named by a hash of everything its rows depend on (teacher
+weights and settings, K, prompt set, seeds), so equal settings share one store and any change gets a new
+one. Shards appear atomically; the manifest, written last, lists every shard with its row count and
+sha256, and readers read only what a complete manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from models.adapter import Conditioning
+from workers.config import RunConfig
+from workers.distill import AnchorBatch
+from workers.schema import SCHEMA_VERSION, TensorSpec, batch_to_table, table_to_batch
+
+MANIFEST = "manifest.json"
+NEGATIVE = "negative.parquet"
+SIDECARS = "_shards"
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, incomplete, or does not match its manifest."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where a store lives and what it holds
+
+
+def filesystem(config: RunConfig, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for url; S3 credentials come from the standard AWS chain, never the config."""
+    options = {}
+    if url.startswith("s3://") and config.storage.s3_endpoint_url:
+        options["client_kwargs"] = {"endpoint_url": config.storage.s3_endpoint_url}
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def trajectory_root(config: RunConfig) -> str:
+    return config.storage.trajectory_root or str(Path(config.storage.output_dir) / "trajectories")
+
+
+def weights_digest(teacher_dir: Path) -> str:
+    """sha256 over the teacher's weight and config files, in sorted order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(teacher_dir).rglob("*")
+                   if p.is_file() and p.suffix in {".safetensors", ".json", ".bin"} and p.name != "training_log.json")
+    if not files:
+        raise StoreError(f"no weight files under {teacher_dir}")
+    for path in files:
+        digest.update(str(path.relative_to(teacher_dir)).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything the rows depend on, and the rows themselves: prompt_ids and seeds in store order."""
+
+    fingerprint: dict
+    prompts: list[str]
+    seeds_per_prompt: int
+    seed_offset: int
+    rows_per_shard: int
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.fingerprint, sort_keys=True)
+        return f"{self.fingerprint['family']}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompts) * self.seeds_per_prompt
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    def shard_rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_ids, seeds) of shard index, as workers.anchors.row_ids numbers the rows."""
+        from workers.anchors import row_ids
+
+        rows = torch.arange(index * self.rows_per_shard, min((index + 1) * self.rows_per_shard, self.num_rows))
+        return row_ids(rows, len(self.prompts), self.seed_offset)
+
+
+def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path) -> StoreSpec:
+    t, traj = config.teacher, config.trajectories
+    fingerprint = {
+        "schema_version": SCHEMA_VERSION,
+        "family": t.family,
+        "model": t.path or Path(teacher_dir).name,
+        "weights_sha256": weights_digest(teacher_dir),
+        "guidance_scale": t.guidance_scale,
+        "anchor_step": config.loss.anchor_step,
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "num_steps": t.num_steps,
+        "shift": t.shift,
+        "dtype": t.dtype,
+        "prompt_set_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        "num_prompts": len(prompts),
+        "seed_offset": traj.seed_offset,
+        "seeds_per_prompt": traj.seeds_per_prompt,
+    }
+    return StoreSpec(fingerprint, prompts, traj.seeds_per_prompt, traj.seed_offset, traj.rows_per_shard)
+
+
+def store_url(config: RunConfig, spec: StoreSpec) -> str:
+    return posixpath.join(trajectory_root(config).rstrip("/"), spec.key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    name: str
+    rows: int
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Local: write a temp file and rename it. Object stores: one PUT, which is atomic by itself."""
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_shard(fs: fsspec.AbstractFileSystem, root: str, index: int, table: pa.Table) -> ShardInfo:
+    """Write one shard, then its sidecar (rows, sha256): a shard without a sidecar is not counted done."""
+    data = table_bytes(table)
+    info = ShardInfo(index, shard_name(index), table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
+    _put_atomically(fs, posixpath.join(root, info.name), data)
+    _put_atomically(fs, posixpath.join(root, SIDECARS, f"{info.name}.json"), json.dumps(info.to_json()).encode())
+    return info
+
+
+def finished_shards(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, ShardInfo]:
+    """Shards already written (a re-run skips them): sidecar present and the file's size matching it."""
+    done: dict[int, ShardInfo] = {}
+    sidecar_dir = posixpath.join(root, SIDECARS)
+    if not fs.exists(sidecar_dir):
+        return done
+    sizes = {posixpath.basename(p): fs.size(p) for p in fs.glob(posixpath.join(root, "shard-*.parquet"))}
+    for path in fs.glob(posixpath.join(sidecar_dir, "*.json")):
+        info = ShardInfo(**json.loads(fs.cat_file(path)))
+        if sizes.get(info.name) == info.bytes:
+            done[info.index] = info
+    return done
+
+
+def write_negative(fs: fsspec.AbstractFileSystem, root: str, negative: Conditioning) -> None:
+    """The empty-prompt conditioning CFG is taken against, once per store (one row)."""
+    from workers.schema import encode_tensor
+
+    fields, arrays = [], []
+    for name, tensor in negative.tensors.items():
+        array, spec = encode_tensor(tensor)
+        fields.append(pa.field(name, array.type, metadata={"tensor": json.dumps(spec.to_json())}))
+        arrays.append(array)
+    _put_atomically(fs, posixpath.join(root, NEGATIVE), table_bytes(pa.Table.from_arrays(arrays, schema=pa.schema(fields))))
+
+
+def column_specs(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, TensorSpec]:
+    """The tensor columns of a Parquet file, from their field metadata."""
+    schema = pq.read_schema(path, filesystem=fs)
+    return {f.name: TensorSpec.from_json(json.loads(f.metadata[b"tensor"]))
+            for f in schema if f.metadata and b"tensor" in f.metadata}
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, shards: dict[int, ShardInfo]) -> dict:
+    if sorted(shards) != list(range(spec.num_shards)):
+        missing = sorted(set(range(spec.num_shards)) - set(shards))
+        raise StoreError(f"cannot finish the store at {root}: shards {missing} are missing")
+    rows = sum(s.rows for s in shards.values())
+    if rows != spec.num_rows:
+        raise StoreError(f"the store at {root} holds {rows} rows, expected {spec.num_rows}")
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": spec.fingerprint,
+        "prompts": spec.prompts,
+        "seed_range": [spec.seed_offset, spec.seed_offset + spec.num_rows],
+        "num_rows": rows,
+        "rows_per_shard": spec.rows_per_shard,
+        "columns": {n: s.to_json() for n, s in column_specs(fs, posixpath.join(root, shards[0].name)).items()},
+        "negative_columns": {n: s.to_json() for n, s in column_specs(fs, posixpath.join(root, NEGATIVE)).items()},
+        "shards": [shards[i].to_json() for i in range(spec.num_shards)],
+        "bytes": sum(s.bytes for s in shards.values()),
+    }
+    _put_atomically(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+class Store:
+    """A complete store, opened through its manifest."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, manifest: dict):
+        self.fs, self.root, self.manifest = fs, root, manifest
+        self.columns = {n: TensorSpec.from_json(s) for n, s in manifest["columns"].items()}
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["num_rows"]
+
+    def shard_path(self, shard: dict) -> str:
+        return posixpath.join(self.root, shard["name"])
+
+    def verify(self, checksums: bool = False) -> None:
+        """Every shard the manifest lists exists with its size (and, with checksums, its sha256)."""
+        for shard in self.shards:
+            path = self.shard_path(shard)
+            if not self.fs.exists(path):
+                raise StoreError(f"shard {shard['name']} is missing from the store at {self.root}; "
+                                 "re-run `dpdmd precompute` with the same settings to rewrite it")
+            if self.fs.size(path) != shard["bytes"] or (
+                    checksums and hashlib.sha256(self.fs.cat_file(path)).hexdigest() != shard["sha256"]):
+                raise StoreError(f"shard {shard['name']} in the store at {self.root} does not match its manifest "
+                                 "(corrupt or overwritten); delete it and re-run `dpdmd precompute`")
+
+    def read_shard(self, shard: dict) -> pa.Table:
+        try:
+            table = pq.read_table(self.shard_path(shard), filesystem=self.fs)
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"shard {shard['name']} in the store at {self.root} cannot be read ({err}); "
+                             "delete it and re-run `dpdmd precompute`") from None
+        if table.num_rows != shard["rows"]:
+            raise StoreError(f"shard {shard['name']} holds {table.num_rows} rows, the manifest says {shard['rows']}")
+        return table
+
+    def negative(self) -> Conditioning:
+        from workers.schema import decode_tensor
+
+        table = pq.read_table(posixpath.join(self.root, NEGATIVE), filesystem=self.fs)
+        return Conditioning({n: decode_tensor(table.column(n), TensorSpec.from_json(s))
+                             for n, s in self.manifest["negative_columns"].items()})
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start_row: int = 0,
+                seed: int = 0) -> Iterator[AnchorBatch]:
+        """This rank's endless stream: shards rank::world_size, shuffled within each shard, epoch after
+        epoch; start_row rows are skipped (the data position of a resumed run)."""
+        shards = self.shards[rank::world_size] or self.shards[rank % len(self.shards)::len(self.shards)]
+        pending: list[pa.Table] = []
+        held = skipped = 0
+        epoch = 0
+        while True:
+            order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed + epoch))
+            for i in order.tolist():
+                table = self.read_shard(shards[i])
+                perm = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(seed + epoch * 7 + i))
+                table = table.take(pa.array(perm.numpy()))
+                if skipped < start_row:
+                    drop = min(start_row - skipped, table.num_rows)
+                    table, skipped = table.slice(drop), skipped + drop
+                pending.append(table)
+                held += table.num_rows
+                while held >= batch_size:
+                    merged = pa.concat_tables(pending)
+                    yield table_to_batch(merged.slice(0, batch_size), self.columns)
+                    rest = merged.slice(batch_size)
+                    pending, held = [rest], rest.num_rows
+            epoch += 1
+
+
+def open_store(fs: fsspec.AbstractFileSystem, root: str, verify: bool = True) -> Store:
+    """Open a complete store; an incomplete or corrupt one raises StoreError naming what to do."""
+    path = posixpath.join(root, MANIFEST)
+    if not fs.exists(path):
+        raise StoreError(f"no complete trajectory store at {root}: run `dpdmd precompute` with the same "
+                         "recipe and overrides first")
+    manifest = json.loads(fs.cat_file(path))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"the store at {root} has schema version {manifest.get('schema_version')}, this code "
+                         f"reads version {SCHEMA_VERSION}; re-run `dpdmd precompute`")
+    store = Store(fs, root, manifest)
+    if verify:
+        store.verify()
+    return store

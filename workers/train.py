@@ -1,0 +1,137 @@
+"""The train function every worker runs: build the engines, resume, then critic/generator cycles.
+
+    train(config, LocalContext(run_dir))           # a single process, or one rank under torchrun
+    workers.ray_worker.train_fn_per_worker(...)     # the same, under Ray Train
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from models.adapter import Conditioning
+from models.families import family_module
+from workers.anchors import InlineAnchors
+from workers.config import RunConfig
+from workers.context import WorkerContext
+from workers.distill import AnchorBatch, Distiller, Progress, copy_for_training, read_progress, write_progress
+from workers.engines import build_engine, init_distributed
+from workers.evaluate import GENERATOR_META
+from workers.teacher import load_teacher
+
+GENERATOR_DIR = "generator"
+
+BatchSource = Callable[[RunConfig, WorkerContext, int], Iterator[AnchorBatch]]
+"""source(config, ctx, start_row) -> this rank's endless stream of anchor batches from row start_row."""
+
+
+def inline_source(adapter, teacher, device, dtype) -> BatchSource:
+    from workers.evaluate import read_prompts
+
+    def source(config: RunConfig, ctx: WorkerContext, start_row: int) -> Iterator[AnchorBatch]:
+        traj = config.trajectories
+        prompts = read_prompts(traj.prompts) if traj.prompts else family_module(config.teacher.family).training_prompts()
+        anchors = InlineAnchors(config, adapter, teacher, prompts, ctx.rank, ctx.world_size, device, dtype)
+        return anchors.batches(config.distributed.batch_size_per_worker, start_row)
+    return source
+
+
+def store_source(store) -> BatchSource:
+    """This rank's share of a trajectory store (workers/store.py), read directly with pyarrow."""
+    def source(config: RunConfig, ctx: WorkerContext, start_row: int) -> Iterator[AnchorBatch]:
+        return store.batches(config.distributed.batch_size_per_worker, ctx.rank, ctx.world_size, start_row,
+                             seed=config.seed)
+    return source
+
+
+def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = None,
+          negative: Conditioning | None = None) -> Progress:
+    """Run (or resume) distillation to schedule.num_generator_updates. The final checkpoint also holds
+    the exported generator (GENERATOR_DIR), ready for the sample command.
+
+    source: where anchor batches come from; None computes them inline with the teacher, as the
+    reference script does (slow: for comparison and benchmarks). negative: the empty-prompt
+    conditioning (from the store); None encodes it here."""
+    dist, schedule = config.distributed, config.schedule
+    init_distributed(dist.use_gpu)
+    device = ctx.device(dist.use_gpu)
+    dtype = torch.bfloat16 if dist.precision == "bf16" else torch.float32
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+
+    adapter, teacher = load_teacher(config, device, dtype)
+    generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
+    critic = build_engine(copy_for_training(teacher), config.critic.optim, config)
+    rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
+
+    progress = Progress()
+    checkpoint = ctx.latest_checkpoint()
+    if checkpoint is not None:
+        generator.load_checkpoint(str(checkpoint), tag="generator")
+        critic.load_checkpoint(str(checkpoint), tag="critic")
+        progress = read_progress(checkpoint, rng, ctx.rank)
+
+    source = source or inline_source(adapter, teacher, device, dtype)
+    batches = source(config, ctx, progress.rows_consumed)
+    negative = negative if negative is not None else adapter.negative_conditioning(1)
+    distiller = Distiller(config, adapter, teacher, generator, critic, device, dtype, rng, negative, ctx.all_finite)
+    distiller.skipped = progress.skipped_steps
+    batch_size = dist.batch_size_per_worker
+
+    while progress.generator_updates < schedule.num_generator_updates:
+        start = time.perf_counter()
+        critic_metrics: list[dict[str, float]] = []
+        while progress.cycle_position < schedule.critic_updates_per_generator:
+            where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
+            critic_metrics.append(distiller.critic_step(next(batches).to(device, dtype), where))
+            progress.cycle_position += 1
+            progress.critic_updates += 1
+            progress.rows_consumed += batch_size
+        where = f"generator update {progress.generator_updates + 1}"
+        metrics = distiller.generator_step(next(batches).to(device, dtype), where)
+        progress.generator_updates += 1
+        progress.cycle_position = 0
+        progress.rows_consumed += batch_size
+        progress.skipped_steps = distiller.skipped
+
+        step = progress.generator_updates
+        cycle_s = time.perf_counter() - start
+        metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
+                        for k in ("loss_critic",)})
+        metrics.update(generator_update=step, skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
+                       samples_per_s=batch_size * (schedule.critic_updates_per_generator + 1) / cycle_s)
+        last = step == schedule.num_generator_updates
+        if step % schedule.log_every == 0 or last:
+            ctx.log(metrics, schedule.num_generator_updates)
+        if (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last:
+            directory = ctx.checkpoint_staging_dir(f"step-{step:07d}")
+            generator.save_checkpoint(str(directory), tag="generator")
+            critic.save_checkpoint(str(directory), tag="critic")
+            write_progress(directory, progress, rng, ctx.rank)
+            if last:
+                export_generator(config, adapter, generator, directory / GENERATOR_DIR, ctx.rank)
+            ctx.report(metrics, directory)
+        elif step % schedule.log_every == 0:
+            ctx.report(metrics)
+    return progress
+
+
+def export_generator(config: RunConfig, adapter, generator, export_dir: Path, rank: int) -> None:
+    """The generator in the teacher family's format plus its few-step sampler: loads with the sample command."""
+    import deepspeed
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    params = list(generator.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):
+        if rank == 0:
+            export_dir.mkdir(parents=True, exist_ok=True)
+            module = copy.deepcopy(generator.module).to(torch.float32)
+            family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
+            FlowMatchEulerDiscreteScheduler(shift=config.generator_shift).save_pretrained(export_dir / "scheduler")
+            (export_dir / GENERATOR_META).write_text(json.dumps({
+                "family": config.teacher.family, "num_steps": config.generator.num_steps,
+                "shift": config.generator_shift, "guidance_scale": None}, indent=2))
