@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ class Progress:
     cycle_position: int = 0  # critic updates done in the current cycle
     rows_consumed: int = 0  # data position: anchor rows this rank has consumed
     skipped_steps: int = 0  # steps every rank agreed to skip on a non-finite loss
-    history: list[dict] = field(default_factory=list)
+    resumes: int = 0  # times the run continued from a checkpoint
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)

@@ -74,6 +74,7 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         generator.load_checkpoint(str(checkpoint), tag="generator")
         critic.load_checkpoint(str(checkpoint), tag="critic")
         progress = read_progress(checkpoint, rng, ctx.rank)
+        progress.resumes += 1
 
     source = source or inline_source(adapter, teacher, device, dtype)
     batches = source(config, ctx, progress.rows_consumed)
@@ -102,7 +103,8 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         cycle_s = time.perf_counter() - start
         metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
                         for k in ("loss_critic",)})
-        metrics.update(generator_update=step, skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
+        metrics.update(generator_update=step, critic_updates=progress.critic_updates, resumes=progress.resumes,
+                       skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
                        samples_per_s=batch_size * (schedule.critic_updates_per_generator + 1) / cycle_s)
         last = step == schedule.num_generator_updates
         if step % schedule.log_every == 0 or last:

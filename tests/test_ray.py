@@ -1,0 +1,101 @@
+"""Integration on a local Ray cluster: the actor-pool precompute, 2-worker ZeRO-2/3 distillation, and a
+worker killed mid-run that the run survives by resuming from its last checkpoint."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import tiny_config
+from orchestrator.distill import check_cluster, run_distill
+from orchestrator.precompute import precompute
+from workers.config import ConfigError
+from workers.evaluate import load_generator
+
+TWO_WORKERS = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "trajectories.cpus_per_actor=0.5"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ray")
+    tiny_config(path)
+    return path
+
+
+def test_precompute_with_an_actor_pool_matches_the_in_process_writer(ray_cluster, out, tmp_path):
+    pooled, summary = precompute(tiny_config(out, "trajectories.num_actors=2", *TWO_WORKERS[2:]), progress=False)
+    assert summary.rows == 64 and summary.shards_written == 4
+    local, _ = precompute(tiny_config(out, f"storage.trajectory_root={tmp_path}"), use_ray=False, progress=False)
+    assert [s["sha256"] for s in pooled.shards] == [s["sha256"] for s in local.shards]
+
+
+@pytest.mark.parametrize("zero_stage,weight", [(2, 0.0), (3, 0.5)])
+def test_two_workers_distill(ray_cluster, out, zero_stage, weight):
+    config = tiny_config(out, *TWO_WORKERS, f"distributed.zero_stage={zero_stage}", f"loss.diversity_weight={weight}")
+    result = run_distill(config)
+    assert result.metrics["generator_update"] == 4 and result.metrics["critic_updates"] == 8
+    assert result.metrics["skipped_steps"] == 0
+    adapter, net, sampler = load_generator(result.generator_dir)
+    assert (result.run_dir / "config.yaml").is_file()
+    assert sum(p.numel() for p in net.parameters()) > 0 and len(sampler.sigmas) == 5
+
+
+def test_the_cluster_check_refuses_what_does_not_fit(ray_cluster, out):
+    import ray
+
+    with pytest.raises(ConfigError, match="distributed.cpus_per_worker"):
+        check_cluster(tiny_config(out, "distributed.num_workers=4", "distributed.cpus_per_worker=1"),
+                      ray.cluster_resources())
+    with pytest.raises(ConfigError, match="GPU"):
+        check_cluster(tiny_config(out, "distributed.use_gpu=true"), ray.cluster_resources())
+
+
+def _kill_a_worker_once(checkpoint: Path, killed: list):
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, out):
+    config = tiny_config(out, *TWO_WORKERS, "schedule.num_generator_updates=60", "schedule.checkpoint_every=10",
+                         "tracking.run_name=kill", "name=killed-run")
+    storage = Path(config.storage.output_dir) / "ray_results"
+    before = set(storage.glob("*")) if storage.exists() else set()
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            runs = [p for p in storage.glob("*-distill-killed-run") if p not in before] if storage.exists() else []
+            if runs:
+                # once step 20 is being written, step 10 is a committed checkpoint to resume from
+                return _kill_a_worker_once(runs[0] / "step-0000020", killed)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = run_distill(config)
+    watcher.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.metrics["resumes"] >= 1
+    assert result.metrics["generator_update"] == 60 and result.metrics["critic_updates"] == 120
