@@ -16,6 +16,7 @@ from orchestrator import recipe as recipes
 from orchestrator.cluster import ensure_ray
 from orchestrator.precompute import precompute
 from workers.config import ConfigError, RunConfig
+from workers.tracking import mlflow_run
 from workers.train import GENERATOR_DIR
 
 
@@ -24,6 +25,7 @@ class DistillResult:
     run_dir: Path
     generator_dir: Path
     metrics: dict
+    run_id: str = ""  # the MLflow run
 
 
 def check_cluster(config: RunConfig, resources: dict) -> None:
@@ -44,7 +46,19 @@ def check_cluster(config: RunConfig, resources: dict) -> None:
                                                    "CPU; use distributed.zero_stage=1..3 or precision=fp32")
 
 
-def run_distill(config: RunConfig, run_dir: Path | None = None) -> DistillResult:
+def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: str | None = None) -> DistillResult:
+    """Precompute (or reuse) the store, fit the trainer, export the generator; all recorded in MLflow."""
+    run_dir = run_dir or Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
+    recipes.save(config, run_dir)
+    with mlflow_run(config, config.tracking.run_name or run_dir.name, "distill", parent_run_id) as tracked:
+        result = _fit(config, run_dir, tracked)
+        tracked.log_artifact(run_dir / "config.yaml")
+        tracked.log_artifact(result.generator_dir, "generator")
+        result.run_id = tracked.run_id
+    return result
+
+
+def _fit(config: RunConfig, run_dir: Path, tracked) -> DistillResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -52,8 +66,6 @@ def run_distill(config: RunConfig, run_dir: Path | None = None) -> DistillResult
 
     from workers.ray_worker import DATASET, train_fn_per_worker
 
-    run_dir = run_dir or Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
-    recipes.save(config, run_dir)
     ensure_ray()
     check_cluster(config, ray.cluster_resources())
     store, summary = precompute(config)
@@ -62,13 +74,13 @@ def run_distill(config: RunConfig, run_dir: Path | None = None) -> DistillResult
     dist = config.distributed
     storage = (Path(config.storage.output_dir) / "ray_results").resolve()
     print(f"[distill] {dist.num_workers} workers, ZeRO-{dist.zero_stage}, {dist.precision}; "
-          f"checkpoints under {storage / run_dir.name}; metrics in {run_dir}")
+          f"checkpoints under {storage / run_dir.name}; metrics in MLflow run {tracked.run_id} at {tracked.uri}")
     paths = [store.shard_path(s) for s in store.shards]
     dataset = ray.data.read_parquet(paths, filesystem=_arrow_fs(store.fs))
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": asdict(config), "columns": store.manifest["columns"],
-                           "negative": store.negative()},
+                           "negative": store.negative(), "mlflow_run": (tracked.uri, tracked.run_id)},
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                                      resources_per_worker={"CPU": dist.cpus_per_worker}),
         run_config=RayRunConfig(name=run_dir.name, storage_path=str(storage),

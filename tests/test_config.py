@@ -116,6 +116,7 @@ INVALID = [
     ("distributed.use_gpu=1", "distributed.use_gpu"),
     ("tracking.experiment=' '", "tracking.experiment"),
     ("storage.output_dir=''", "storage.output_dir"),
+    ("tracking.tracking_uri=https://me:secret@mlflow.example.com", "tracking.tracking_uri"),
     ("storage.trajectory_root=s3://key:secret@bucket/prefix", "storage.trajectory_root"),
     ("storage.s3_endpoint_url=http://user:pw@localhost:9000", "storage.s3_endpoint_url"),
     ("seed=-1", "seed"),

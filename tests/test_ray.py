@@ -15,6 +15,7 @@ from orchestrator.distill import check_cluster, run_distill
 from orchestrator.precompute import precompute
 from workers.config import ConfigError
 from workers.evaluate import load_generator
+from workers.tracking import tracking_uri
 
 TWO_WORKERS = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "trajectories.cpus_per_actor=0.5"]
 
@@ -53,6 +54,18 @@ def test_two_workers_distill(ray_cluster, out, zero_stage, weight):
     adapter, net, sampler = load_generator(result.generator_dir)
     assert (result.run_dir / "config.yaml").is_file()
     assert sum(p.numel() for p in net.parameters()) > 0 and len(sampler.sigmas) == 5
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(config))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.diversity_weight"] == str(weight)
+    assert run.data.params["distributed.zero_stage"] == str(zero_stage)
+    history = client.get_metric_history(result.run_id, "loss_dmd")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # rank 0 logs every update (log_every=1)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "generator"} <= artifacts
 
 
 def test_the_cluster_check_refuses_what_does_not_fit(ray_cluster, out):

@@ -220,6 +220,10 @@ class TrackingConfig:
 
     def __post_init__(self):
         _check(bool(self.experiment.strip()), "experiment", "must be a non-empty name")
+        url = urlsplit(self.tracking_uri)
+        _check(url.username is None and url.password is None, "tracking_uri",
+               "must not hold credentials; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+               "(or MLFLOW_TRACKING_TOKEN) in the environment instead")
 
 
 @dataclass

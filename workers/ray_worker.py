@@ -58,4 +58,5 @@ def dataset_source(columns: dict[str, dict]):
 def train_fn_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same train() as a single process, fed by the Ray Dataset."""
     config = build(RunConfig, loop_config["config"])
-    train(config, RayTrainContext(), dataset_source(loop_config["columns"]), loop_config["negative"])
+    train(config, RayTrainContext(), dataset_source(loop_config["columns"]), loop_config["negative"],
+          loop_config.get("mlflow_run"))

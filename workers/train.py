@@ -23,6 +23,7 @@ from workers.distill import AnchorBatch, Distiller, Progress, copy_for_training,
 from workers.engines import build_engine, init_distributed
 from workers.evaluate import GENERATOR_META
 from workers.teacher import load_teacher
+from workers.tracking import metric_logger
 
 GENERATOR_DIR = "generator"
 
@@ -50,13 +51,14 @@ def store_source(store) -> BatchSource:
 
 
 def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = None,
-          negative: Conditioning | None = None) -> Progress:
+          negative: Conditioning | None = None, mlflow_run: tuple[str, str] | None = None) -> Progress:
     """Run (or resume) distillation to schedule.num_generator_updates. The final checkpoint also holds
     the exported generator (GENERATOR_DIR), ready for the sample command.
 
     source: where anchor batches come from; None computes them inline with the teacher, as the
     reference script does (slow: for comparison and benchmarks). negative: the empty-prompt
-    conditioning (from the store); None encodes it here."""
+    conditioning (from the store); None encodes it here. mlflow_run: (tracking URI, run id) that rank 0
+    logs step metrics into."""
     dist, schedule = config.distributed, config.schedule
     init_distributed(dist.use_gpu)
     device = ctx.device(dist.use_gpu)
@@ -82,6 +84,7 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
     distiller = Distiller(config, adapter, teacher, generator, critic, device, dtype, rng, negative, ctx.all_finite)
     distiller.skipped = progress.skipped_steps
     batch_size = dist.batch_size_per_worker
+    logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)
 
     while progress.generator_updates < schedule.num_generator_updates:
         start = time.perf_counter()
@@ -109,6 +112,7 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         last = step == schedule.num_generator_updates
         if step % schedule.log_every == 0 or last:
             ctx.log(metrics, schedule.num_generator_updates)
+            logger.log(metrics, step)
         if (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last:
             directory = ctx.checkpoint_staging_dir(f"step-{step:07d}")
             generator.save_checkpoint(str(directory), tag="generator")
