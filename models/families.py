@@ -10,6 +10,7 @@ from types import ModuleType
 
 FAMILIES: dict[str, str] = {
     "toy2d": "models.toy2d",
+    "shapes": "models.shapes",
 }
 
 

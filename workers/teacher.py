@@ -28,8 +28,21 @@ def embedded_teacher_dir(config: RunConfig) -> Path:
     return Path(config.storage.output_dir) / "teachers" / f"{config.teacher.family}-{digest}"
 
 
+def shipped_teacher(config: RunConfig) -> Path | None:
+    """The family's teacher shipped in the repository, when it was trained with exactly these settings."""
+    shipped = getattr(family_module(config.teacher.family), "shipped_teacher_dir", lambda: None)()
+    if shipped is None or not (shipped / "training_log.json").is_file():
+        return None
+    log = json.loads((shipped / "training_log.json").read_text())
+    same = log.get("family") == config.teacher.family and log.get("train") == asdict(config.teacher.train)
+    return shipped if same else None
+
+
 def teacher_dir(config: RunConfig) -> Path:
-    return Path(config.teacher.path) if config.teacher.path else embedded_teacher_dir(config)
+    """teacher.path if given; else the shipped teacher for these training settings; else the embedded one."""
+    if config.teacher.path:
+        return Path(config.teacher.path)
+    return shipped_teacher(config) or embedded_teacher_dir(config)
 
 
 def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
