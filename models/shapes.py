@@ -23,6 +23,9 @@ from torch import nn
 from models.adapter import Conditioning, TeacherAdapter
 
 FAMILY = "shapes"
+# The sweep's two objectives, (metric, +1 if higher is better).
+DIVERSITY = ("feature_diversity", 1)
+QUALITY = ("adherence", 1)
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")

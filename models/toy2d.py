@@ -19,6 +19,10 @@ from models.adapter import Conditioning, TeacherAdapter
 from models.metrics import energy_distance, mean_pairwise_distance
 
 FAMILY = "toy2d"
+# The sweep's two objectives, (metric, +1 if higher is better): how far the sampled mode weights are from
+# the true ones (dropped and drained modes), and how many samples land on no mode.
+DIVERSITY = ("mode_kl", -1)
+QUALITY = ("off_mode_rate", -1)
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ def render(samples: dict[str, torch.Tensor], prompts: list[str], path: str | Pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

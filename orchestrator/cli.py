@@ -5,6 +5,7 @@
     dpdmd train-teacher --recipe toy2d                    # train an embedded family's teacher
     dpdmd precompute --recipe toy2d                       # teacher anchors into the trajectory store
     dpdmd distill --recipe toy2d                          # DP-DMD on Ray Train + DeepSpeed
+    dpdmd sweep --recipe toy2d sweep.space=default        # Ray Tune over lambda and K, Pareto front
     dpdmd evaluate --recipe toy2d                         # the teacher's metrics on held-out seeds
     dpdmd sample --recipe toy2d --prompt "class 1" --seeds 0-8 --out samples/
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from orchestrator import recipe as recipes
-from workers.config import ConfigError, RunConfig
+from workers.config import ConfigError, RunConfig, to_dict
 
 DEFAULT_RECIPE = "toy2d"
 
@@ -132,6 +133,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep
+
+    config = recipes.resolve(args.recipe, args.overrides)
+    run_sweep(config, to_dict(config))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -165,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a few-step generator on Ray Train with DeepSpeed engines")
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sweep", help="Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality")
+    _add_recipe_args(p, DEFAULT_RECIPE)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="the teacher's diversity and quality on held-out prompts and seeds")
     _add_recipe_args(p, DEFAULT_RECIPE)

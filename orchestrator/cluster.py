@@ -6,7 +6,7 @@ import os
 
 # Every Ray worker process inherits these: passive OpenMP waiting (see cli.py) and no hub lookups.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def ensure_ray(object_store_gb: float = 1.0) -> None:
@@ -14,6 +14,7 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
     import ray
     import ray.data
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours are enough
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports in 0.2 s, not 2 s
@@ -23,4 +24,3 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
     else:
         ray.init(include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
                  runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours are enough

@@ -46,25 +46,26 @@ def check_cluster(config: RunConfig, resources: dict) -> None:
                                                    "CPU; use distributed.zero_stage=1..3 or precision=fp32")
 
 
-def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: str | None = None) -> DistillResult:
+def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: str | None = None,
+                callbacks: list | None = None) -> DistillResult:
     """Precompute (or reuse) the store, fit the trainer, export the generator; all recorded in MLflow."""
     run_dir = run_dir or Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
     recipes.save(config, run_dir)
     with mlflow_run(config, config.tracking.run_name or run_dir.name, "distill", parent_run_id) as tracked:
-        result = _fit(config, run_dir, tracked)
+        result = _fit(config, run_dir, tracked, callbacks or [])
         tracked.log_artifact(run_dir / "config.yaml")
         tracked.log_artifact(result.generator_dir, "generator")
         result.run_id = tracked.run_id
     return result
 
 
-def _fit(config: RunConfig, run_dir: Path, tracked) -> DistillResult:
+def _fit(config: RunConfig, run_dir: Path, tracked, callbacks: list) -> DistillResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from workers.ray_worker import DATASET, train_fn_per_worker
+    from workers.ray_worker import train_fn_per_worker
 
     ensure_ray()
     check_cluster(config, ray.cluster_resources())
@@ -75,18 +76,17 @@ def _fit(config: RunConfig, run_dir: Path, tracked) -> DistillResult:
     storage = (Path(config.storage.output_dir) / "ray_results").resolve()
     print(f"[distill] {dist.num_workers} workers, ZeRO-{dist.zero_stage}, {dist.precision}; "
           f"checkpoints under {storage / run_dir.name}; metrics in MLflow run {tracked.run_id} at {tracked.uri}")
-    paths = [store.shard_path(s) for s in store.shards]
-    dataset = ray.data.read_parquet(paths, filesystem=_arrow_fs(store.fs))
+    # Each rank streams its own shards straight from Parquet (store.batches). A Ray Dataset with
+    # streaming_split made the small-model loop many times slower here (a coordinator round trip per
+    # batch) and its read tasks can starve when training holds the CPUs.
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": asdict(config), "columns": store.manifest["columns"],
-                           "negative": store.negative(), "mlflow_run": (tracked.uri, tracked.run_id)},
+        train_loop_config={"config": asdict(config), "store": store, "mlflow_run": (tracked.uri, tracked.run_id)},
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                                      resources_per_worker={"CPU": dist.cpus_per_worker}),
-        run_config=RayRunConfig(name=run_dir.name, storage_path=str(storage),
+        run_config=RayRunConfig(name=run_dir.name, storage_path=str(storage), callbacks=callbacks,
                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                                 failure_config=FailureConfig(max_failures=dist.max_failures)),
-        datasets={DATASET: dataset},
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
     )
     result = trainer.fit()
@@ -95,13 +95,3 @@ def _fit(config: RunConfig, run_dir: Path, tracked) -> DistillResult:
         shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
     print(f"[distill] generator exported to {generator_dir}")
     return DistillResult(run_dir, generator_dir, dict(result.metrics or {}))
-
-
-def _arrow_fs(fs):
-    """Ray Data reads through pyarrow; hand it the store's fsspec filesystem (None for local paths)."""
-    import pyarrow.fs
-
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        return None
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

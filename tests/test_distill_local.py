@@ -101,3 +101,12 @@ def test_resume_continues_to_the_same_weights(out, tmp_path):
     for x, y in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
     assert sampler.guidance_scale is None and len(sampler.sigmas) == config.generator.num_steps + 1
+
+
+def test_gradient_checkpointing_is_refused_where_the_network_lacks_it(out, tmp_path):
+    from workers.config import ConfigError
+
+    config = tiny_config(out, "generator.gradient_checkpointing=true")
+    store = _store(config)
+    with pytest.raises(ConfigError, match="generator.gradient_checkpointing"):
+        train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())

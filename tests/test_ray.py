@@ -112,3 +112,65 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, out):
     assert killed, "no worker was killed"
     assert result.metrics["resumes"] >= 1
     assert result.metrics["generator_update"] == 60 and result.metrics["critic_updates"] == 120
+
+
+def test_a_two_trial_sweep_nests_its_runs_in_mlflow(ray_cluster, out):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import run_sweep
+    from workers.config import to_dict
+
+    config = tiny_config(out, "distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20",
+                         "sweep.space=lambda", "tracking.experiment=sweep-test")
+    result = run_sweep(config, to_dict(config))
+    assert sorted(r["params"]["loss.diversity_weight"] for r in result.rows) == [0.0, 0.5]
+    assert result.front and 0 <= result.picked < 2
+    assert (result.sweep_dir / "pareto.png").stat().st_size > 1000
+    client = MlflowClient(tracking_uri(config))
+    children = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["loss.diversity_weight"] in ("0.0", "0.5")
+        assert {"loss_dmd", "eval_mode_kl", "eval_off_mode_rate"} <= child.data.metrics.keys()
+        assert {"config.yaml", "generator", "samples.png"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"sweep.md", "pareto.png"} <= parent_artifacts
+
+
+def test_distill_logs_to_a_real_mlflow_server(ray_cluster, out, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        config = tiny_config(out, f"tracking.tracking_uri={uri}", "tracking.experiment=server-test")
+        result = run_distill(config)
+        client = MlflowClient(uri)
+        run = client.get_run(result.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["loss.anchor_step"] == "5"
+        assert len(client.get_metric_history(result.run_id, "loss_critic")) == 4
+        assert "generator" in {a.path for a in client.list_artifacts(result.run_id)}
+        assert list((tmp_path / "artifacts").rglob("dpdmd_generator.json"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -243,6 +243,26 @@ class StorageConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Ray Tune over dotted config keys (tune_spaces/); each trial distils and then evaluates."""
+
+    space: str = "default"  # tune_spaces/<name>.yaml or a YAML path
+    num_samples: int = 1  # repeats of the grid (random search: number of draws)
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    trial_cpus: float = 0.1  # the trial driver's own share; its training workers ask for their own
+    scheduler: Literal["none", "asha"] = "none"  # ASHA stops trials early on the training metric below
+    metric: str = "loss_dmd"  # training metric ASHA compares (lower is better)
+    quality_tolerance: float = 0.02  # pick: most diverse Pareto point within this of the best quality
+
+    def __post_init__(self):
+        _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(self.max_concurrent_trials >= 0, "max_concurrent_trials",
+               f"must be >= 0 (0 lets Ray decide), got {self.max_concurrent_trials}")
+        _check(self.trial_cpus > 0, "trial_cpus", f"must be > 0 (Ray refuses 0), got {self.trial_cpus}")
+        _check(self.quality_tolerance >= 0, "quality_tolerance", f"must be >= 0, got {self.quality_tolerance}")
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs. Sections are the dotted-path prefixes used by recipes and overrides."""
 
@@ -258,6 +278,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

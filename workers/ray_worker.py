@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import ray.train
 
 from workers.config import RunConfig, build
 from workers.context import WorkerContext
-from workers.distill import AnchorBatch
-from workers.schema import TensorSpec, table_to_batch
-from workers.train import train
-
-DATASET = "anchors"
+from workers.train import store_source, train
 
 
 class RayTrainContext(WorkerContext):
@@ -37,26 +32,9 @@ class RayTrainContext(WorkerContext):
         return path
 
 
-def dataset_source(columns: dict[str, dict]):
-    """This worker's shard of the Ray Dataset of anchors, epoch after epoch, decoded to tensors."""
-    specs = {name: TensorSpec.from_json(s) for name, s in columns.items()}
-
-    def source(config: RunConfig, ctx: WorkerContext, start_row: int) -> Iterator[AnchorBatch]:
-        shard = ray.train.get_dataset_shard(DATASET)
-        batch_size, skipped = config.distributed.batch_size_per_worker, 0
-        while True:
-            for table in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-                                            local_shuffle_buffer_size=4 * batch_size,
-                                            local_shuffle_seed=config.seed + ctx.rank):
-                if skipped < start_row:  # the data position of a resumed run
-                    skipped += batch_size
-                    continue
-                yield table_to_batch(table, specs)
-    return source
-
-
 def train_fn_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: the same train() as a single process, fed by the Ray Dataset."""
+    """Runs on every Ray Train worker: the same train() as a single process, each rank streaming its own
+    shards of the trajectory store (local disk or S3) straight from Parquet."""
     config = build(RunConfig, loop_config["config"])
-    train(config, RayTrainContext(), dataset_source(loop_config["columns"]), loop_config["negative"],
-          loop_config.get("mlflow_run"))
+    store = loop_config["store"]
+    train(config, RayTrainContext(), store_source(store), store.negative(), loop_config.get("mlflow_run"))

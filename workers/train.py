@@ -17,7 +17,7 @@ import torch
 from models.adapter import Conditioning
 from models.families import family_module
 from workers.anchors import InlineAnchors
-from workers.config import RunConfig
+from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext
 from workers.distill import AnchorBatch, Distiller, Progress, copy_for_training, read_progress, write_progress
 from workers.engines import build_engine, init_distributed
@@ -66,8 +66,9 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
     adapter, teacher = load_teacher(config, device, dtype)
-    generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
-    critic = build_engine(copy_for_training(teacher), config.critic.optim, config)
+    generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
+                             config.generator.optim, config)
+    critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"), config.critic.optim, config)
     rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
 
     progress = Progress()
@@ -124,6 +125,17 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         elif step % schedule.log_every == 0:
             ctx.report(metrics)
     return progress
+
+
+def _trainable(teacher, gradient_checkpointing: bool, section: str):
+    """A trainable copy of the teacher, with diffusers' activation checkpointing if asked for."""
+    net = copy_for_training(teacher)
+    if gradient_checkpointing:
+        if not getattr(net, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"{section}.gradient_checkpointing", f"{type(net).__name__} does not support gradient "
+                                                                   "checkpointing; set it to false")
+        net.enable_gradient_checkpointing()
+    return net
 
 
 def export_generator(config: RunConfig, adapter, generator, export_dir: Path, rank: int) -> None:

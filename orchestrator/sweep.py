@@ -1,0 +1,269 @@
+"""`dpdmd sweep`: Ray Tune over dotted config keys. One trial = distillation, then evaluation on the
+held-out prompts and seeds. Trials share trajectory stores, run as concurrently as the cluster allows,
+and nest their MLflow runs under one parent; the sweep ends with the Pareto front of diversity against
+quality (plot and table) and the trade-off picked by sweep.quality_tolerance.
+
+    dpdmd sweep --recipe toy2d sweep.space=default
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from models.families import family_module
+from orchestrator import recipe as recipes
+from workers.config import ConfigError, RunConfig, build, config_keys
+
+SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search spaces
+
+
+def load_space(name: str) -> dict[str, dict]:
+    """A search space: {dotted key: {kind: values}}, every key a real config field, every listed value valid."""
+    path = Path(name) if Path(name).suffix else SPACE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SPACE_DIR.glob("*.yaml"))
+        raise ConfigError("sweep.space", f"no search space {name!r}; give a YAML path or one of {known}")
+    space = yaml.safe_load(path.read_text()) or {}
+    keys = set(config_keys())
+    for key, spec in space.items():
+        if key not in keys:
+            raise ConfigError(key, f"in search space {path.name}: not a config key (e.g. loss.diversity_weight)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+            raise ConfigError(key, f"in search space {path.name}: give one of {list(KINDS)}, e.g. {{grid: [0, 0.05]}}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values or (kind not in ("grid", "choice") and len(values) != 2):
+            raise ConfigError(key, f"in search space {path.name}: {kind} needs "
+                                   + ("a non-empty list" if kind in ("grid", "choice") else "[low, high]"))
+        for value in values if kind in ("grid", "choice") else []:
+            build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own
+    return space
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    node = data
+    for part in key.split(".")[:-1]:
+        node = node.setdefault(part, {})
+    node[key.split(".")[-1]] = value
+    return data
+
+
+def tune_param_space(space: dict[str, dict]) -> dict:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def grid_points(space: dict[str, dict]) -> list[dict]:
+    """Every combination of the grid and choice values (to precompute the stores trials will share)."""
+    fixed = {k: next(iter(s.values())) for k, s in space.items() if next(iter(s)) in ("grid", "choice")}
+    return [dict(zip(fixed, combo)) for combo in itertools.product(*fixed.values())] if fixed else [{}]
+
+
+def trial_config(base: dict, params: dict, **extra: Any) -> RunConfig:
+    data = copy.deepcopy(base)
+    for key, value in {**params, **extra}.items():
+        set_dotted(data, key, value)
+    return build(RunConfig, data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objectives and the Pareto front
+
+
+def objectives(family: str, metrics: dict[str, float]) -> tuple[float, float]:
+    """(diversity, quality), each signed so that higher is better."""
+    module = family_module(family)
+    (d, d_sign), (q, q_sign) = module.DIVERSITY, module.QUALITY
+    return d_sign * metrics[d], q_sign * metrics[q]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both objectives (both maximised), by diversity."""
+    front = [i for i, (d, q) in enumerate(points)
+             if not any(d2 >= d and q2 >= q and (d2, q2) != (d, q) for d2, q2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pick(points: list[tuple[float, float]], tolerance: float) -> int:
+    """The most diverse Pareto point whose quality is within tolerance of the best quality."""
+    front = pareto_front(points)
+    best_quality = max(points[i][1] for i in front)
+    eligible = [i for i in front if points[i][1] >= best_quality - tolerance]
+    return max(eligible, key=lambda i: points[i][0])
+
+
+def gap_recovered(value: float, dmd: float, teacher: float) -> float:
+    """The fraction of DMD's diversity gap to the teacher a method recovers: 0 = DMD, 1 = teacher."""
+    return (value - dmd) / (teacher - dmd) if teacher != dmd else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trials
+
+
+def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
+    """Tune's trainable: distil with the trial's settings, evaluate, report the objectives."""
+    from ray import tune
+
+    from orchestrator.distill import run_distill
+    from workers.evaluate import evaluate, load_generator, save_samples
+
+    name = "-".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in sorted(params.items())) or "trial"
+    config = trial_config(base, params, **{"tracking.run_name": name})
+    run_dir = Path(sweep_dir) / name
+    callbacks = []
+    if config.sweep.scheduler == "asha":
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    result = run_distill(config, run_dir=run_dir, parent_run_id=parent_run_id, callbacks=callbacks)
+    adapter, net, sampler = load_generator(result.generator_dir)
+    evaluation = evaluate(config, adapter, net, sampler)
+    save_samples(evaluation, run_dir / "samples.npz")
+    picture = family_module(config.teacher.family).render({name: evaluation.samples}, evaluation.prompts,
+                                                          run_dir / "samples.png")
+    tracked = _tracked(config, result.run_id)
+    tracked.log_metrics(evaluation.metrics, prefix="eval_")
+    tracked.log_artifact(picture)
+    diversity, quality = objectives(config.teacher.family, evaluation.metrics)
+    tune.report({**{f"eval_{k}": v for k, v in evaluation.metrics.items()}, "diversity": diversity,
+                 "quality": quality, "run_dir": str(run_dir), "mlflow_run_id": result.run_id})
+
+
+def _tracked(config: RunConfig, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    from workers.tracking import TrackedRun, tracking_uri
+
+    return TrackedRun(MlflowClient(tracking_uri(config)), run_id, tracking_uri(config))
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    rows: list[dict] = field(default_factory=list)  # one per trial: params, metrics, objectives
+    front: list[int] = field(default_factory=list)
+    picked: int = -1
+    teacher_metrics: dict = field(default_factory=dict)
+    parent_run_id: str = ""
+
+
+def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
+              teacher_metrics: dict | None = None, sweep_dir: Path | None = None) -> SweepResult:
+    """Run every trial of the space (default: sweep.space) on the cluster; base is the recipe-plus-overrides
+    mapping that trials start from."""
+    from ray import tune
+
+    from orchestrator.cluster import ensure_ray
+    from orchestrator.precompute import precompute
+    from workers.tracking import mlflow_run
+
+    space = space or load_space(config.sweep.space)
+    sweep_dir = (sweep_dir or Path(config.storage.output_dir) / "runs"
+                 / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{config.name}").resolve()
+    recipes.save(config, sweep_dir)
+    ensure_ray()
+    for point in grid_points(space):  # shared stores exist before trials start, so none races to write one
+        store, summary = precompute(trial_config(base, point), progress=False)
+        print(summary)
+
+    sweep = config.sweep
+    with mlflow_run(config, config.tracking.run_name or sweep_dir.name, "sweep") as parent:
+        trainable = tune.with_parameters(run_trial, base=base, parent_run_id=parent.run_id, sweep_dir=str(sweep_dir))
+        scheduler = None
+        if sweep.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(metric=sweep.metric, mode="min", time_attr="generator_update",
+                                      max_t=config.schedule.num_generator_updates, grace_period=max(
+                                          1, config.schedule.num_generator_updates // 4))
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"CPU": sweep.trial_cpus}),
+            param_space=tune_param_space(space),
+            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
+                                        max_concurrent_trials=sweep.max_concurrent_trials or None),
+            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent / "tune"),
+                                      verbose=0),
+        )
+        grid = tuner.fit()
+        result = SweepResult(sweep_dir, parent_run_id=parent.run_id, teacher_metrics=teacher_metrics or {})
+        for trial in grid:
+            if trial.error or "diversity" not in (trial.metrics or {}):
+                print(f"[sweep] a trial failed: {trial.error}")
+                continue
+            params = {k: v for k, v in trial.config.items()}
+            result.rows.append({"params": params, **trial.metrics})
+        if not result.rows:
+            raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir.parent / 'tune'}")
+        points = [(r["diversity"], r["quality"]) for r in result.rows]
+        result.front, result.picked = pareto_front(points), pick(points, sweep.quality_tolerance)
+        table = sweep_table(result, config.teacher.family)
+        (sweep_dir / "sweep.md").write_text(table + "\n")
+        (sweep_dir / "sweep.json").write_text(json.dumps(
+            {"rows": result.rows, "front": result.front, "picked": result.picked}, indent=1, default=str))
+        plot = plot_pareto(result, config.teacher.family, sweep_dir / "pareto.png")
+        parent.log_artifact(sweep_dir / "sweep.md")
+        parent.log_artifact(plot)
+        parent.log_metrics({f"picked_{k}": v for k, v in result.rows[result.picked].items()
+                            if isinstance(v, (int, float))})
+    print(table)
+    return result
+
+
+def sweep_table(result: SweepResult, family: str) -> str:
+    (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    keys = sorted({k for r in result.rows for k in r["params"]})
+    lines = ["| " + " | ".join([*keys, d_name, q_name, "pareto", "picked"]) + " |",
+             "|" + "---|" * (len(keys) + 4)]
+    for i, row in enumerate(result.rows):
+        cells = [str(row["params"].get(k, "")) for k in keys]
+        cells += [f"{row['eval_' + d_name]:.4g}", f"{row['eval_' + q_name]:.4g}",
+                  "yes" if i in result.front else "", "<-" if i == result.picked else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_pareto(result: SweepResult, family: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (d_name, _), (q_name, q_sign) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    xs = [r[f"eval_{d_name}"] for r in result.rows]
+    ys = [r[f"eval_{q_name}"] for r in result.rows]
+    ax.scatter(xs, ys, color="0.6", label="trials")
+    front = result.front
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="C0", label="Pareto front")
+    ax.scatter([xs[result.picked]], [ys[result.picked]], s=160, facecolors="none", edgecolors="C3",
+               linewidths=2, label="picked")
+    for i, row in enumerate(result.rows):
+        ax.annotate(", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(row["params"].items())),
+                    (xs[i], ys[i]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if result.teacher_metrics:
+        ax.scatter([result.teacher_metrics[d_name]], [result.teacher_metrics[q_name]], marker="*", s=160,
+                   color="C2", label="teacher")
+    ax.set_xlabel(f"{d_name} (diversity, higher is better)")
+    ax.set_ylabel(f"{q_name} (quality, {'higher' if q_sign > 0 else 'lower'} is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
