@@ -18,11 +18,12 @@ from typing import Any
 
 import yaml
 
+import tune_spaces
 from models.families import family_module
 from orchestrator import recipe as recipes
 from workers.config import ConfigError, RunConfig, build, config_keys
 
-SPACE_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+SPACE_DIR = Path(tune_spaces.__file__).resolve().parent
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
