@@ -109,7 +109,7 @@ class Toy2DVelocityNet(ModelMixin, ConfigMixin):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         h = self.inp(x_t)
-        c = self.class_embed(class_ids) + self.time_proj(timestep_embedding(t, self.config.time_dim))
+        c = self.class_embed(class_ids) + self.time_proj(timestep_embedding(t, self.config.time_dim).to(x_t.dtype))
         for block in self.blocks:
             h = h + block(h + c)
         return self.out(h)

@@ -76,19 +76,22 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workers.evaluate import evaluate, format_table, save_samples, teacher_sampler
-    from workers.teacher import load_teacher
     from models.families import family_module
+    from workers.evaluate import evaluate, format_table, load_generator, save_samples, teacher_sampler
+    from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
-    adapter, net = load_teacher(config)
+    if args.generator:
+        name, (adapter, net, sampler) = "generator", load_generator(args.generator)
+    else:
+        name, (adapter, net), sampler = "teacher", load_teacher(config), teacher_sampler(config)
     run_dir = new_run_dir(config, "evaluate")
-    result = evaluate(config, adapter, net, teacher_sampler(config))
-    (run_dir / "metrics.json").write_text(json.dumps({"teacher": result.metrics}, indent=2))
-    save_samples(result, run_dir / "teacher_samples.npz")
-    family_module(config.teacher.family).render({"teacher": result.samples}, result.prompts,
-                                                run_dir / "teacher_samples.png")
-    print(format_table({"teacher": result.metrics}))
+    result = evaluate(config, adapter, net, sampler)
+    (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
+    save_samples(result, run_dir / f"{name}_samples.npz")
+    family_module(config.teacher.family).render({name: result.samples}, result.prompts,
+                                                run_dir / f"{name}_samples.png")
+    print(format_table({name: result.metrics}))
     print(f"\nmetrics, samples and pictures in {run_dir}")
     return 0
 
@@ -127,9 +130,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from orchestrator.distill import run_distill
+    from orchestrator.distill import run_distill, run_local
 
-    run_distill(recipes.resolve(args.recipe, args.overrides))
+    config = recipes.resolve(args.recipe, args.overrides)
+    run_local(config) if args.no_ray else run_distill(config)
     return 0
 
 
@@ -173,14 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a few-step generator on Ray Train with DeepSpeed engines")
     _add_recipe_args(p, DEFAULT_RECIPE)
+    p.add_argument("--no-ray", action="store_true",
+                   help="run the train function in this process (or under torchrun), without Ray or MLflow")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality")
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("evaluate", help="the teacher's diversity and quality on held-out prompts and seeds")
+    p = sub.add_parser("evaluate", help="diversity and quality of the teacher (or a generator) on held-out seeds")
     _add_recipe_args(p, DEFAULT_RECIPE)
+    p.add_argument("--generator", default=None,
+                   help="an exported generator directory (from dpdmd distill); default: the recipe's teacher")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="sample prompts x seeds; writes a PNG grid and the raw arrays (.npz)")

@@ -95,3 +95,34 @@ def _fit(config: RunConfig, run_dir: Path, tracked, callbacks: list) -> DistillR
         shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
     print(f"[distill] generator exported to {generator_dir}")
     return DistillResult(run_dir, generator_dir, dict(result.metrics or {}))
+
+
+def run_local(config: RunConfig) -> Path:
+    """The same train function without Ray: one process, or one rank of `torchrun --nproc_per_node N -m
+    orchestrator distill --no-ray ...`. Rank 0 fills the store; every rank then streams its own shards.
+    Metrics go to <run dir>/metrics.jsonl (no MLflow); returns the run directory."""
+    import torch.distributed as torch_dist
+
+    from workers.context import LocalContext
+    from workers.engines import init_distributed
+    from workers.train import store_source, train
+
+    init_distributed(config.distributed.use_gpu)
+    rank = torch_dist.get_rank()
+    shared = [None]
+    if rank == 0:
+        store, summary = precompute(config, use_ray=False)
+        print(summary)
+        run_dir = Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
+        recipes.save(config, run_dir)
+        shared = [str(run_dir)]
+    torch_dist.broadcast_object_list(shared, src=0)  # also waits for the store
+    run_dir = Path(shared[0])
+    if rank != 0:
+        store, _ = precompute(config, use_ray=False, progress=False)
+    progress = train(config, LocalContext(run_dir, resume=False), store_source(store), store.negative())
+    if rank == 0:
+        final = run_dir / "checkpoints" / f"step-{progress.generator_updates:07d}" / GENERATOR_DIR
+        shutil.copytree(final, run_dir / GENERATOR_DIR, dirs_exist_ok=True)
+        print(f"[distill] generator exported to {run_dir / GENERATOR_DIR}")
+    return run_dir

@@ -69,9 +69,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Local paths that workers, actors and Tune trials (which run in other working directories) must find.
+PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("teacher", "path"),
+             ("trajectories", "prompts"), ("evaluation", "prompts"))
+
+
 def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The validated RunConfig for a recipe plus overrides. Raises ConfigError naming the bad key."""
-    return build(RunConfig, apply_overrides(load_recipe(recipe), overrides or []))
+    """The validated RunConfig for a recipe plus overrides, local paths made absolute (URLs such as
+    s3://... are kept). Raises ConfigError naming the bad key."""
+    config = build(RunConfig, apply_overrides(load_recipe(recipe), overrides or []))
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(config, section), key)
+        if value and "://" not in value:
+            setattr(getattr(config, section), key, str(Path(value).expanduser().absolute()))
+    return config
 
 
 def dump(config: RunConfig) -> str:

@@ -185,7 +185,7 @@ def test_builtin_recipes_resolve(name):
 
 
 def test_every_key_can_be_overridden_with_its_own_value():
-    config = RunConfig()
+    config = resolve(None)
     data = to_dict(config)
     keys = config_keys()
     assert {"loss.diversity_weight", "loss.anchor_step", "teacher.train.lr", "distributed.zero_stage"} <= set(keys)
@@ -223,3 +223,11 @@ def test_help_lists_the_real_subcommands():
 
 def test_dump_is_yaml_of_every_section():
     assert set(yaml.safe_load(dump(RunConfig()))) == {f.split(".")[0] for f in config_keys()}
+
+
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = resolve(None, ["storage.output_dir=out", "storage.trajectory_root=s3://bucket/anchors"])
+    assert config.storage.output_dir == str(tmp_path / "out")
+    assert config.storage.trajectory_root == "s3://bucket/anchors"
+    assert config.teacher.path == ""

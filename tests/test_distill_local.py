@@ -110,3 +110,41 @@ def test_gradient_checkpointing_is_refused_where_the_network_lacks_it(out, tmp_p
     store = _store(config)
     with pytest.raises(ConfigError, match="generator.gradient_checkpointing"):
         train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
+
+
+def test_bf16_zero3_on_cpu_trains_and_the_evaluate_command_reads_the_generator(out, tmp_path, capsys):
+    from orchestrator import cli
+
+    config = tiny_config(out, "distributed.precision=bf16", "distributed.zero_stage=3")
+    store = _store(config)
+    progress = train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
+    assert progress.generator_updates == 4
+    generator = tmp_path / "run" / "checkpoints" / "step-0000004" / GENERATOR_DIR
+    _, net, _ = load_generator(generator)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert cli.main(["evaluate", "--generator", str(generator), f"storage.output_dir={tmp_path}",
+                     "evaluation.seeds_per_prompt=10"]) == 0
+    assert "| generator |" in capsys.readouterr().out
+
+
+def test_torchrun_two_ranks_without_ray(out, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
+
+    tiny_config(tmp_path)
+    overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "orchestrator", "distill", "--no-ray", *overrides],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = next((tmp_path / "runs").glob("*-distill-toy2d"))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["generator_update"] == 4 and lines[-1]["critic_updates"] == 8
+    assert (run / "checkpoints" / "step-0000004" / "rng_rank1.pt").is_file()  # both ranks checkpointed
+    load_generator(run / GENERATOR_DIR)
