@@ -174,3 +174,31 @@ def test_distill_logs_to_a_real_mlflow_server(ray_cluster, out, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_killed_precompute_actor_is_replaced_and_the_store_completes_without_duplicates(ray_cluster, tmp_path):
+    config = tiny_config(tmp_path, "trajectories.seeds_per_prompt=3000", "trajectories.rows_per_shard=500",
+                         "trajectories.batch_size=500", "trajectories.num_actors=1", "trajectories.cpus_per_actor=0.5")
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            shards = list((tmp_path / "trajectories").glob("*/shard-*.parquet"))
+            if len(shards) >= 3:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if any("AnchorWriter" in part for part in proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    store, summary = precompute(config, progress=False)
+    watcher.join(timeout=5)
+    assert killed, "no actor was killed"
+    assert summary.rows == 12000 and len(store.shards) == 24
+    seeds = [s for shard in store.shards for s in store.read_shard(shard).column("seed").to_pylist()]
+    assert sorted(seeds) == list(range(12000))
+    store.verify(checksums=True)
