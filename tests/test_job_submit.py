@@ -20,17 +20,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _dashboard_url(gcs: int) -> str:
+    """The address our head's dashboard actually bound, as recorded in its GCS. The dashboard moves to the
+    next port when the asked one is taken, and on a shared machine a pre-chosen port may meanwhile belong
+    to another process (another Ray, say, that answers with its own authentication rules)."""
+    probe = ("import ray\n"
+             f"ctx = ray.init(address='127.0.0.1:{gcs}', logging_level='ERROR', log_to_driver=False)\n"
+             "print('URL=' + (ctx.dashboard_url or ''))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    urls = [line[4:] for line in out.stdout.splitlines() if line.startswith("URL=") and len(line) > 4]
+    assert urls, f"the head's dashboard did not come up: {out.stdout[-2000:]}{out.stderr[-2000:]}"
+    return urls[0] if urls[0].startswith("http") else f"http://{urls[0]}"
+
+
 @pytest.fixture
 def head(tmp_path):
     import ray
 
     ray.shutdown()  # no in-process cluster of another test may linger
-    gcs, dashboard = _free_port(), _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                    "--disable-usage-stats"], check=True, capture_output=True, text=True)
+    for attempt in range(3):  # a port chosen free may be taken before `ray start` binds it
+        gcs, dashboard = _free_port(), _free_port()
+        started = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                                  f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+                                  "--disable-usage-stats"], capture_output=True, text=True)
+        if started.returncode == 0:
+            break
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield _dashboard_url(gcs)
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)
 
