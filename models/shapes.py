@@ -26,6 +26,8 @@ FAMILY = "shapes"
 # The sweep's two objectives, (metric, +1 if higher is better).
 DIVERSITY = ("feature_diversity", 1)
 QUALITY = ("adherence", 1)
+# The fidelity table's columns (the paper's comparison): diversity, attribute spread, adherence, FD.
+FIDELITY_COLUMNS = ("feature_diversity", "attribute_spread", "adherence", "frechet_distance")
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")

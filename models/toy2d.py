@@ -23,6 +23,7 @@ FAMILY = "toy2d"
 # the true ones (dropped and drained modes), and how many samples land on no mode.
 DIVERSITY = ("mode_kl", -1)
 QUALITY = ("off_mode_rate", -1)
+FIDELITY_COLUMNS = ("mode_kl", "live_modes", "off_mode_rate", "pairwise_distance")
 
 
 @dataclass(frozen=True)

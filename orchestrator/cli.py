@@ -6,6 +6,7 @@
     dpdmd precompute --recipe toy2d                       # teacher anchors into the trajectory store
     dpdmd distill --recipe toy2d                          # DP-DMD on Ray Train + DeepSpeed
     dpdmd sweep --recipe toy2d sweep.space=default        # Ray Tune over lambda and K, Pareto front
+    dpdmd fidelity --recipe shapes sweep.space=fidelity   # teacher vs DMD vs DP-DMD over training seeds
     dpdmd evaluate --recipe toy2d                         # the teacher's metrics on held-out seeds
     dpdmd sample --recipe toy2d --prompt "class 1" --seeds 0-8 --out samples/
 """
@@ -145,6 +146,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from orchestrator.fidelity import run_fidelity
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
+    config = recipes.resolve(args.recipe, args.overrides)
+    run_fidelity(config, to_dict(config), use_ray=not args.no_ray, jobs=args.jobs)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
@@ -184,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality")
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("fidelity", help="teacher, DMD and DP-DMD settings over several training seeds: the "
+                                        "table with its spread")
+    _add_recipe_args(p, DEFAULT_RECIPE)
+    p.add_argument("--no-ray", action="store_true",
+                   help="run trials as local processes of the train function (a GPU machine without Ray)")
+    p.add_argument("--jobs", type=int, default=1, help="with --no-ray: trials at a time (default 1)")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("evaluate", help="diversity and quality of the teacher (or a generator) on held-out seeds")
     _add_recipe_args(p, DEFAULT_RECIPE)

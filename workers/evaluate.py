@@ -75,11 +75,13 @@ class Evaluation:
 
 
 def evaluate(config: RunConfig, adapter: TeacherAdapter, net: nn.Module, sampler: Sampler,
-             prompts: list[str] | None = None, seeds: list[int] | None = None) -> Evaluation:
-    """Sample every (prompt, seed) pair with sampler and score the samples with the family's metrics."""
+             prompts: list[str] | None = None, seeds: list[int] | None = None, device="cpu") -> Evaluation:
+    """Sample every (prompt, seed) pair with sampler (net already on device) and score the samples with the
+    family's metrics."""
     prompts, seeds = grid_pairs(prompts or eval_prompts(config), seeds or eval_seeds(config))
-    samples = sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size)
-    metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=config.seed)
+    samples = sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size, device=device)
+    # The real-data reference draw is the same for every model and training seed compared.
+    metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=0)
     return Evaluation(prompts, seeds, samples, metrics)
 
 

@@ -1,0 +1,106 @@
+"""The fidelity table: mean and spread over training seeds, the gap recovered, the picking rule, and the
+local trial runner (resume after a failure), with a real tiny run end to end."""
+
+import json
+import math
+
+import pytest
+
+from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
+from orchestrator.cli import main
+from orchestrator.fidelity import aggregate, check_space, format_fidelity, run_local_trials
+from workers.config import ConfigError
+
+TEACHER = {"feature_diversity": 0.14, "attribute_spread": 0.25, "adherence": 1.0, "frechet_distance": 76.0}
+
+
+def _row(weight, seed, diversity, adherence):
+    return {"params": {"loss.diversity_weight": weight, "seed": seed},
+            "eval_feature_diversity": diversity, "eval_attribute_spread": 0.2, "eval_adherence": adherence,
+            "eval_frechet_distance": 100.0}
+
+
+def test_settings_get_mean_spread_and_a_seed_paired_gap():
+    rows = [_row(0.0, 0, 0.10, 0.99), _row(0.0, 1, 0.12, 0.97),
+            _row(0.05, 0, 0.12, 0.99), _row(0.05, 1, 0.13, 0.97),
+            _row(0.5, 0, 0.15, 0.80), _row(0.5, 1, 0.15, 0.82)]
+    result = aggregate(rows, TEACHER, "shapes", default_weight=0.05, tolerance=0.02)
+    names = [s["name"] for s in result["settings"]]
+    assert names[result["dmd"]] == "DMD"
+    dmd, default, strong = result["settings"]
+    assert dmd["mean"]["feature_diversity"] == pytest.approx(0.11)
+    assert dmd["std"]["feature_diversity"] == pytest.approx(math.sqrt(2) * 0.01)
+    # each seed against DMD's same seed: (0.12 - 0.10) / (0.14 - 0.10) = 0.5 and (0.13 - 0.12) / 0.02 = 0.5
+    assert default["gap_recovered"][0] == pytest.approx(0.5)
+    assert default["gap_recovered"][1] == pytest.approx(0.0, abs=1e-12)
+    # lambda = 0.5 is more diverse but loses 17 points of adherence: the rule picks lambda = 0.05
+    assert result["settings"][result["picked"]] is default
+    table = format_fidelity(result, TEACHER, "shapes")
+    assert "| DP-DMD (lambda=0.05) **picked** | 2 |" in table
+    assert "0.11 ± 0.014" in table
+
+
+def test_with_a_looser_tolerance_the_more_diverse_setting_is_picked():
+    rows = [_row(0.0, s, 0.10, 0.99) for s in (0, 1)] + [_row(0.05, s, 0.12, 0.99) for s in (0, 1)] \
+        + [_row(0.5, s, 0.15, 0.80) for s in (0, 1)]
+    result = aggregate(rows, TEACHER, "shapes", default_weight=0.05, tolerance=0.25)
+    assert result["settings"][result["picked"]]["name"] == "DP-DMD (lambda=0.5)"
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"loss.diversity_weight": {"grid": [0.0, 0.05]}}, "seed"),
+    ({"loss.diversity_weight": {"grid": [0.0, 0.05]}, "seed": {"grid": [0]}}, "at least 2"),
+    ({"loss.diversity_weight": {"grid": [0.05, 0.5]}, "seed": {"grid": [0, 1]}}, "lambda = 0"),
+    ({"loss.diversity_weight": {"grid": [0.0]}, "seed": {"grid": [0, 1]}, "generator.optim.lr": {"uniform": [1e-5, 1e-4]}},
+     "grid values only"),
+])
+def test_spaces_that_cannot_make_the_table_are_refused(space, message):
+    with pytest.raises(ConfigError, match=message):
+        check_space(space)
+
+
+def _fake_trial(config_dict, run_dir, threads):
+    """Stands in for a distillation (this test is about the runner): fails once for seed 1, lambda 0.5."""
+    from pathlib import Path
+
+    marker = Path(run_dir).parent / "failed-once"
+    if config_dict["seed"] == 1 and config_dict["loss"]["diversity_weight"] == 0.5 and not marker.exists():
+        marker.touch()
+        raise RuntimeError("out of memory")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return {"feature_diversity": 0.1 + config_dict["loss"]["diversity_weight"] / 10 + config_dict["seed"] / 100}
+
+
+def test_a_failed_trial_loses_nothing_and_a_rerun_runs_only_the_rest(tmp_path):
+    from workers.config import RunConfig, to_dict
+
+    base = to_dict(RunConfig())
+    space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}
+    with pytest.raises(RuntimeError, match="1 of 4 trials failed"):
+        run_local_trials(base, space, tmp_path, jobs=2, runner=_fake_trial)
+    assert len(list(tmp_path.glob("*/result.json"))) == 3
+    first = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    rows = run_local_trials(base, space, tmp_path, jobs=2, runner=_fake_trial)
+    assert len(rows) == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished trials were not rerun
+    row = next(r for r in rows if r["params"] == {"loss.diversity_weight": 0.5, "seed": 1})
+    assert row["eval_feature_diversity"] == pytest.approx(0.16)
+
+
+def test_fidelity_command_runs_real_trials_without_ray(tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.diversity_weight: {grid: [0.0, 0.5]}\nseed: {grid: [0, 1]}\n")
+    code = main(["fidelity", "--no-ray", "--jobs", "2", "--recipe", "toy2d", *TINY_TEACHER, *TINY_STORE, *TINY_DISTILL,
+                 f"storage.output_dir={tmp_path}", f"sweep.space={space}", "evaluation.seeds_per_prompt=50"])
+    assert code == 0
+    out_dir = next((tmp_path / "runs").glob("*-fidelity-toy2d"))
+    data = json.loads((out_dir / "fidelity.json").read_text())
+    assert sorted(s["name"] for s in data["settings"]) == ["DMD", "DP-DMD (lambda=0.5)"]
+    assert all(s["seeds"] == [0, 1] for s in data["settings"])
+    # the seeds really differ: each trial trained with its own noise
+    dmd = next(s for s in data["settings"] if s["name"] == "DMD")
+    assert dmd["per_seed"]["0"]["mode_kl"] != dmd["per_seed"]["1"]["mode_kl"]
+    for name in ("fidelity.md", "fidelity.png", "fidelity_samples.png", "teacher_samples.npz"):
+        assert (out_dir / name).is_file(), name
+    assert "| DMD | 2 |" in capsys.readouterr().out
+    assert len(list((out_dir / "trials").glob("*/generator/dpdmd_generator.json"))) == 4
