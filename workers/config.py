@@ -55,23 +55,50 @@ class TeacherTrainConfig:
                f"got {self.cfg_dropout}")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def teacher_location(path: str) -> Literal["local", "s3", "hub", "missing"]:
+    """Where teacher.path points. A relative path that exists is local; one that does not and reads like
+    owner/name is a hub id."""
+    from pathlib import Path
+
+    if path.startswith("s3://"):
+        return "s3" if len(path) > len("s3://") else "missing"
+    if "://" not in path and Path(path).expanduser().is_dir():
+        return "local"
+    return "hub" if _HUB_ID.fullmatch(path) else "missing"
+
+
 @dataclass
 class TeacherConfig:
     """The frozen multi-step teacher and its sampler (PAPER.md: CFG scale w, scheduler shift, steps)."""
 
     family: str = "toy2d"
-    path: str = ""  # local directory or s3:// URL of a saved teacher; "" = the family's embedded default
+    # A local directory, an s3://bucket/prefix URL (fetched once into storage.teacher_cache) or a hub id
+    # (owner/name, downloaded by huggingface_hub when online) of a saved teacher; "" = the embedded default.
+    path: str = ""
     guidance_scale: float = 3.5  # w in v_u + w (v_c - v_u)
     num_steps: int = 30
     shift: float = 3.0
     dtype: Literal["fp32", "bf16"] = "fp32"
+    resolution: int = 0  # image side in pixels for latent families; 0 = the model's native resolution
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self):
-        from models.families import FAMILIES
+        from models.families import FAMILIES, FAMILY_PIPELINES
 
         _check(self.family in FAMILIES, "family",
                f"unknown teacher family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        if self.family in FAMILY_PIPELINES:
+            _check(bool(self.path), "path",
+                   f"the {self.family} family has no embedded teacher: set teacher.path to a "
+                   f"{FAMILY_PIPELINES[self.family]} directory, an s3://bucket/prefix URL of one, or a hub id")
+        if self.path:
+            _check(teacher_location(self.path) != "missing", "path",
+                   f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL nor a hub id "
+                   "(owner/name); give one of those")
+        _check(self.resolution >= 0, "resolution", f"must be >= 0 (0 = the model's native size), got {self.resolution}")
         _check(self.guidance_scale >= 0, "guidance_scale",
                f"must be >= 0 (1.0 is the conditional model alone), got {self.guidance_scale}")
         _check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")

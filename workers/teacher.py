@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from models.adapter import LoadOptions
 from models.families import family_module
 from models.flow import interpolate
 from models.losses import flow_matching_loss
-from workers.config import RunConfig
+from workers.config import ConfigError, RunConfig, teacher_location
 
 
 def embedded_teacher_dir(config: RunConfig) -> Path:
@@ -39,25 +40,55 @@ def shipped_teacher(config: RunConfig) -> Path | None:
 
 
 def teacher_dir(config: RunConfig) -> Path:
-    """teacher.path if given; else the shipped teacher for these training settings; else the embedded one."""
-    if config.teacher.path:
-        return Path(config.teacher.path)
-    return shipped_teacher(config) or embedded_teacher_dir(config)
+    """The local directory of the teacher: teacher.path (a hub id downloaded first); else the shipped
+    teacher for these training settings; else the embedded one."""
+    path = config.teacher.path
+    if not path:
+        return shipped_teacher(config) or embedded_teacher_dir(config)
+    location = teacher_location(path)
+    if location == "hub":
+        return hub_snapshot(path)
+    return Path(path)
 
 
-def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype."""
+def hub_snapshot(repo_id: str) -> Path:
+    """A hub model's local snapshot: downloaded once into the Hugging Face cache when online, read from it offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, unknown repo, gated model: all end here with the hub's reason
+        raise FileNotFoundError(f"teacher.path {repo_id!r} reads as a hub id, but it could not be fetched "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); download it "
+                                "where the hub is reachable (huggingface-cli download, or save_pretrained) and set "
+                                "teacher.path to the directory or an s3:// copy of it") from None
+
+
+def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 text_encoders: bool = True, vae: bool = False):
+    """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype.
+
+    text_encoders: load the prompt encoders (precompute, evaluation); training workers read embeddings
+    from the trajectory store instead. vae: load the latent decoder (pictures and image metrics only)."""
     path = teacher_dir(config)
     if not path.is_dir():
         fix = (f"train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
                else "point teacher.path at a directory written by `dpdmd train-teacher` or save_pretrained")
         raise FileNotFoundError(f"no {config.teacher.family} teacher at {path}: {fix}")
-    adapter, net = family_module(config.teacher.family).load_teacher(path)
+    options = LoadOptions(text_encoders=text_encoders, vae=vae, resolution=config.teacher.resolution, dtype=dtype)
+    try:
+        adapter, net = family_module(config.teacher.family).load_teacher(path, options)
+        adapter.check_schedule(config.teacher.num_steps, config.teacher.shift)
+    except ValueError as err:
+        key = "teacher.shift" if "teacher.shift" in str(err) else "teacher.resolution" if "resolution" in str(err) \
+            else "teacher.path"
+        raise ConfigError(key, str(err)) from None
     for module in (net, *adapter.trainable_modules()):
         module.eval().requires_grad_(False)
     net.to(device)
-    if dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
+    if net.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op one
         net.to(dtype)
+    adapter.to(device)
     return adapter, net
 
 
