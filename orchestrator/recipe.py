@@ -70,7 +70,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # Local paths that workers, actors and Tune trials (which run in other working directories) must find.
-PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("teacher", "path"),
+PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("storage", "teacher_cache"), ("teacher", "path"),
              ("trajectories", "prompts"), ("evaluation", "prompts"))
 
 

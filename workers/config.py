@@ -260,9 +260,12 @@ class StorageConfig:
     output_dir: str = "outputs"
     trajectory_root: str = ""  # "" = <output_dir>/trajectories
     s3_endpoint_url: str = ""  # for S3-compatible stores that are not AWS; "" = AWS
+    teacher_cache: str = ""  # local copies of s3:// teachers; "" = <output_dir>/teacher_cache
 
     def __post_init__(self):
         _check(bool(self.output_dir.strip()), "output_dir", "must be a non-empty path")
+        _check("://" not in self.teacher_cache, "teacher_cache",
+               "must be a local directory (teachers are fetched from S3 into it)")
         for key in ("output_dir", "trajectory_root", "s3_endpoint_url"):
             url = urlsplit(getattr(self, key))
             _check(url.username is None and url.password is None, key,

@@ -1,11 +1,13 @@
-"""Finding, training and loading teachers. Embedded families train their own teacher with flow matching
-and CFG dropout; the result lands in a directory named by its settings, written atomically."""
+"""Finding, fetching, training and loading teachers. Embedded families train their own teacher with flow matching
+and CFG dropout; the result lands in a directory named by its settings, written atomically. Pretrained
+teachers come from a local directory, an s3:// URL (copied once into a local cache) or a hub id."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -48,7 +50,55 @@ def teacher_dir(config: RunConfig) -> Path:
     location = teacher_location(path)
     if location == "hub":
         return hub_snapshot(path)
+    if location == "s3":
+        return fetch_s3_teacher(config, path)
     return Path(path)
+
+
+FETCHED = ".dpdmd-fetched"  # written last into a complete copy (no .json suffix: outside the weights digest)
+
+
+def teacher_cache(config: RunConfig) -> Path:
+    return Path(config.storage.teacher_cache or Path(config.storage.output_dir) / "teacher_cache")
+
+
+def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
+    """A local copy of the teacher at url (s3://bucket/prefix), fetched once through s3fs into
+    <teacher_cache>/<name>-<hash of url>/ and reused by every later call on this machine (delete the
+    folder to fetch again). The copy is made in a temporary folder and renamed into place when every
+    file has arrived with its listed size, so a killed fetch leaves nothing that looks complete, and
+    concurrent fetchers (precompute actors, training workers) end up sharing one copy."""
+    from workers.store import filesystem
+
+    url = url.rstrip("/")
+    target = teacher_cache(config) / f"{url.rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    if (target / FETCHED).is_file():
+        return target
+    fs, root = filesystem(config, url)
+    listing = {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+    if not listing:
+        raise FileNotFoundError(f"teacher.path {url} holds no files; upload the pipeline directory (e.g. "
+                                f"`aws s3 sync DIR {url}`) or fix the URL"
+                                + ("" if config.storage.s3_endpoint_url else
+                                   " (for S3-compatible stores, set storage.s3_endpoint_url)"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for path, info in tqdm(sorted(listing.items()), desc=f"fetch {url}", unit="file", mininterval=2.0):
+            local = tmp / posixpath.relpath(path, root)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path, str(local))
+            if local.stat().st_size != info["size"]:
+                raise OSError(f"{path}: fetched {local.stat().st_size} bytes, the listing says {info['size']}")
+        (tmp / FETCHED).write_text(json.dumps({"url": url, "files": len(listing)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / FETCHED).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def hub_snapshot(repo_id: str) -> Path:
