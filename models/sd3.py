@@ -24,8 +24,10 @@ from models.pretrained import render as render_images
 FAMILY = "sd3"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default and the reference script's
-DIVERSITY = ("pixel_diversity", 1)
-QUALITY = ("pixel_diversity", 1)
+# The sweep's two objectives: the paper's DINO diversity and PickScore, which need evaluation.dino_path
+# and evaluation.pickscore_path (models/image_metrics.py).
+DIVERSITY = ("dino_diversity", 1)
+QUALITY = ("pickscore", 1)
 
 # transformer/config.json of stabilityai/stable-diffusion-3.5-medium (MMDiT-X: the first 13 blocks attend
 # over the image stream a second time), so that benchmarks can build the real network with random weights.

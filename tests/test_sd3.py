@@ -206,6 +206,18 @@ def test_the_train_function_loads_the_transformer_alone(tmp_path, teacher_path, 
     assert progress.generator_updates == 1
     assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]
 
+    import numpy as np
+
+    from orchestrator import cli
+    from orchestrator.recipe import save
+
+    generator = tmp_path / "run" / "checkpoints" / "step-0000001" / "generator"
+    out = tmp_path / "samples"
+    assert cli.main(["sample", "--recipe", str(save(config, tmp_path / "recipe")), "--generator", str(generator),
+                     "--prompt", "a red cat", "--seeds", "0-1", "--out", str(out)]) == 0
+    assert np.load(out / "samples.npz")["sample"].shape == (2, 3, 64, 64)  # decoded images
+    assert (out / "samples.png").stat().st_size > 1000
+
 
 def test_a_teacher_on_s3_is_fetched_once_into_the_cache(tmp_path, teacher_path, monkeypatch):
     moto = pytest.importorskip("moto.server")
@@ -243,3 +255,17 @@ def test_a_teacher_on_s3_is_fetched_once_into_the_cache(tmp_path, teacher_path, 
     finally:
         server.stop()
     assert teacher_dir(config) == local  # fetched once: later calls never touch S3 again
+
+
+@pytest.mark.parametrize("name, resolution", [("sd35m", 1024), ("sd35m-512", 512)])
+def test_the_sd35m_recipes_hold_the_papers_settings(name, resolution):
+    config = resolve(name)
+    t, loss, dist = config.teacher, config.loss, config.distributed
+    assert (t.family, t.path, t.resolution) == ("sd3", "stabilityai/stable-diffusion-3.5-medium", resolution)
+    assert (t.guidance_scale, t.num_steps, t.shift, t.dtype) == (3.5, 30, 3.0, "bf16")
+    assert (loss.anchor_step, loss.diversity_weight, loss.detach_first_step) == (5, 0.05, True)
+    assert config.schedule.critic_updates_per_generator == 5 and config.schedule.num_generator_updates == 6000
+    assert config.generator.optim.lr == config.critic.optim.lr == 1e-5 and config.generator.num_steps == 4
+    assert (dist.num_workers, dist.batch_size_per_worker, dist.precision, dist.use_gpu) == (8, 4, "bf16", True)
+    assert dist.zero_stage >= 2  # optimizer state and gradients sharded
+    assert t.resolution // sd3.SD3_VAE_SCALE_FACTOR % sd3.SD35_MEDIUM_TRANSFORMER["patch_size"] == 0

@@ -207,6 +207,12 @@ class EvalConfig:
     seeds_per_prompt: int = 9  # R
     seed_offset: int = 1_000_000  # held-out seeds start here, far from the training seeds
     batch_size: int = 256
+    # The paper's image metrics, each computed only when its weights are given as a local path
+    # (models/image_metrics.py): DINO / CLIP image models (diversity), PickScore, ImageReward.
+    dino_path: str = ""
+    clip_path: str = ""
+    pickscore_path: str = ""
+    imagereward_path: str = ""
 
     def __post_init__(self):
         _check(self.seeds_per_prompt >= 2, "seeds_per_prompt",

@@ -85,7 +85,16 @@ def evaluate(config: RunConfig, adapter: TeacherAdapter, net: nn.Module, sampler
     prompts, seeds = grid_pairs(prompts or eval_prompts(config), seeds or eval_seeds(config))
     samples = adapter.decode(sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size))
     metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=config.seed)
+    metrics.update(paper_metrics(config, samples, prompts))
     return Evaluation(prompts, seeds, samples, metrics)
+
+
+def paper_metrics(config: RunConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """DINO / CLIP diversity, PickScore and ImageReward for those whose weights evaluation.*_path gives."""
+    from models.image_metrics import external_metrics
+
+    ev = config.evaluation
+    return external_metrics(images, prompts, ev.dino_path, ev.clip_path, ev.pickscore_path, ev.imagereward_path)
 
 
 def save_samples(evaluation: Evaluation, path: Path) -> Path:
