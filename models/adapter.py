@@ -15,6 +15,30 @@ from models.flow import VelocityFn, cfg_combine, x0_from_velocity
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """What a family's load_teacher(path, options) loads, beyond the denoiser itself.
+
+    Text encoders are needed only where prompts are encoded (precompute actors, evaluation, sampling):
+    training workers read prompt embeddings, the empty prompt's included, from the trajectory store. The
+    VAE only decodes latents to images. Families whose encoders are part of the teacher (the embedded
+    ones) load them regardless, and ignore dtype (the caller casts the network).
+    """
+
+    text_encoders: bool = True
+    vae: bool = True
+    resolution: int = 0  # image side in pixels; 0 = the model's native resolution
+    dtype: torch.dtype = torch.float32
+
+
+def check_native_resolution(options: LoadOptions, native: int | None, family: str) -> None:
+    """For families with one fixed sample size: refuse any other teacher.resolution."""
+    if options.resolution not in (0, native):
+        allowed = "0 (its native size)" + (f" or {native}" if native else "")
+        raise ValueError(f"the {family} family has a fixed sample size; teacher.resolution must be {allowed}, "
+                         f"got {options.resolution}")
+
+
+@dataclass(frozen=True)
 class Conditioning:
     """The prompt embeddings a family's network takes, each with the batch as its first dim.
 
@@ -81,6 +105,25 @@ class TeacherAdapter(ABC):
     @abstractmethod
     def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The network's velocity at x_t: (B, *latent_shape), t: (B,) in [0, 1]."""
+
+    def to(self, device: torch.device | str) -> TeacherAdapter:
+        """Move the frozen modules the adapter owns (text encoders, VAE) to device; none by default."""
+        return self
+
+    def check_schedule(self, num_steps: int, shift: float) -> None:
+        """Raise ValueError if a pretrained teacher's own scheduler would not visit
+        models.flow.sampling_sigmas(num_steps, shift); embedded teachers have no scheduler of their own."""
+
+    def generator_scheduler(self, shift: float):
+        """The diffusers scheduler an exported generator samples with: set_timesteps(N) must visit the
+        sigmas it was trained on, sampling_sigmas(N, shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples (B, *latent_shape) -> what pictures and metrics read; pixel-space families return them as is."""
+        return samples
 
     def trainable_modules(self) -> list[nn.Module]:
         """Modules the adapter owns that train with an embedded teacher (a text encoder); none by default."""

@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from models.adapter import Conditioning, TeacherAdapter
+from models.adapter import Conditioning, LoadOptions, TeacherAdapter, check_native_resolution
 
 FAMILY = "shapes"
 # The sweep's two objectives, (metric, +1 if higher is better).
@@ -273,7 +273,9 @@ def save_teacher(adapter: ShapesAdapter, net: UNet2DConditionModel, path: str | 
     adapter.text_encoder.save_pretrained(str(Path(path) / "text_encoder"))
 
 
-def load_teacher(path: str | Path) -> tuple[ShapesAdapter, UNet2DConditionModel]:
+def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[ShapesAdapter, UNet2DConditionModel]:
+    """The text encoder is part of the teacher (it trained with it), so it loads whatever options say."""
+    check_native_resolution(options, RESOLUTION, FAMILY)
     path = Path(path)
     if not (path / "unet").is_dir() or not (path / "text_encoder").is_dir():
         raise FileNotFoundError(f"{path} is not a shapes teacher: it needs unet/ and text_encoder/ "

@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from models.adapter import Conditioning, TeacherAdapter
+from models.adapter import Conditioning, LoadOptions, TeacherAdapter, check_native_resolution
 from models.metrics import energy_distance, mean_pairwise_distance
 
 FAMILY = "toy2d"
@@ -150,7 +150,8 @@ def save_teacher(adapter: Toy2DAdapter, net: Toy2DVelocityNet, path: str | Path)
     net.save_pretrained(str(path))
 
 
-def load_teacher(path: str | Path) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
+def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
+    check_native_resolution(options, None, FAMILY)
     net = Toy2DVelocityNet.from_pretrained(str(path), low_cpu_mem_usage=False)
     return Toy2DAdapter(net.config.num_classes), net
 

@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.generator:
         name, (adapter, net, sampler) = "generator", load_generator(args.generator)
     else:
-        name, (adapter, net), sampler = "teacher", load_teacher(config), teacher_sampler(config)
+        name, (adapter, net), sampler = "teacher", load_teacher(config, vae=True), teacher_sampler(config)
     run_dir = new_run_dir(config, "evaluate")
     result = evaluate(config, adapter, net, sampler)
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
@@ -109,9 +109,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.generator:
         adapter, net, sampler = load_generator(args.generator)
     else:
-        (adapter, net), sampler = load_teacher(config), teacher_sampler(config)
+        (adapter, net), sampler = load_teacher(config, vae=True), teacher_sampler(config)
     pairs = grid_pairs(prompts, seeds)
-    samples = sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size)
+    samples = adapter.decode(sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size))
     out = Path(args.out) if args.out else new_run_dir(config, "sample")
     save_samples(Evaluation(*pairs, samples, {}), out / "samples.npz")
     name = "generator" if args.generator else "teacher"

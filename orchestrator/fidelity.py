@@ -240,7 +240,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path) -> dict[str, float]:
     from workers.teacher import load_teacher
 
     device = _device(config)
-    adapter, net = load_teacher(config, device)
+    adapter, net = load_teacher(config, device, vae=True)
     result = evaluate(config, adapter, net, teacher_sampler(config), device=device)
     save_samples(result, out_dir / "teacher_samples.npz")
     family_module(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
@@ -323,8 +323,8 @@ def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[s
     final = run_dir / "checkpoints" / f"step-{progress.generator_updates:07d}" / GENERATOR_DIR
     shutil.copytree(final, run_dir / GENERATOR_DIR, dirs_exist_ok=True)
     device = _device(config)
-    adapter, net, sampler = load_generator(run_dir / GENERATOR_DIR)
-    evaluation = evaluate(config, adapter, net.to(device), sampler, device=device)
+    adapter, net, sampler = load_generator(run_dir / GENERATOR_DIR, device)
+    evaluation = evaluate(config, adapter, net, sampler, device=device)
     save_samples(evaluation, run_dir / "samples.npz")
     family_module(config.teacher.family).render({run_dir.name: evaluation.samples}, evaluation.prompts,
                                                 run_dir / "samples.png")

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from workers.config import ConfigError, RunConfig, build, to_dict
+from workers.config import ConfigError, RunConfig, build, teacher_location, to_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -70,8 +70,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # Local paths that workers, actors and Tune trials (which run in other working directories) must find.
-PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("teacher", "path"),
-             ("trajectories", "prompts"), ("evaluation", "prompts"))
+PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("storage", "teacher_cache"), ("teacher", "path"),
+             ("trajectories", "prompts"), ("evaluation", "prompts"), ("evaluation", "dino_path"),
+             ("evaluation", "clip_path"), ("evaluation", "pickscore_path"), ("evaluation", "imagereward_path"))
 
 
 def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -80,6 +81,8 @@ def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None
     config = build(RunConfig, apply_overrides(load_recipe(recipe), overrides or []))
     for section, key in PATH_KEYS:
         value = getattr(getattr(config, section), key)
+        if (section, key) == ("teacher", "path") and value and teacher_location(value) == "hub":
+            continue
         if value and "://" not in value:
             setattr(getattr(config, section), key, str(Path(value).expanduser().absolute()))
     return config

@@ -55,23 +55,50 @@ class TeacherTrainConfig:
                f"got {self.cfg_dropout}")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def teacher_location(path: str) -> Literal["local", "s3", "hub", "missing"]:
+    """Where teacher.path points. A relative path that exists is local; one that does not and reads like
+    owner/name is a hub id."""
+    from pathlib import Path
+
+    if path.startswith("s3://"):
+        return "s3" if len(path) > len("s3://") else "missing"
+    if "://" not in path and Path(path).expanduser().is_dir():
+        return "local"
+    return "hub" if _HUB_ID.fullmatch(path) else "missing"
+
+
 @dataclass
 class TeacherConfig:
     """The frozen multi-step teacher and its sampler (PAPER.md: CFG scale w, scheduler shift, steps)."""
 
     family: str = "toy2d"
-    path: str = ""  # local directory or s3:// URL of a saved teacher; "" = the family's embedded default
+    # A local directory, an s3://bucket/prefix URL (fetched once into storage.teacher_cache) or a hub id
+    # (owner/name, downloaded by huggingface_hub when online) of a saved teacher; "" = the embedded default.
+    path: str = ""
     guidance_scale: float = 3.5  # w in v_u + w (v_c - v_u)
     num_steps: int = 30
     shift: float = 3.0
     dtype: Literal["fp32", "bf16"] = "fp32"
+    resolution: int = 0  # image side in pixels for latent families; 0 = the model's native resolution
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self):
-        from models.families import FAMILIES
+        from models.families import FAMILIES, FAMILY_PIPELINES
 
         _check(self.family in FAMILIES, "family",
                f"unknown teacher family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        if self.family in FAMILY_PIPELINES:
+            _check(bool(self.path), "path",
+                   f"the {self.family} family has no embedded teacher: set teacher.path to a "
+                   f"{FAMILY_PIPELINES[self.family]} directory, an s3://bucket/prefix URL of one, or a hub id")
+        if self.path:
+            _check(teacher_location(self.path) != "missing", "path",
+                   f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL nor a hub id "
+                   "(owner/name); give one of those")
+        _check(self.resolution >= 0, "resolution", f"must be >= 0 (0 = the model's native size), got {self.resolution}")
         _check(self.guidance_scale >= 0, "guidance_scale",
                f"must be >= 0 (1.0 is the conditional model alone), got {self.guidance_scale}")
         _check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
@@ -180,6 +207,12 @@ class EvalConfig:
     seeds_per_prompt: int = 9  # R
     seed_offset: int = 1_000_000  # held-out seeds start here, far from the training seeds
     batch_size: int = 256
+    # The paper's image metrics, each computed only when its weights are given as a local path
+    # (models/image_metrics.py): DINO / CLIP image models (diversity), PickScore, ImageReward.
+    dino_path: str = ""
+    clip_path: str = ""
+    pickscore_path: str = ""
+    imagereward_path: str = ""
 
     def __post_init__(self):
         _check(self.seeds_per_prompt >= 2, "seeds_per_prompt",
@@ -233,9 +266,12 @@ class StorageConfig:
     output_dir: str = "outputs"
     trajectory_root: str = ""  # "" = <output_dir>/trajectories
     s3_endpoint_url: str = ""  # for S3-compatible stores that are not AWS; "" = AWS
+    teacher_cache: str = ""  # local copies of s3:// teachers; "" = <output_dir>/teacher_cache
 
     def __post_init__(self):
         _check(bool(self.output_dir.strip()), "output_dir", "must be a non-empty path")
+        _check("://" not in self.teacher_cache, "teacher_cache",
+               "must be a local directory (teachers are fetched from S3 into it)")
         for key in ("output_dir", "trajectory_root", "s3_endpoint_url"):
             url = urlsplit(getattr(self, key))
             _check(url.username is None and url.password is None, key,

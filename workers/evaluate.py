@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.adapter import TeacherAdapter
+from models.adapter import LoadOptions, TeacherAdapter
 from models.families import family_module
 from models.flow import sampling_sigmas
 from models.sampling import Sampler, grid_pairs, sample
@@ -52,8 +52,9 @@ def generator_sampler(config: RunConfig) -> Sampler:
 GENERATOR_META = "dpdmd_generator.json"
 
 
-def load_generator(path: str | Path):
-    """(adapter, net, sampler) of an exported generator: its family's format plus its few-step sampler."""
+def load_generator(path: str | Path, device: torch.device | str = "cpu"):
+    """(adapter, net, sampler) of an exported generator: its family's format plus the few-step sampler
+    it was trained for (the exported sigmas)."""
     import json
 
     meta_path = Path(path) / GENERATOR_META
@@ -61,16 +62,20 @@ def load_generator(path: str | Path):
         raise FileNotFoundError(f"{path} is not an exported generator (no {GENERATOR_META}); give the "
                                 "generator/ directory that `dpdmd distill` writes into its run directory")
     meta = json.loads(meta_path.read_text())
-    adapter, net = family_module(meta["family"]).load_teacher(path)
-    net.eval().requires_grad_(False)
-    return adapter, net, Sampler(sampling_sigmas(meta["num_steps"], meta["shift"]), meta["guidance_scale"])
+    options = LoadOptions(text_encoders=True, vae=True, resolution=meta.get("resolution", 0))
+    adapter, net = family_module(meta["family"]).load_teacher(path, options)
+    net.eval().requires_grad_(False).to(device)
+    adapter.to(device)
+    sigmas = (torch.tensor(meta["sigmas"], dtype=torch.float32) if "sigmas" in meta
+              else sampling_sigmas(meta["num_steps"], meta["shift"]))
+    return adapter, net, Sampler(sigmas, meta["guidance_scale"])
 
 
 @dataclass
 class Evaluation:
     prompts: list[str]  # one entry per sample, prompt-major
     seeds: list[int]
-    samples: torch.Tensor  # (len(prompts), *latent_shape)
+    samples: torch.Tensor  # (len(prompts), ...): what adapter.decode makes of the samples (images for latent families)
     metrics: dict[str, float]
 
 
@@ -79,10 +84,20 @@ def evaluate(config: RunConfig, adapter: TeacherAdapter, net: nn.Module, sampler
     """Sample every (prompt, seed) pair with sampler (net already on device) and score the samples with the
     family's metrics."""
     prompts, seeds = grid_pairs(prompts or eval_prompts(config), seeds or eval_seeds(config))
-    samples = sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size, device=device)
+    samples = adapter.decode(sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size,
+                                    device=device))
     # The real-data reference draw is the same for every model and training seed compared.
     metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=0)
+    metrics.update(paper_metrics(config, samples, prompts))
     return Evaluation(prompts, seeds, samples, metrics)
+
+
+def paper_metrics(config: RunConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    """DINO / CLIP diversity, PickScore and ImageReward for those whose weights evaluation.*_path gives."""
+    from models.image_metrics import external_metrics
+
+    ev = config.evaluation
+    return external_metrics(images, prompts, ev.dino_path, ev.clip_path, ev.pickscore_path, ev.imagereward_path)
 
 
 def save_samples(evaluation: Evaluation, path: Path) -> Path:

@@ -111,6 +111,7 @@ def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path) -> Stor
         "num_steps": t.num_steps,
         "shift": t.shift,
         "dtype": t.dtype,
+        **({"resolution": t.resolution} if t.resolution else {}),  # only where set: older stores keep their key
         "prompt_set_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "num_prompts": len(prompts),
         "seed_offset": traj.seed_offset,

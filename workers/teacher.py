@@ -1,11 +1,13 @@
-"""Finding, training and loading teachers. Embedded families train their own teacher with flow matching
-and CFG dropout; the result lands in a directory named by its settings, written atomically."""
+"""Finding, fetching, training and loading teachers. Embedded families train their own teacher with flow matching
+and CFG dropout; the result lands in a directory named by its settings, written atomically. Pretrained
+teachers come from a local directory, an s3:// URL (copied once into a local cache) or a hub id."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import time
@@ -15,10 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from models.adapter import LoadOptions
 from models.families import family_module
 from models.flow import interpolate
 from models.losses import flow_matching_loss
-from workers.config import RunConfig
+from workers.config import ConfigError, RunConfig, teacher_location
 
 
 def embedded_teacher_dir(config: RunConfig) -> Path:
@@ -39,25 +42,103 @@ def shipped_teacher(config: RunConfig) -> Path | None:
 
 
 def teacher_dir(config: RunConfig) -> Path:
-    """teacher.path if given; else the shipped teacher for these training settings; else the embedded one."""
-    if config.teacher.path:
-        return Path(config.teacher.path)
-    return shipped_teacher(config) or embedded_teacher_dir(config)
+    """The local directory of the teacher: teacher.path (a hub id downloaded first); else the shipped
+    teacher for these training settings; else the embedded one."""
+    path = config.teacher.path
+    if not path:
+        return shipped_teacher(config) or embedded_teacher_dir(config)
+    location = teacher_location(path)
+    if location == "hub":
+        return hub_snapshot(path)
+    if location == "s3":
+        return fetch_s3_teacher(config, path)
+    return Path(path)
 
 
-def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype."""
+FETCHED = ".dpdmd-fetched"  # written last into a complete copy (no .json suffix: outside the weights digest)
+
+
+def teacher_cache(config: RunConfig) -> Path:
+    return Path(config.storage.teacher_cache or Path(config.storage.output_dir) / "teacher_cache")
+
+
+def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
+    """A local copy of the teacher at url (s3://bucket/prefix), fetched once through s3fs into
+    <teacher_cache>/<name>-<hash of url>/ and reused by every later call on this machine (delete the
+    folder to fetch again). The copy is made in a temporary folder and renamed into place when every
+    file has arrived with its listed size, so a killed fetch leaves nothing that looks complete, and
+    concurrent fetchers (precompute actors, training workers) end up sharing one copy."""
+    from workers.store import filesystem
+
+    url = url.rstrip("/")
+    target = teacher_cache(config) / f"{url.rsplit('/', 1)[-1]}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    if (target / FETCHED).is_file():
+        return target
+    fs, root = filesystem(config, url)
+    listing = {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
+    if not listing:
+        raise FileNotFoundError(f"teacher.path {url} holds no files; upload the pipeline directory (e.g. "
+                                f"`aws s3 sync DIR {url}`) or fix the URL"
+                                + ("" if config.storage.s3_endpoint_url else
+                                   " (for S3-compatible stores, set storage.s3_endpoint_url)"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for path, info in tqdm(sorted(listing.items()), desc=f"fetch {url}", unit="file", mininterval=2.0):
+            local = tmp / posixpath.relpath(path, root)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(path, str(local))
+            if local.stat().st_size != info["size"]:
+                raise OSError(f"{path}: fetched {local.stat().st_size} bytes, the listing says {info['size']}")
+        (tmp / FETCHED).write_text(json.dumps({"url": url, "files": len(listing)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / FETCHED).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A hub model's local snapshot: downloaded once into the Hugging Face cache when online, read from it offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline, unknown repo, gated model: all end here with the hub's reason
+        raise FileNotFoundError(f"teacher.path {repo_id!r} reads as a hub id, but it could not be fetched "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); download it "
+                                "where the hub is reachable (huggingface-cli download, or save_pretrained) and set "
+                                "teacher.path to the directory or an s3:// copy of it") from None
+
+
+def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 text_encoders: bool = True, vae: bool = False):
+    """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype.
+
+    text_encoders: load the prompt encoders (precompute, evaluation); training workers read embeddings
+    from the trajectory store instead. vae: load the latent decoder (pictures and image metrics only)."""
     path = teacher_dir(config)
     if not path.is_dir():
         fix = (f"train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
                else "point teacher.path at a directory written by `dpdmd train-teacher` or save_pretrained")
         raise FileNotFoundError(f"no {config.teacher.family} teacher at {path}: {fix}")
-    adapter, net = family_module(config.teacher.family).load_teacher(path)
+    options = LoadOptions(text_encoders=text_encoders, vae=vae, resolution=config.teacher.resolution, dtype=dtype)
+    try:
+        adapter, net = family_module(config.teacher.family).load_teacher(path, options)
+        adapter.check_schedule(config.teacher.num_steps, config.teacher.shift)
+    except ValueError as err:
+        key = "teacher.shift" if "teacher.shift" in str(err) else "teacher.resolution" if "resolution" in str(err) \
+            else "teacher.path"
+        raise ConfigError(key, str(err)) from None
     for module in (net, *adapter.trainable_modules()):
         module.eval().requires_grad_(False)
     net.to(device)
-    if dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
+    if net.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op one
         net.to(dtype)
+    adapter.to(device)
     return adapter, net
 
 

@@ -65,7 +65,9 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
     dtype = torch.bfloat16 if dist.precision == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
-    adapter, teacher = load_teacher(config, device, dtype)
+    # Training workers hold no text encoders: the store carries every row's prompt embeddings and the
+    # empty prompt's. Only the inline (reference-script) structure encodes prompts here.
+    adapter, teacher = load_teacher(config, device, dtype, text_encoders=source is None or negative is None)
     generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
                              config.generator.optim, config)
     critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"), config.critic.optim, config)
@@ -141,7 +143,8 @@ def _trainable(teacher, gradient_checkpointing: bool, section: str):
 def export_generator(config: RunConfig, adapter, generator, export_dir: Path, rank: int) -> None:
     """The generator in the teacher family's format plus its few-step sampler: loads with the sample command."""
     import deepspeed
-    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from models.flow import sampling_sigmas
 
     params = list(generator.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):
@@ -149,7 +152,13 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
             export_dir.mkdir(parents=True, exist_ok=True)
             module = copy.deepcopy(generator.module).to(torch.float32)
             family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
-            FlowMatchEulerDiscreteScheduler(shift=config.generator_shift).save_pretrained(export_dir / "scheduler")
+            # The scheduler's set_timesteps(num_steps) visits exactly the sigmas the generator trained on;
+            # they are also written out, so that any sampler can be given them explicitly.
+            adapter.generator_scheduler(config.generator_shift).save_pretrained(export_dir / "scheduler")
+            sigmas = sampling_sigmas(config.generator.num_steps, config.generator_shift)
             (export_dir / GENERATOR_META).write_text(json.dumps({
                 "family": config.teacher.family, "num_steps": config.generator.num_steps,
-                "shift": config.generator_shift, "guidance_scale": None}, indent=2))
+                "shift": config.generator_shift, "guidance_scale": None,
+                "sigmas": [float(s) for s in sigmas],
+                "timesteps": [float(s) * 1000 for s in sigmas[:-1]],
+                "resolution": config.teacher.resolution}, indent=2))

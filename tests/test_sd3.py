@@ -1,0 +1,271 @@
+"""The sd3 family on tiny random StableDiffusion3Pipelines built in code: the adapter against the pipeline
+itself, what each role loads, clear errors, and precompute -> distill on 2 Ray workers -> export ->
+StableDiffusion3Pipeline.from_pretrained -> a 4-step sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import sd3
+from models.adapter import LoadOptions
+from models.flow import sampling_sigmas
+from models.sampling import Sampler, sample, seeded_noise
+from orchestrator.recipe import resolve
+from sd_models import prompt_file, save_tiny_sd3
+from workers.config import ConfigError
+from workers.teacher import load_teacher
+
+PROMPTS = ["a photo of a red cat", "a painting of a blue house", "a green tree in the snow", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return save_tiny_sd3(tmp_path_factory.mktemp("sd3") / "pipeline")
+
+
+def sd3_config(tmp_path, teacher_path, *overrides):
+    prompts = prompt_file(tmp_path / "prompts.txt", PROMPTS)
+    return resolve(None, ["teacher.family=sd3", f"teacher.path={teacher_path}", "teacher.num_steps=6",
+                          "loss.anchor_step=2", f"trajectories.prompts={prompts}", f"evaluation.prompts={prompts}",
+                          f"storage.output_dir={tmp_path / 'out'}", *overrides])
+
+
+def test_sd35_medium_config_builds_the_released_network():
+    adapter, net = sd3.random_teacher(device="meta")
+    assert adapter.latent_shape == (16, 128, 128)
+    # 2.24B parameters plus the 384 x 384 x 1536 positional table (a buffer): the released model's "2.5B".
+    assert sum(p.numel() for p in net.parameters()) == 2_243_171_520
+    assert sum(b.numel() for b in net.buffers()) == 384 * 384 * 1536
+    with_dual = [i for i, block in enumerate(net.transformer_blocks) if block.attn2 is not None]
+    assert with_dual == list(range(13)) and len(net.transformer_blocks) == 24
+    assert sd3.conditioning_shapes() == {"prompt_embeds": (333, 4096), "pooled_projections": (2048,)}
+
+
+def test_adapter_reproduces_the_pipeline(teacher_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    adapter, net = sd3.load_teacher(teacher_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = PROMPTS[:2], [5, 6]
+    cond = adapter.encode_prompts(prompts)
+    embeds, negative, pooled, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"))
+    torch.testing.assert_close(cond.tensors["prompt_embeds"], embeds)
+    torch.testing.assert_close(cond.tensors["pooled_projections"], pooled)
+    assert cond.tensors["prompt_embeds"].shape == (2, 77 + sd3.MAX_SEQUENCE_LENGTH, 32)
+    torch.testing.assert_close(adapter.negative_conditioning(2).tensors["prompt_embeds"], negative)
+
+    # Our guided Euler sampler on our sigmas is the pipeline's own sampling loop, CFG against "" included.
+    eps = seeded_noise(seeds, adapter.latent_shape)
+    ours = sample(adapter, net, prompts, seeds, Sampler(sampling_sigmas(4, 3.0), 3.5))
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.5, latents=eps.clone(), height=64, width=64,
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    images = adapter.decode(ours)
+    assert images.shape == (2, 3, 64, 64) and images.abs().max() <= 1
+
+
+def test_each_role_loads_only_what_it_needs(tmp_path, teacher_path):
+    config = sd3_config(tmp_path, teacher_path)
+    adapter, _ = load_teacher(config, text_encoders=False)
+    assert adapter.text_pipeline is None and adapter.vae is None
+    with pytest.raises(RuntimeError, match="trajectory store"):
+        adapter.encode_prompts(["a dog"])
+    with pytest.raises(RuntimeError, match="vae=True"):
+        adapter.decode(torch.zeros(1, *adapter.latent_shape))
+    adapter, net = load_teacher(config, vae=True, dtype=torch.bfloat16)
+    assert net.dtype == torch.bfloat16 and adapter.text_pipeline.text_encoder_3.dtype == torch.bfloat16
+    assert adapter.vae is not None
+
+
+def test_resolution_sets_the_latent_shape_and_is_checked(tmp_path, teacher_path):
+    adapter, _ = load_teacher(sd3_config(tmp_path, teacher_path, "teacher.resolution=32"), text_encoders=False)
+    assert adapter.latent_shape == (16, 4, 4)
+    with pytest.raises(ConfigError, match="teacher.resolution.*multiple of 16"):
+        load_teacher(sd3_config(tmp_path, teacher_path, "teacher.resolution=40"), text_encoders=False)
+
+
+def test_config_errors_name_the_fix(tmp_path, teacher_path, monkeypatch):
+    with pytest.raises(ConfigError, match="teacher.path.*no embedded teacher"):
+        resolve(None, ["teacher.family=sd3"])
+    with pytest.raises(ConfigError, match="teacher.path.*neither an existing directory"):
+        resolve(None, ["teacher.family=sd3", f"teacher.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="teacher.path"):
+        resolve(None, ["teacher.family=sd3", "teacher.path=gs://bucket/model"])
+    monkeypatch.chdir(tmp_path)
+    hub = resolve(None, ["teacher.family=sd3", "teacher.path=stabilityai/stable-diffusion-3.5-medium"])
+    assert hub.teacher.path == "stabilityai/stable-diffusion-3.5-medium"  # not made into a local path
+    s3 = resolve(None, ["teacher.family=sd3", "teacher.path=s3://models/sd35m"])
+    assert s3.teacher.path == "s3://models/sd35m"
+    with pytest.raises(FileNotFoundError, match="hub id.*could not be fetched"):  # HF_HUB_OFFLINE=1 in conftest
+        load_teacher(resolve(None, ["teacher.family=sd3", "teacher.path=nobody-here/no-such-model"]))
+    with pytest.raises(ConfigError, match="teacher.shift.*set teacher.shift=3.0"):
+        load_teacher(sd3_config(tmp_path, teacher_path, "teacher.shift=1.0"), text_encoders=False)
+
+
+def test_unsupported_pipelines_and_stochastic_schedulers_are_refused(tmp_path, teacher_path):
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        sd3.load_teacher(teacher_path / "transformer")
+    other = tmp_path / "other"
+    shutil.copytree(teacher_path, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="FluxPipeline.*supported pipelines: StableDiffusion3Pipeline"):
+        sd3.load_teacher(other)
+    (other / "model_index.json").write_text(json.dumps(index))
+    FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True).save_pretrained(other / "scheduler")
+    with pytest.raises(ValueError, match="stochastic.*deterministic ODE"):
+        sd3.load_teacher(other)
+    shutil.rmtree(other / "scheduler")
+    EulerDiscreteScheduler().save_pretrained(other / "scheduler")
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler.*FlowMatchEulerDiscreteScheduler"):
+        sd3.load_teacher(other)
+
+
+def test_training_prompts_must_be_given(tmp_path, teacher_path):
+    from orchestrator.precompute import training_prompts
+
+    config = resolve(None, ["teacher.family=sd3", f"teacher.path={teacher_path}"])
+    with pytest.raises(ValueError, match="trajectories.prompts"):
+        training_prompts(config)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_pipeline(ray_cluster, tmp_path,
+                                                                                        teacher_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from orchestrator.distill import run_distill
+    from workers.evaluate import load_generator
+
+    config = sd3_config(tmp_path, teacher_path, "trajectories.seeds_per_prompt=4", "trajectories.rows_per_shard=8",
+                        "trajectories.batch_size=8", "trajectories.cpus_per_actor=0.5",
+                        "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
+                        "distributed.batch_size_per_worker=2", "schedule.num_generator_updates=2",
+                        "schedule.critic_updates_per_generator=2", "schedule.log_every=1",
+                        "generator.optim.lr=1e-3", "critic.optim.lr=1e-3")
+    result = run_distill(config)
+    assert result.metrics["generator_update"] == 2 and result.metrics["skipped_steps"] == 0
+
+    from orchestrator.precompute import precompute
+
+    store, summary = precompute(config, progress=False)
+    assert summary.reused and store.columns["cond.prompt_embeds"].shape == (333, 32)
+    assert store.negative().tensors["pooled_projections"].shape == (1, 64)
+
+    export = result.generator_dir
+    meta = json.loads((export / "dpdmd_generator.json").read_text())
+    assert meta["family"] == "sd3" and len(meta["timesteps"]) == 4
+    pipe = StableDiffusion3Pipeline.from_pretrained(export)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    torch.testing.assert_close(pipe.scheduler.timesteps, torch.tensor(meta["timesteps"]))
+    teacher = sd3.load_teacher(teacher_path, LoadOptions(text_encoders=False, vae=False))[1]
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), teacher.parameters()))
+
+    seeds = [11, 12]
+    latents = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, output_type="latent",
+                   latents=seeded_noise(seeds, (16, 8, 8))).images
+    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                  latents=seeded_noise(seeds, (16, 8, 8))).images
+    assert images.shape == (2, 64, 64, 3) and (images >= 0).all() and (images <= 1).all()
+    adapter, net, sampler = load_generator(export)  # the sample command's path: the same 4 steps, no CFG
+    assert sampler.guidance_scale is None
+    torch.testing.assert_close(sample(adapter, net, PROMPTS[:2], seeds, sampler), latents, atol=1e-4, rtol=1e-4)
+
+
+def test_the_train_function_loads_the_transformer_alone(tmp_path, teacher_path, monkeypatch):
+    from orchestrator.precompute import precompute
+    from workers.context import LocalContext
+    from workers.train import store_source, train
+
+    config = sd3_config(tmp_path, teacher_path, "trajectories.seeds_per_prompt=2", "schedule.num_generator_updates=1",
+                        "schedule.critic_updates_per_generator=1", "distributed.batch_size_per_worker=2")
+    store, _ = precompute(config, use_ray=False, progress=False)
+    loaded: list[LoadOptions] = []
+    real = sd3.load_teacher
+    monkeypatch.setattr(sd3, "load_teacher", lambda path, options: loaded.append(options) or real(path, options))
+    progress = train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative())
+    assert progress.generator_updates == 1
+    assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]
+
+    import numpy as np
+
+    from orchestrator import cli
+    from orchestrator.recipe import save
+
+    generator = tmp_path / "run" / "checkpoints" / "step-0000001" / "generator"
+    out = tmp_path / "samples"
+    assert cli.main(["sample", "--recipe", str(save(config, tmp_path / "recipe")), "--generator", str(generator),
+                     "--prompt", "a red cat", "--seeds", "0-1", "--out", str(out)]) == 0
+    assert np.load(out / "samples.npz")["sample"].shape == (2, 3, 64, 64)  # decoded images
+    assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_a_teacher_on_s3_is_fetched_once_into_the_cache(tmp_path, teacher_path, monkeypatch):
+    moto = pytest.importorskip("moto.server")
+    import boto3
+
+    from workers.teacher import FETCHED, teacher_dir
+
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="models")
+        files = sorted(p for p in teacher_path.rglob("*") if p.is_file())
+        for path in files:
+            s3.upload_file(str(path), "models", f"sd3/tiny/{path.relative_to(teacher_path)}")
+        config = sd3_config(tmp_path, "s3://models/sd3/tiny", f"storage.s3_endpoint_url={endpoint}",
+                            f"storage.teacher_cache={tmp_path / 'cache'}")
+        adapter, net = load_teacher(config, text_encoders=False)
+        local = teacher_dir(config)
+        assert local.parent == tmp_path / "cache" and (local / FETCHED).is_file()
+        assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file() and p.name != FETCHED) == \
+            sorted(p.relative_to(teacher_path) for p in files)
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [local.name]  # no temp folders left
+        reference = sd3.load_teacher(teacher_path, LoadOptions(text_encoders=False, vae=False))[1]
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+        missing = sd3_config(tmp_path, "s3://models/nothing-here", f"storage.s3_endpoint_url={endpoint}",
+                             f"storage.teacher_cache={tmp_path / 'cache'}")
+        with pytest.raises(FileNotFoundError, match="holds no files"):
+            load_teacher(missing)
+    finally:
+        server.stop()
+    assert teacher_dir(config) == local  # fetched once: later calls never touch S3 again
+
+
+@pytest.mark.parametrize("name, resolution", [("sd35m", 1024), ("sd35m-512", 512)])
+def test_the_sd35m_recipes_hold_the_papers_settings(name, resolution):
+    config = resolve(name)
+    t, loss, dist = config.teacher, config.loss, config.distributed
+    assert (t.family, t.path, t.resolution) == ("sd3", "stabilityai/stable-diffusion-3.5-medium", resolution)
+    assert (t.guidance_scale, t.num_steps, t.shift, t.dtype) == (3.5, 30, 3.0, "bf16")
+    assert (loss.anchor_step, loss.diversity_weight, loss.detach_first_step) == (5, 0.05, True)
+    assert config.schedule.critic_updates_per_generator == 5 and config.schedule.num_generator_updates == 6000
+    assert config.generator.optim.lr == config.critic.optim.lr == 1e-5 and config.generator.num_steps == 4
+    assert (dist.num_workers, dist.batch_size_per_worker, dist.precision, dist.use_gpu) == (8, 4, "bf16", True)
+    assert dist.zero_stage >= 2  # optimizer state and gradients sharded
+    assert t.resolution // sd3.SD3_VAE_SCALE_FACTOR % sd3.SD35_MEDIUM_TRANSFORMER["patch_size"] == 0
