@@ -143,7 +143,8 @@ def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> N
     tracked.log_metrics(evaluation.metrics, prefix="eval_")
     tracked.log_artifact(picture)
     diversity, quality = objectives(config.teacher.family, evaluation.metrics)
-    tune.report({**{f"eval_{k}": v for k, v in evaluation.metrics.items()}, "diversity": diversity,
+    training = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the last training report:
+    tune.report({**training, **{f"eval_{k}": v for k, v in evaluation.metrics.items()}, "diversity": diversity,  # ASHA reads it
                  "quality": quality, "run_dir": str(run_dir), "mlflow_run_id": result.run_id})
 
 
@@ -163,6 +164,7 @@ class SweepResult:
     picked: int = -1
     teacher_metrics: dict = field(default_factory=dict)
     parent_run_id: str = ""
+    stopped: list[dict] = field(default_factory=list)  # trials the early-stopping scheduler ended
 
 
 def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
@@ -191,9 +193,10 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         if sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
+            # stop_last_trials=False: a trial that reaches the last update goes on to its evaluation
             scheduler = ASHAScheduler(metric=sweep.metric, mode="min", time_attr="generator_update",
                                       max_t=config.schedule.num_generator_updates, grace_period=max(
-                                          1, config.schedule.num_generator_updates // 4))
+                                          1, config.schedule.num_generator_updates // 4), stop_last_trials=False)
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"CPU": sweep.trial_cpus}),
             param_space=tune_param_space(space),
@@ -205,8 +208,13 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         grid = tuner.fit()
         result = SweepResult(sweep_dir, parent_run_id=parent.run_id, teacher_metrics=teacher_metrics or {})
         for trial in grid:
-            if trial.error or "diversity" not in (trial.metrics or {}):
+            if trial.error:
                 print(f"[sweep] a trial failed: {trial.error}")
+                continue
+            if "diversity" not in (trial.metrics or {}):
+                print(f"[sweep] {trial.config} stopped early by the scheduler at generator update "
+                      f"{(trial.metrics or {}).get('generator_update')}")
+                result.stopped.append({"params": dict(trial.config), **(trial.metrics or {})})
                 continue
             params = {k: v for k, v in trial.config.items()}
             result.rows.append({"params": params, **trial.metrics})

@@ -26,11 +26,11 @@ def init_distributed(use_gpu: bool) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 35 s g++ build on CPU
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
