@@ -152,7 +152,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
     config = recipes.resolve(args.recipe, args.overrides)
-    run_fidelity(config, to_dict(config), use_ray=not args.no_ray, jobs=args.jobs)
+    run_fidelity(config, to_dict(config), use_ray=not args.no_ray, jobs=args.jobs,
+                 out_dir=Path(args.out) if args.out else None)
     return 0
 
 
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true",
                    help="run trials as local processes of the train function (a GPU machine without Ray)")
     p.add_argument("--jobs", type=int, default=1, help="with --no-ray: trials at a time (default 1)")
+    p.add_argument("--out", default=None, help="the table's directory (default: a new run directory); with "
+                                               "--no-ray, giving an earlier run's directory runs only its unfinished trials")
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("evaluate", help="diversity and quality of the teacher (or a generator) on held-out seeds")

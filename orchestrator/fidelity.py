@@ -299,7 +299,8 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
             print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(points)} trials failed (the finished ones are kept; rerun the "
-                           "same command to run only the rest):\n  " + "\n  ".join(failures))
+                           f"same command with --out {trials_dir.parent} to run only the rest):\n  "
+                           + "\n  ".join(failures))
     return rows
 
 
