@@ -37,6 +37,7 @@ QUALITY = ("pickscore", 1)
 # Schedulers whose sampling is the deterministic Euler ODE in sigma (DDIM with eta = 0, the pipeline's
 # default, takes the same step), and schedulers that inject noise at every step.
 ODE_SCHEDULERS = ("EulerDiscreteScheduler", "DDIMScheduler")
+ANCHOR_SCHEDULER = "EulerDiscreteScheduler"  # what the anchors are computed with (the trajectory store's key)
 STOCHASTIC_SCHEDULERS = ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
                          "DDPMScheduler", "LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler")
 
@@ -155,7 +156,7 @@ class SDXLAdapter(TeacherAdapter):
     def check_schedule(self, num_steps: int, shift: float) -> None:
         if shift != 1.0:
             raise ValueError(f"the sdxl family samples with its own EulerDiscreteScheduler's sigmas, which no shift "
-                             f"changes; set teacher.shift=1.0 (got {shift})")
+                             f"changes; set teacher.shift=1.0 and leave generator.shift unset (got {shift})")
 
     def _own_scheduler(self, role: Role) -> EulerDiscreteScheduler:
         return (EulerDiscreteScheduler.from_config(self.scheduler.config) if role == "teacher"

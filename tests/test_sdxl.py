@@ -244,3 +244,61 @@ def test_training_prompts_must_be_given(teacher_path):
     config = resolve(None, ["teacher.family=sdxl", f"teacher.path={teacher_path}", "teacher.shift=1.0"])
     with pytest.raises(ValueError, match="trajectories.prompts"):
         training_prompts(config)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_pipeline(ray_cluster, tmp_path,
+                                                                                        teacher_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from orchestrator.distill import run_distill
+    from orchestrator.precompute import precompute
+    from workers.evaluate import load_generator
+
+    config = sdxl_config(tmp_path, teacher_path, "trajectories.seeds_per_prompt=4", "trajectories.rows_per_shard=8",
+                         "trajectories.batch_size=8", "trajectories.cpus_per_actor=0.5",
+                         "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
+                         "distributed.batch_size_per_worker=2", "schedule.num_generator_updates=2",
+                         "schedule.critic_updates_per_generator=2", "schedule.log_every=1",
+                         "generator.optim.lr=1e-3", "critic.optim.lr=1e-3", "loss.diversity_weight=0.5")
+    result = run_distill(config)
+    assert result.metrics["generator_update"] == 2 and result.metrics["skipped_steps"] == 0
+    assert result.metrics["loss_div"] > 0
+
+    # The store holds the added conditioning and the x-prediction diversity target; no text encoder needed.
+    store, summary = precompute(config, progress=False)
+    assert summary.reused and store.columns["cond.prompt_embeds"].shape == (77, 64)
+    assert store.columns["cond.time_ids"].shape == (6,) and store.columns["x0_anchor"].shape == (4, 8, 8)
+    assert not store.negative().tensors["prompt_embeds"].any()  # force_zeros_for_empty_prompt
+
+    export = result.generator_dir
+    meta = json.loads((export / "dpdmd_generator.json").read_text())
+    assert meta["family"] == "sdxl" and meta["timesteps"] == [999.0, 749.0, 499.0, 249.0]
+    pipe = StableDiffusionXLPipeline.from_pretrained(export)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    torch.testing.assert_close(pipe.scheduler.timesteps, torch.tensor(meta["timesteps"]))
+    torch.testing.assert_close(sdxl.sigma_to_t(pipe.scheduler.sigmas), torch.tensor(meta["sigmas"]))
+    teacher = sdxl.load_teacher(teacher_path, LoadOptions(text_encoders=False, vae=False))[1]
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), teacher.parameters()))
+
+    seeds = [11, 12]
+    latents = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, output_type="latent",
+                   latents=seeded_noise(seeds, (4, 8, 8))).images
+    images = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                  latents=seeded_noise(seeds, (4, 8, 8))).images
+    assert images.shape == (2, 64, 64, 3) and (images >= 0).all() and (images <= 1).all()
+    adapter, net, sampler = load_generator(export)  # the sample command's path: the same 4 steps, no CFG
+    assert sampler.guidance_scale is None and sampler.role == "generator"
+    torch.testing.assert_close(sample(adapter, net, PROMPTS[:2], seeds, sampler), latents, atol=1e-4, rtol=1e-4)
+
