@@ -46,7 +46,8 @@ def check_native_resolution(options: LoadOptions, native: int | None, family: st
 class Conditioning:
     """The prompt embeddings a family's network takes, each with the batch as its first dim.
 
-    SD3: {"prompt_embeds": (B, L, D), "pooled_projections": (B, P)}; the embedded families use one tensor.
+    SD3: {"prompt_embeds": (B, L, D), "pooled_projections": (B, P)}; SDXL: {"prompt_embeds": (B, 77, D),
+    "text_embeds": (B, P), "time_ids": (B, 6)}; the embedded families use one tensor.
     """
 
     tensors: Mapping[str, torch.Tensor]

@@ -302,3 +302,32 @@ def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_p
     assert sampler.guidance_scale is None and sampler.role == "generator"
     torch.testing.assert_close(sample(adapter, net, PROMPTS[:2], seeds, sampler), latents, atol=1e-4, rtol=1e-4)
 
+
+@pytest.mark.parametrize("name, resolution", [("sdxl", 1024), ("sdxl-512", 512)])
+def test_the_sdxl_recipes_hold_the_papers_settings(name, resolution):
+    config = resolve(name)
+    t, loss, dist = config.teacher, config.loss, config.distributed
+    assert (t.family, t.path, t.resolution) == ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", resolution)
+    assert (t.guidance_scale, t.num_steps, t.shift, t.dtype) == (8.0, 30, 1.0, "bf16")
+    assert (loss.anchor_step, loss.diversity_weight, loss.detach_first_step) == (5, 0.05, True)
+    assert config.schedule.critic_updates_per_generator == 5 and config.schedule.num_generator_updates == 6000
+    assert config.generator.optim.lr == config.critic.optim.lr == 1e-5 and config.generator.num_steps == 4
+    assert (dist.num_workers, dist.batch_size_per_worker, dist.precision, dist.use_gpu) == (8, 4, "bf16", True)
+    assert dist.zero_stage >= 2  # optimizer state and gradients sharded
+    assert config.generator_shift == 1.0 and t.resolution % 32 == 0  # SDXL's UNet halves the latent twice
+
+
+def test_the_train_function_loads_the_unet_alone(tmp_path, teacher_path, monkeypatch):
+    from orchestrator.precompute import precompute
+    from workers.context import LocalContext
+    from workers.train import store_source, train
+
+    config = sdxl_config(tmp_path, teacher_path, "trajectories.seeds_per_prompt=2", "schedule.num_generator_updates=1",
+                         "schedule.critic_updates_per_generator=1", "distributed.batch_size_per_worker=2")
+    store, _ = precompute(config, use_ray=False, progress=False)
+    loaded: list[LoadOptions] = []
+    real = sdxl.load_teacher
+    monkeypatch.setattr(sdxl, "load_teacher", lambda path, options: loaded.append(options) or real(path, options))
+    progress = train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative())
+    assert progress.generator_updates == 1
+    assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]
