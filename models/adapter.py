@@ -11,7 +11,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from models import flow
 from models.flow import VelocityFn, cfg_combine, x0_from_velocity
+
+Role = Literal["teacher", "generator"]
+"""Whose sampler a schedule is: the teacher's own multi-step one, or the exported few-step generator's."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ def check_native_resolution(options: LoadOptions, native: int | None, family: st
 class Conditioning:
     """The prompt embeddings a family's network takes, each with the batch as its first dim.
 
-    SD3: {"prompt_embeds": (B, L, D), "pooled_projections": (B, P)}; the embedded families use one tensor.
+    SD3: {"prompt_embeds": (B, L, D), "pooled_projections": (B, P)}; SDXL: {"prompt_embeds": (B, 77, D),
+    "text_embeds": (B, P), "time_ids": (B, 6)}; the embedded families use one tensor.
     """
 
     tensors: Mapping[str, torch.Tensor]
@@ -112,7 +117,22 @@ class TeacherAdapter(ABC):
 
     def check_schedule(self, num_steps: int, shift: float) -> None:
         """Raise ValueError if a pretrained teacher's own scheduler would not visit
-        models.flow.sampling_sigmas(num_steps, shift); embedded teachers have no scheduler of their own."""
+        sampling_sigmas(num_steps, shift); embedded teachers have no scheduler of their own."""
+
+    def sampling_sigmas(self, num_steps: int, shift: float, role: Role = "teacher") -> torch.Tensor:
+        """The num_steps + 1 flow times t a sampler visits, from the top of the schedule down to 0, shape
+        (num_steps + 1,) float32: the teacher's own sampler (role "teacher") or the exported generator's
+        scheduler ("generator"). Flow families start at t = 1: models.flow.sampling_sigmas for both."""
+        return flow.sampling_sigmas(num_steps, shift)
+
+    def training_sigmas(self, shift: float) -> torch.Tensor:
+        """The flow times the DMD and critic losses draw t from, uniformly (one per training timestep)."""
+        return flow.training_sigmas(shift)
+
+    def initial_state(self, eps: torch.Tensor, sigmas: torch.Tensor, role: Role = "teacher") -> torch.Tensor:
+        """The flow state at t = sigmas[0] that a sampler starts from for noise eps (B, *latent_shape).
+        At t = 1 that is eps itself; families whose schedule tops out below 1 scale it as their pipeline does."""
+        return eps
 
     def generator_scheduler(self, shift: float):
         """The diffusers scheduler an exported generator samples with: set_timesteps(N) must visit the

@@ -15,12 +15,14 @@ FAMILIES: dict[str, str] = {
     "toy2d": "models.toy2d",
     "shapes": "models.shapes",
     "sd3": "models.sd3",
+    "sdxl": "models.sdxl",
 }
 
 # Pretrained families: the diffusers pipeline class each loads. They have no embedded teacher, so
 # teacher.path is required.
 FAMILY_PIPELINES: dict[str, str] = {
     "sd3": "StableDiffusion3Pipeline",
+    "sdxl": "StableDiffusionXLPipeline",
 }
 
 

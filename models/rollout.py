@@ -6,23 +6,27 @@ from dataclasses import dataclass
 
 import torch
 
-from models.flow import VelocityFn, batch_t, euler_step, ode_rollout
+from models.flow import VelocityFn, batch_t, euler_step, ode_rollout, x0_from_velocity
 
 
 @dataclass(frozen=True)
 class Anchor:
-    """The teacher's state z_K after K guided ODE steps from eps, and its time t_K."""
+    """The teacher's state z_K after K guided ODE steps from eps, its time t_K, and (when asked for) the
+    teacher's guided x0 estimate at z_K, the diversity target of epsilon-prediction teachers."""
 
     z: torch.Tensor  # (B, ...)
     t: torch.Tensor  # scalar
+    x0: torch.Tensor | None = None  # (B, ...)
 
 
 def teacher_anchor(guided_velocity_fn: VelocityFn, eps: torch.Tensor, teacher_sigmas: torch.Tensor,
-                   anchor_step: int) -> Anchor:
-    """Run the first anchor_step (K) Euler steps of the teacher's guided ODE from eps (t = 1).
+                   anchor_step: int, x0_estimate: bool = False) -> Anchor:
+    """Run the first anchor_step (K) Euler steps of the teacher's guided ODE from eps, the state at
+    t = teacher_sigmas[0] (1 for flow teachers; the adapter's initial_state otherwise).
 
     guided_velocity_fn must be deterministic (CFG velocity of the teacher): a stochastic sampler breaks
-    the target. teacher_sigmas: (S + 1,) from sampling_sigmas(S, shift), 1 <= K < S + 1.
+    the target. teacher_sigmas: (S + 1,) from the adapter's sampling_sigmas(S, shift), 1 <= K < S + 1.
+    x0_estimate: also evaluate the teacher once more at z_K for its x0 estimate there (one more NFE).
     """
     num_steps = teacher_sigmas.numel() - 1
     if not 1 <= anchor_step <= num_steps:
@@ -30,7 +34,8 @@ def teacher_anchor(guided_velocity_fn: VelocityFn, eps: torch.Tensor, teacher_si
     sigmas = teacher_sigmas[: anchor_step + 1]
     with torch.no_grad():
         z = ode_rollout(guided_velocity_fn, eps, sigmas)
-    return Anchor(z=z, t=sigmas[-1].clone())
+        x0 = x0_from_velocity(z, guided_velocity_fn(z, batch_t(sigmas[-1], z)), sigmas[-1]) if x0_estimate else None
+    return Anchor(z=z, t=sigmas[-1].clone(), x0=x0)
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,9 @@ def generator_rollout(velocity_fn: VelocityFn, eps: torch.Tensor, generator_sigm
                       detach_first_step: bool = True) -> GeneratorRollout:
     """The N-step generator sample with the DP-DMD stop-gradient after step 1 (PAPER.md, loss 2).
 
-    eps: (B, ...) noise at t = generator_sigmas[0] = 1; generator_sigmas: (N + 1,) ending at 0.
-    Step 1 gives v_first and x_first = eps + (t_1 - 1) v_first, detached so that the DMD term
+    eps: (B, ...) the starting state at t = generator_sigmas[0] (noise itself at t = 1, the adapter's
+    initial_state below that); generator_sigmas: (N + 1,) ending at 0.
+    Step 1 gives v_first and x_first = eps + (t_1 - t_0) v_first, detached so that the DMD term
     reaches the generator only through steps 2..N and the diversity term only through step 1.
     """
     if generator_sigmas.numel() < 2:

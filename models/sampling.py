@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.adapter import TeacherAdapter
+from models.adapter import Role, TeacherAdapter
 from models.flow import ode_rollout
 
 
@@ -19,13 +19,15 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], dtype: torch.dtype = 
 
 @dataclass(frozen=True)
 class Sampler:
-    """How a model samples: its sigma schedule (num_steps + 1 entries, 1 -> 0) and CFG scale.
+    """How a model samples: its sigma schedule (num_steps + 1 entries, top -> 0), CFG scale, and whose
+    sampler it is (the role picks the adapter's initial state: the teacher's pipeline or the generator's).
 
     guidance_scale None samples the conditional model alone (generators); a number runs CFG (teachers).
     """
 
     sigmas: torch.Tensor
     guidance_scale: float | None = None
+    role: Role = "teacher"
 
 
 @torch.no_grad()
@@ -44,7 +46,7 @@ def sample(adapter: TeacherAdapter, net: nn.Module, prompts: list[str], seeds: l
         if sampler.guidance_scale is not None:
             uncond = adapter.negative_conditioning(len(batch_prompts)).to(device)
         velocity_fn = adapter.velocity_fn(net, cond, uncond, sampler.guidance_scale)
-        out.append(ode_rollout(velocity_fn, eps, sigmas).cpu())
+        out.append(ode_rollout(velocity_fn, adapter.initial_state(eps, sigmas, sampler.role), sigmas).cpu())
     return torch.cat(out) if out else torch.empty(0, *adapter.latent_shape)
 
 

@@ -85,7 +85,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.generator:
         name, (adapter, net, sampler) = "generator", load_generator(args.generator)
     else:
-        name, (adapter, net), sampler = "teacher", load_teacher(config, vae=True), teacher_sampler(config)
+        name, (adapter, net) = "teacher", load_teacher(config, vae=True)
+        sampler = teacher_sampler(config, adapter)
     run_dir = new_run_dir(config, "evaluate")
     result = evaluate(config, adapter, net, sampler)
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
@@ -109,7 +110,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.generator:
         adapter, net, sampler = load_generator(args.generator)
     else:
-        (adapter, net), sampler = load_teacher(config, vae=True), teacher_sampler(config)
+        adapter, net = load_teacher(config, vae=True)
+        sampler = teacher_sampler(config, adapter)
     pairs = grid_pairs(prompts, seeds)
     samples = adapter.decode(sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size))
     out = Path(args.out) if args.out else new_run_dir(config, "sample")

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from models.families import family_module
-from models.flow import sampling_sigmas
 from models.sampling import Sampler
 from orchestrator import recipe as recipes
 from orchestrator.sweep import gap_recovered, run_sweep
@@ -46,9 +45,9 @@ def run_demo(config: RunConfig) -> Path:
     t, n = config.teacher, config.generator.num_steps
     print(f"[demo 2/4] evaluating the teacher ({t.num_steps} and {n} steps) on "
           f"{config.evaluation.seeds_per_prompt} held-out seeds per prompt")
-    results = {f"teacher {t.num_steps}-step": evaluate(config, adapter, net, teacher_sampler(config)),
-               f"teacher {n}-step": evaluate(config, adapter, net, Sampler(sampling_sigmas(n, config.generator_shift),
-                                                                           t.guidance_scale))}
+    cut = Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"), t.guidance_scale)
+    results = {f"teacher {t.num_steps}-step": evaluate(config, adapter, net, teacher_sampler(config, adapter)),
+               f"teacher {n}-step": evaluate(config, adapter, net, cut)}
     for name, result in results.items():
         save_samples(result, run_dir / f"samples-{name.replace(' ', '-')}.npz")
 

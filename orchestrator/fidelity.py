@@ -241,7 +241,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path) -> dict[str, float]:
 
     device = _device(config)
     adapter, net = load_teacher(config, device, vae=True)
-    result = evaluate(config, adapter, net, teacher_sampler(config), device=device)
+    result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
     save_samples(result, out_dir / "teacher_samples.npz")
     family_module(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
                                                 out_dir / "teacher_samples.png")

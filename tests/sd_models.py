@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion pipelines built in code (nothing downloaded), in the manner of diffusers'
+"""Tiny random Stable Diffusion pipelines (SD3, SDXL) built in code (nothing downloaded), in the manner of diffusers'
 get_dummy_components: CLIP and T5 encoders a few layers deep and tokenizers over a small word vocabulary."""
 
 from __future__ import annotations
@@ -84,6 +84,50 @@ def tiny_sd3_pipeline(seed: int = 0, scheduler=None):
 
 def save_tiny_sd3(path: Path, seed: int = 0, scheduler=None) -> Path:
     tiny_sd3_pipeline(seed, scheduler).save_pretrained(path)
+    return path
+
+
+def clip_text_model(vocab_size: int, seed: int, hidden: int = 32):
+    """A plain CLIP text encoder (SDXL's first, whose penultimate hidden states it reads)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=77,
+        hidden_act="gelu"))
+
+
+def sdxl_scheduler(**overrides):
+    """SDXL base's EulerDiscreteScheduler ("leading" spacing, steps_offset 1)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                     "steps_offset": 1, "timestep_spacing": "leading", **overrides})
+
+
+def tiny_sdxl_pipeline(seed: int = 0, scheduler=None):
+    """A StableDiffusionXLPipeline at 64 x 64 px: latents (4, 8, 8), a 2-level UNet with SDXL's text_time
+    added conditioning (6 time ids x 8 + pooled 32), text encoders of 32 + 32 = 64 channels."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=4)
+    return StableDiffusionXLPipeline(
+        unet=unet, scheduler=scheduler or sdxl_scheduler(), vae=tiny_vae(4, seed + 4, scaling_factor=0.13025),
+        text_encoder=clip_text_model(len(tokenizer), seed + 1), tokenizer=tokenizer,
+        text_encoder_2=clip_encoder(len(tokenizer), seed + 2), tokenizer_2=clip_tokenizer(),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_tiny_sdxl(path: Path, seed: int = 0, scheduler=None) -> Path:
+    tiny_sdxl_pipeline(seed, scheduler).save_pretrained(path)
     return path
 
 

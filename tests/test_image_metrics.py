@@ -73,7 +73,7 @@ def test_evaluate_decodes_sd3_samples_and_reports_the_paper_metrics(weights, tmp
                             "evaluation.seeds_per_prompt=2", f"evaluation.dino_path={weights['dino']}",
                             f"evaluation.clip_path={weights['clip']}", f"evaluation.pickscore_path={weights['clip']}"])
     adapter, net = load_teacher(config, vae=True)
-    result = evaluate(config, adapter, net, teacher_sampler(config))
+    result = evaluate(config, adapter, net, teacher_sampler(config, adapter))
     assert result.samples.shape == (4, 3, 64, 64)  # decoded images, not latents
     assert {"pixel_diversity", "dino_diversity", "clip_diversity", "pickscore"} <= set(result.metrics)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())

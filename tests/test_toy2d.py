@@ -102,6 +102,6 @@ def test_default_teacher_keeps_every_mode(tmp_path):
     config = resolve("toy2d", [f"storage.output_dir={tmp_path}", "evaluation.seeds_per_prompt=1000"])
     train_teacher(config, progress=False)
     adapter, net = load_teacher(config)
-    metrics = evaluate(config, adapter, net, teacher_sampler(config)).metrics
+    metrics = evaluate(config, adapter, net, teacher_sampler(config, adapter)).metrics
     assert metrics["live_modes"] == 20
     assert metrics["off_mode_rate"] < 0.02

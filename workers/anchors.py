@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from models.adapter import TeacherAdapter
-from models.flow import sampling_sigmas
 from models.rollout import teacher_anchor
 from models.sampling import seeded_noise
 from workers.config import RunConfig
@@ -33,16 +32,18 @@ def training_rows(config: RunConfig, prompts: list[str]) -> tuple[torch.Tensor, 
 def compute_anchors(config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, prompts: list[str],
                     prompt_ids: torch.Tensor, seeds: torch.Tensor, device="cpu",
                     dtype=torch.float32) -> AnchorBatch:
-    """K guided teacher ODE steps from each row's seeded noise. prompts: the prompt of each row."""
+    """K guided teacher ODE steps from each row's seeded noise. prompts: the prompt of each row.
+    Epsilon-prediction teachers also get the teacher's x0 estimate at z_K, their diversity target."""
     t = config.teacher
     eps = seeded_noise(seeds.tolist(), adapter.latent_shape).to(device, dtype)
     cond = adapter.encode_prompts(prompts).to(device, dtype)
     uncond = adapter.negative_conditioning(len(prompts)).to(device, dtype)
-    sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
-    anchor = teacher_anchor(adapter.velocity_fn(teacher, cond, uncond, t.guidance_scale), eps, sigmas,
-                            config.loss.anchor_step)
+    sigmas = adapter.sampling_sigmas(t.num_steps, t.shift, "teacher").to(device)
+    anchor = teacher_anchor(adapter.velocity_fn(teacher, cond, uncond, t.guidance_scale),
+                            adapter.initial_state(eps, sigmas, "teacher"), sigmas, config.loss.anchor_step,
+                            x0_estimate=adapter.prediction_type == "epsilon")
     t_anchor = anchor.t.to(dtype).expand(len(prompts)).clone()
-    return AnchorBatch(eps, anchor.z, t_anchor, cond, prompt_ids.clone(), seeds.clone())
+    return AnchorBatch(eps, anchor.z, t_anchor, cond, prompt_ids.clone(), seeds.clone(), anchor.x0)
 
 
 class InlineAnchors:

@@ -16,17 +16,18 @@ import torch
 from torch import nn
 
 from models.adapter import Conditioning, TeacherAdapter
-from models.flow import interpolate, sample_sigmas, sampling_sigmas, training_sigmas, x0_from_velocity
+from models.flow import interpolate, sample_sigmas, x0_from_velocity
 from models.losses import (LossOutput, NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss,
-                           dmd_loss, generator_objective)
-from models.rollout import generator_rollout
+                           diversity_loss_x0, dmd_loss, generator_objective)
+from models.rollout import GeneratorRollout, generator_rollout
 from workers.config import RunConfig
 
 
 @dataclass
 class AnchorBatch:
     """One training batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the
-    prompt conditioning, and the rows' ids (prompt_id, seed) for bookkeeping."""
+    prompt conditioning, and the rows' ids (prompt_id, seed) for bookkeeping. x0_anchor (B, ...): the
+    teacher's guided x0 estimate at z, for epsilon-prediction teachers only (their diversity target)."""
 
     eps: torch.Tensor
     z: torch.Tensor
@@ -34,12 +35,13 @@ class AnchorBatch:
     cond: Conditioning
     prompt_ids: torch.Tensor
     seeds: torch.Tensor
+    x0_anchor: torch.Tensor | None = None
 
     def to(self, device, dtype=None) -> AnchorBatch:
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
         return AnchorBatch(move(self.eps), move(self.z), move(self.t_anchor), self.cond.to(device, dtype),
-                           self.prompt_ids.to(device), self.seeds.to(device))
+                           self.prompt_ids.to(device), self.seeds.to(device), move(self.x0_anchor))
 
 
 @dataclass
@@ -75,8 +77,9 @@ class Distiller:
         self.negative = negative.to(device, dtype)  # the empty prompt, batch 1: no text encoder needed here
         self.generator, self.critic = generator, critic
         self.device, self.dtype, self.rng = device, dtype, rng
-        self.generator_sigmas = sampling_sigmas(config.generator.num_steps, config.generator_shift).to(device)
-        self.loss_sigmas = training_sigmas(config.teacher.shift).to(device)
+        self.generator_sigmas = adapter.sampling_sigmas(config.generator.num_steps, config.generator_shift,
+                                                        "generator").to(device)
+        self.loss_sigmas = adapter.training_sigmas(config.teacher.shift).to(device)
         self.all_finite = all_finite or (lambda flag: bool(flag))
         self.skipped = 0
 
@@ -86,7 +89,7 @@ class Distiller:
         """Loss 5: flow matching on a fresh no-grad generator sample."""
         with torch.no_grad():
             eps = self._noise(batch.eps.shape)
-            x_gen = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), eps,
+            x_gen = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), self._start(eps),
                                       self.generator_sigmas).x_gen
         t, eps2 = self._draw_t(len(eps)), self._noise(x_gen.shape)
         x_t = interpolate(x_gen, eps2, t)
@@ -96,9 +99,10 @@ class Distiller:
     def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
         """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
         loss_cfg = self.config.loss
-        rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), batch.eps,
+        x_start = self._start(batch.eps)
+        rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), x_start,
                                     self.generator_sigmas, loss_cfg.detach_first_step)
-        div = diversity_loss(rollout.v_first, anchor_velocity(batch.eps, batch.z, batch.t_anchor))
+        div = self._diversity(rollout, x_start, batch)
         t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
         x_t = interpolate(rollout.x_gen.detach(), eps2, t)
         with torch.no_grad():
@@ -110,7 +114,23 @@ class Distiller:
                        x_t, loss_cfg.normaliser)
         return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
 
+    def _diversity(self, rollout: GeneratorRollout, x_start: torch.Tensor, batch: AnchorBatch) -> LossOutput:
+        """Loss 1 in the teacher's parameterisation (PAPER.md): the average velocity over [t_K, 1] for flow
+        teachers; for epsilon-prediction teachers, the generator's first-step x0 estimate against the
+        teacher's x0 estimate at z_K."""
+        if self.adapter.prediction_type == "epsilon":
+            if batch.x0_anchor is None:
+                raise ValueError("this epsilon-prediction teacher's diversity target needs the anchors' x0 "
+                                 "estimates (x0_anchor), which these anchor rows lack; precompute them again")
+            x0_first = x0_from_velocity(x_start, rollout.v_first, self.generator_sigmas[0])
+            return diversity_loss_x0(x0_first, batch.x0_anchor)
+        return diversity_loss(rollout.v_first, anchor_velocity(batch.eps, batch.z, batch.t_anchor))
+
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _start(self, eps: torch.Tensor) -> torch.Tensor:
+        """The generator's starting state for noise eps: eps itself at t = 1 (flow families)."""
+        return self.adapter.initial_state(eps, self.generator_sigmas, "generator")
 
     def _apply(self, engine, out: LossOutput, where: str) -> dict[str, float]:
         """Backward and step, once every rank agrees the loss is finite (one sync per step)."""

@@ -11,7 +11,6 @@ from torch import nn
 
 from models.adapter import LoadOptions, TeacherAdapter
 from models.families import family_module
-from models.flow import sampling_sigmas
 from models.sampling import Sampler, grid_pairs, sample
 from workers.config import RunConfig
 
@@ -38,15 +37,16 @@ def eval_seeds(config: RunConfig) -> list[int]:
     return list(range(ev.seed_offset, ev.seed_offset + ev.seeds_per_prompt))
 
 
-def teacher_sampler(config: RunConfig) -> Sampler:
+def teacher_sampler(config: RunConfig, adapter: TeacherAdapter) -> Sampler:
     """The teacher's own multi-step guided ODE sampler."""
     t = config.teacher
-    return Sampler(sampling_sigmas(t.num_steps, t.shift), t.guidance_scale)
+    return Sampler(adapter.sampling_sigmas(t.num_steps, t.shift, "teacher"), t.guidance_scale, "teacher")
 
 
-def generator_sampler(config: RunConfig) -> Sampler:
+def generator_sampler(config: RunConfig, adapter: TeacherAdapter) -> Sampler:
     """The generator's few-step sampler: no CFG."""
-    return Sampler(sampling_sigmas(config.generator.num_steps, config.generator_shift), None)
+    g = config.generator
+    return Sampler(adapter.sampling_sigmas(g.num_steps, config.generator_shift, "generator"), None, "generator")
 
 
 GENERATOR_META = "dpdmd_generator.json"
@@ -67,8 +67,8 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu"):
     net.eval().requires_grad_(False).to(device)
     adapter.to(device)
     sigmas = (torch.tensor(meta["sigmas"], dtype=torch.float32) if "sigmas" in meta
-              else sampling_sigmas(meta["num_steps"], meta["shift"]))
-    return adapter, net, Sampler(sigmas, meta["guidance_scale"])
+              else adapter.sampling_sigmas(meta["num_steps"], meta["shift"], "generator"))
+    return adapter, net, Sampler(sigmas, meta["guidance_scale"], "generator")
 
 
 @dataclass

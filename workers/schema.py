@@ -2,6 +2,8 @@
 
 Shapes and dtypes of the tensor columns live in the store's manifest (and in each field's metadata), so
 decoding is a zero-copy numpy view plus a reshape. Bump SCHEMA_VERSION on any change to the layout.
+The x0_anchor column (the teacher's x0 estimate at z_K) exists only in stores of epsilon-prediction
+teachers, which no earlier version wrote, so it is optional rather than a new version.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def batch_to_table(batch: AnchorBatch, prompts: list[str]) -> tuple[pa.Table, di
     }
     specs: dict[str, TensorSpec] = {}
     tensors = {"eps": batch.eps, "z": batch.z,
+               **({"x0_anchor": batch.x0_anchor} if batch.x0_anchor is not None else {}),
                **{COND_PREFIX + k: v for k, v in batch.cond.tensors.items()}}
     for name, tensor in tensors.items():
         columns[name], specs[name] = encode_tensor(tensor)
@@ -112,4 +115,5 @@ def table_to_batch(table: pa.Table, specs: dict[str, TensorSpec]) -> AnchorBatch
         cond=Conditioning(cond),
         prompt_ids=torch.from_numpy(table.column("prompt_id").to_numpy()),
         seeds=torch.from_numpy(table.column("seed").to_numpy()),
+        x0_anchor=decode_tensor(table.column("x0_anchor"), specs["x0_anchor"]) if "x0_anchor" in specs else None,
     )

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.adapter import Conditioning
+from models.families import family_module
 from workers.config import RunConfig
 from workers.distill import AnchorBatch
 from workers.schema import SCHEMA_VERSION, TensorSpec, batch_to_table, table_to_batch
@@ -107,7 +108,7 @@ def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path) -> Stor
         "weights_sha256": weights_digest(teacher_dir),
         "guidance_scale": t.guidance_scale,
         "anchor_step": config.loss.anchor_step,
-        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "scheduler": getattr(family_module(t.family), "ANCHOR_SCHEDULER", "FlowMatchEulerDiscreteScheduler"),
         "num_steps": t.num_steps,
         "shift": t.shift,
         "dtype": t.dtype,

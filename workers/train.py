@@ -144,8 +144,6 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
     """The generator in the teacher family's format plus its few-step sampler: loads with the sample command."""
     import deepspeed
 
-    from models.flow import sampling_sigmas
-
     params = list(generator.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):
         if rank == 0:
@@ -153,12 +151,16 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
             module = copy.deepcopy(generator.module).to(torch.float32)
             family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
             # The scheduler's set_timesteps(num_steps) visits exactly the sigmas the generator trained on;
-            # they are also written out, so that any sampler can be given them explicitly.
-            adapter.generator_scheduler(config.generator_shift).save_pretrained(export_dir / "scheduler")
-            sigmas = sampling_sigmas(config.generator.num_steps, config.generator_shift)
+            # they are also written out (flow times, and the scheduler's timesteps), so that any sampler can
+            # be given them explicitly.
+            num_steps = config.generator.num_steps
+            scheduler = adapter.generator_scheduler(config.generator_shift)
+            scheduler.save_pretrained(export_dir / "scheduler")
+            scheduler.set_timesteps(num_steps, device="cpu")
+            sigmas = adapter.sampling_sigmas(num_steps, config.generator_shift, "generator")
             (export_dir / GENERATOR_META).write_text(json.dumps({
-                "family": config.teacher.family, "num_steps": config.generator.num_steps,
+                "family": config.teacher.family, "num_steps": num_steps,
                 "shift": config.generator_shift, "guidance_scale": None,
                 "sigmas": [float(s) for s in sigmas],
-                "timesteps": [float(s) * 1000 for s in sigmas[:-1]],
+                "timesteps": [float(s) for s in scheduler.timesteps],
                 "resolution": config.teacher.resolution}, indent=2))
