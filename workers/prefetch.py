@@ -28,6 +28,8 @@ def prefetched(batches: Iterator[AnchorBatch], device: torch.device, dtype: torc
     stream = torch.cuda.Stream(device) if cuda else None
 
     def reader() -> None:
+        if cuda:  # the current device is per thread: without this, pinning would open a context on GPU 0
+            torch.cuda.set_device(device)
         try:
             for batch in batches:
                 if stop.is_set():
