@@ -1,4 +1,5 @@
-"""Imports run one way: orchestrator -> workers -> models; models/ knows nothing of distribution or storage."""
+"""Imports run one way: orchestrator -> workers -> models; models/ knows nothing of distribution or storage;
+benchmarks/ (run on GPU machines without Ray or MLflow) sits beside orchestrator and imports neither."""
 
 import ast
 from pathlib import Path
@@ -7,8 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "models": {"ray", "deepspeed", "mlflow", "s3fs", "fsspec", "pyarrow", "boto3", "workers", "orchestrator"},
-    "workers": {"orchestrator"},
+    "models": {"ray", "deepspeed", "mlflow", "s3fs", "fsspec", "pyarrow", "boto3", "workers", "orchestrator",
+               "benchmarks"},
+    "workers": {"orchestrator", "benchmarks"},
+    "orchestrator": {"benchmarks"},
+    "benchmarks": {"ray", "mlflow"},
 }
 
 

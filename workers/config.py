@@ -231,6 +231,7 @@ class DistributedConfig:
     zero_stage: int = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     batch_size_per_worker: int = 4
+    compile: bool = False  # torch.compile the teacher, generator and critic (per transformer block where they have them)
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
 
     def __post_init__(self):

@@ -59,3 +59,15 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
                                   **fused)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
     return engine
+
+
+def compile_network(net: nn.Module) -> None:
+    """torch.compile in place: each transformer block on its own where the network has them (regional
+    compilation: one graph serves every block, so compiling takes seconds instead of minutes), else the whole
+    network. The first call of each compiled piece compiles it."""
+    blocks = getattr(net, "transformer_blocks", None)
+    if isinstance(blocks, nn.ModuleList) and len(blocks):
+        for block in blocks:
+            block.compile()
+    else:
+        net.compile()

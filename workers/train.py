@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from models.adapter import Conditioning
+from models.adapter import Conditioning, TeacherAdapter
 from models.families import family_module
 from workers.anchors import InlineAnchors
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext
 from workers.distill import AnchorBatch, Distiller, Progress, copy_for_training, read_progress, write_progress
-from workers.engines import build_engine, init_distributed
+from workers.engines import build_engine, compile_network, init_distributed
 from workers.evaluate import GENERATOR_META
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
@@ -51,14 +52,20 @@ def store_source(store) -> BatchSource:
 
 
 def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = None,
-          negative: Conditioning | None = None, mlflow_run: tuple[str, str] | None = None) -> Progress:
+          negative: Conditioning | None = None, mlflow_run: tuple[str, str] | None = None,
+          teacher: tuple[TeacherAdapter, nn.Module] | None = None,
+          on_cycle: Callable[[Progress, dict], None] | None = None, save: bool = True) -> Progress:
     """Run (or resume) distillation to schedule.num_generator_updates. The final checkpoint also holds
     the exported generator (GENERATOR_DIR), ready for the sample command.
 
     source: where anchor batches come from; None computes them inline with the teacher, as the
     reference script does (slow: for comparison and benchmarks). negative: the empty-prompt
     conditioning (from the store); None encodes it here. mlflow_run: (tracking URI, run id) that rank 0
-    logs step metrics into."""
+    logs step metrics into.
+
+    For benchmarks: teacher, an (adapter, network) pair already frozen on this rank's device and dtype,
+    replaces loading config.teacher (a network built in code, no download); on_cycle(progress, metrics)
+    runs after every critic/generator cycle; save=False writes no checkpoints and exports nothing."""
     dist, schedule = config.distributed, config.schedule
     init_distributed(dist.use_gpu)
     device = ctx.device(dist.use_gpu)
@@ -67,10 +74,13 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
 
     # Training workers hold no text encoders: the store carries every row's prompt embeddings and the
     # empty prompt's. Only the inline (reference-script) structure encodes prompts here.
-    adapter, teacher = load_teacher(config, device, dtype, text_encoders=source is None or negative is None)
+    adapter, teacher = teacher or load_teacher(config, device, dtype, text_encoders=source is None or negative is None)
     generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
                              config.generator.optim, config)
     critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"), config.critic.optim, config)
+    if dist.compile:  # deep copies drop compiled code (Module.__getstate__), so compile after copying
+        for net in (teacher, generator.module, critic.module):
+            compile_network(net)
     rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
 
     progress = Progress()
@@ -113,10 +123,12 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
                        skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
                        samples_per_s=batch_size * (schedule.critic_updates_per_generator + 1) / cycle_s)
         last = step == schedule.num_generator_updates
+        if on_cycle is not None:
+            on_cycle(progress, metrics)
         if step % schedule.log_every == 0 or last:
             ctx.log(metrics, schedule.num_generator_updates)
             logger.log(metrics, step)
-        if (schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last:
+        if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
             directory = ctx.checkpoint_staging_dir(f"step-{step:07d}")
             generator.save_checkpoint(str(directory), tag="generator")
             critic.save_checkpoint(str(directory), tag="critic")

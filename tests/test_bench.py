@@ -1,0 +1,157 @@
+"""The SD3.5-Medium GPU benchmark's CPU smoke mode (tiny SD3, two timed cycles per mode), so that the script
+the GPU machine runs cannot rot; and the pieces it adds to the train path (prefetch, the on_cycle hook)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run in a fresh interpreter where Ray and MLflow cannot be imported, as on the GPU machine
+    (DeepSpeed tries MLflow and does without it)."""
+    out = tmp_path_factory.mktemp("bench")
+    code = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--critic-updates", "2", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "gpu_cycle.json").read_text())
+
+
+def test_every_mode_runs_and_is_timed_and_counted(smoke):
+    _, result = smoke
+    assert set(result["modes"]) == {"reference", "inline", "ours"}
+    for mode in result["modes"].values():
+        assert "error" not in mode
+        assert len(mode["cycle_s_all"]) == 2 and all(s > 0 and math.isfinite(s) for s in mode["cycle_s_all"])
+        assert mode["cycle_s"] > 0 and mode["samples_per_s_per_gpu"] > 0 and mode["flops_per_cycle"] > 0
+        assert math.isnan(mode["mfu"]) and math.isnan(mode["peak_memory_gib"])  # no GPU: no peak, no memory
+    assert result["model"]["latent_shape"] == [16, 8, 8]
+    assert result["model"]["conditioning"] == {"prompt_embeds": [333, 32], "pooled_projections": [64]}
+    assert {"ours_vs_reference", "ours_vs_inline"} <= set(result["ratios"])
+
+
+def test_the_flop_counts_see_the_anchor_rollout_and_the_prompt_encoding(smoke):
+    _, result = smoke
+    flops = {name: m["flops_per_cycle"] for name, m in result["modes"].items()}
+    s = result["settings"]
+    # inline differs from ours by exactly the K guided teacher passes (a doubled batch each) of one generator
+    # update; the reference adds the text encoders on every batch on top.
+    rollout = 2 * s["anchor_step"] * s["batch"] * result["model"]["teacher_forward_flops_per_row"]
+    assert flops["inline"] - flops["ours"] == rollout
+    assert flops["reference"] > flops["inline"] > flops["ours"]
+    assert result["ratios"]["flops_inline_over_ours"] == pytest.approx(flops["inline"] / flops["ours"])
+
+
+def test_only_the_reference_trainer_holds_text_encoders(smoke):
+    _, result = smoke
+    assert "T5EncoderModel" in result["modes"]["reference"]["text_encoders_in_trainer"]
+    assert result["modes"]["inline"]["text_encoders_in_trainer"] == []
+    assert result["modes"]["ours"]["text_encoders_in_trainer"] == []
+
+
+def test_the_precompute_is_measured_against_its_bound_and_a_table_is_written(smoke):
+    out, result = smoke
+    p = result["precompute"]
+    assert p["rows_per_gpu"] == 32 and p["anchors_per_s_per_gpu"] > 0 and p["bound_anchors_per_s_per_gpu"] > 0
+    assert 0 <= p["write_share"] < 1
+    manifests = list((out / "store").glob("*/manifest.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["num_rows"] == 32
+    table = (out / "gpu_cycle.md").read_text()
+    assert "| mode | cycle s | samples/s per GPU" in table
+    assert all(f"| {mode} |" in table for mode in ("reference", "inline", "ours"))
+
+
+def test_scaling_compares_two_runs(tmp_path):
+    from benchmarks.gpu_cycle import main
+
+    for name, world, rate in (("one", 1, 10.0), ("two", 2, 9.3)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "gpu_cycle.json").write_text(json.dumps(
+            {"world_size": world, "modes": {"ours": {"samples_per_s_per_gpu": rate}}}))
+    from benchmarks.gpu_cycle import scaling
+
+    assert "| ours | 10 | 9.3 | 93% |" in scaling(tmp_path / "one", tmp_path / "two")
+    assert main(["--scaling", str(tmp_path / "one"), str(tmp_path / "two")]) == 0
+
+
+def test_unknown_modes_are_refused():
+    from benchmarks.gpu_cycle import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "ours,fastest"])
+    assert parse_args(["--mode", "ours,inline"]).modes == ("inline", "ours")
+
+
+def _batches(n: int, fail_at: int | None = None):
+    from models.adapter import Conditioning
+    from workers.distill import AnchorBatch
+
+    for i in range(n):
+        if i == fail_at:
+            raise OSError("shard unreadable")
+        eps = torch.full((2, 3), float(i))
+        yield AnchorBatch(eps, eps + 1, torch.ones(2), Conditioning({"c": torch.zeros(2, 4)}),
+                          torch.tensor([i, i]), torch.tensor([i, i]))
+
+
+def test_prefetch_keeps_order_casts_and_raises_the_readers_errors():
+    from workers.prefetch import prefetched
+
+    got = list(prefetched(_batches(5), torch.device("cpu"), torch.bfloat16, depth=2))
+    assert [int(b.eps[0, 0]) for b in got] == [0, 1, 2, 3, 4]
+    assert got[0].eps.dtype == torch.bfloat16 and got[0].prompt_ids.dtype == torch.int64
+    stream = prefetched(_batches(5, fail_at=3), torch.device("cpu"), torch.float32)
+    assert [int(next(stream).eps[0, 0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(stream)
+
+
+def _toy_run(tmp_path, *overrides):
+    """A few toy2d cycles through train with the benchmark's hooks: a prebuilt teacher, on_cycle, save=False."""
+    from helpers import tiny_config
+    from orchestrator.precompute import precompute
+    from workers.context import LocalContext
+    from workers.teacher import load_teacher
+    from workers.train import store_source, train
+
+    config = tiny_config(tmp_path, "schedule.num_generator_updates=3", *overrides)
+    store, _ = precompute(config, use_ray=False, progress=False)
+    cycles: list[dict] = []
+    progress = train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative(),
+                     teacher=load_teacher(config), on_cycle=lambda p, metrics: cycles.append(dict(metrics)),
+                     save=False)
+    return progress, cycles
+
+
+def test_the_benchmark_hooks_time_every_cycle_and_save_nothing(tmp_path):
+    progress, cycles = _toy_run(tmp_path)
+    assert progress.generator_updates == 3 and [c["generator_update"] for c in cycles] == [1, 2, 3]
+    assert all(c["cycle_s"] > 0 and math.isfinite(c["loss_dmd"]) for c in cycles)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_as_the_eager_ones(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    _, eager = _toy_run(tmp_path / "eager")
+    _, compiled = _toy_run(tmp_path / "compiled", "distributed.compile=true")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
+    # The same losses on every cycle: compiling changes no math, and the generator and critic run their own
+    # weights (compiled code bound to the teacher would give the teacher's outputs from cycle 2 on).
+    for a, b in zip(eager, compiled):
+        for key in ("loss_dmd", "loss_div", "loss_critic"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6)
