@@ -1,9 +1,12 @@
 """`ray job submit` of a tiny distillation against a head started with `ray start --head`."""
 
 import json
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,23 +17,48 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _port() -> int:
+    """A free port below the kernel's ephemeral range and above Ray's worker ports (10002-19999), where
+    other processes on a shared machine are least likely to take it before our head binds it: gRPC servers
+    bind with SO_REUSEPORT, so a port taken meanwhile would be shared with someone else's server."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
-def _dashboard_url(gcs: int) -> str:
-    """The address our head's dashboard actually bound, as recorded in its GCS. The dashboard moves to the
-    next port when the asked one is taken, and on a shared machine a pre-chosen port may meanwhile belong
-    to another process (another Ray, say, that answers with its own authentication rules)."""
+def _dashboard_url(gcs: int, head: subprocess.Popen, timeout: float = 120.0) -> str | None:
+    """The address our head's dashboard bound, as its GCS records it, once the head answers; None if the
+    head died or answered as someone else's cluster would (then the caller starts over on other ports)."""
     probe = ("import ray\n"
              f"ctx = ray.init(address='127.0.0.1:{gcs}', logging_level='ERROR', log_to_driver=False)\n"
              "print('URL=' + (ctx.dashboard_url or ''))\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    urls = [line[4:] for line in out.stdout.splitlines() if line.startswith("URL=") and len(line) > 4]
-    assert urls, f"the head's dashboard did not come up: {out.stdout[-2000:]}{out.stderr[-2000:]}"
-    return urls[0] if urls[0].startswith("http") else f"http://{urls[0]}"
+    deadline = time.time() + timeout
+    while time.time() < deadline and head.poll() is None:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        urls = [line[4:] for line in out.stdout.splitlines() if line.startswith("URL=") and len(line) > 4]
+        if urls:
+            return urls[0] if urls[0].startswith("http") else f"http://{urls[0]}"
+        if "AuthenticationError" in out.stderr or "InvalidAuthToken" in out.stderr:
+            return None
+        time.sleep(2)
+    return None
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop our head and only ours (`ray stop` would stop every Ray of this user on the machine)."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
 
 
 @pytest.fixture
@@ -38,19 +66,22 @@ def head(tmp_path):
     import ray
 
     ray.shutdown()  # no in-process cluster of another test may linger
-    for attempt in range(3):  # a port chosen free may be taken before `ray start` binds it
-        gcs, dashboard = _free_port(), _free_port()
-        started = subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                                  "--disable-usage-stats"], capture_output=True, text=True)
-        if started.returncode == 0:
+    for attempt in range(3):
+        gcs, dashboard = _port(), _port()
+        log = open(tmp_path / f"head-{attempt}.log", "w")
+        proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT)
+        url = _dashboard_url(gcs, proc)
+        if url:
             break
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        _stop(proc)
+    else:
+        pytest.fail("no Ray head came up on three tries: " + (tmp_path / "head-2.log").read_text()[-3000:])
     try:
-        yield _dashboard_url(gcs)
+        yield url
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        _stop(proc)
 
 
 def test_job_submit_runs_a_tiny_distillation(head, tmp_path):
