@@ -10,7 +10,8 @@ WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF
 
 
 def ensure_ray(object_store_gb: float = 1.0) -> None:
-    """ray.init once: join the cluster named by RAY_ADDRESS if set, else start a small local one."""
+    """ray.init once: join the cluster named by RAY_ADDRESS if set (as `ray job submit` sets it), else start a
+    small local one."""
     import ray
     import ray.data
 
@@ -21,6 +22,6 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
     runtime_env = {"env_vars": WORKER_ENV}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
+    else:  # "local": a new cluster of our own, never one that another `ray start` on this machine left behind
+        ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
                  runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level="WARNING")

@@ -59,6 +59,9 @@ def _stop(head: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
+    address_file = Path("/tmp/ray/ray_current_cluster")  # `ray stop` removes it; a signal does not
+    if address_file.is_file() and address_file.read_text().strip().endswith(f":{head.gcs_port}"):
+        address_file.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -72,6 +75,7 @@ def head(tmp_path):
         proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
                                  "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT)
+        proc.gcs_port = gcs
         url = _dashboard_url(gcs, proc)
         if url:
             break
