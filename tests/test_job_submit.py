@@ -1,6 +1,7 @@
 """`ray job submit` of a tiny distillation against a head started with `ray start --head`."""
 
 import json
+import os
 import random
 import signal
 import socket
@@ -15,6 +16,9 @@ from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
+# Ray >= 2.60 turns token authentication on by itself when ~/.ray/auth_token exists; this loopback-only
+# head and its clients agree on it being off, whatever an earlier Ray left in the home directory.
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
 
 def _port() -> int:
@@ -41,7 +45,7 @@ def _dashboard_url(gcs: int, head: subprocess.Popen, timeout: float = 120.0) -> 
              "print('URL=' + (ctx.dashboard_url or ''))\n")
     deadline = time.time() + timeout
     while time.time() < deadline and head.poll() is None:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=ENV)
         urls = [line[4:] for line in out.stdout.splitlines() if line.startswith("URL=") and len(line) > 4]
         if urls:
             return urls[0] if urls[0].startswith("http") else f"http://{urls[0]}"
@@ -74,7 +78,7 @@ def head(tmp_path):
         log = open(tmp_path / f"head-{attempt}.log", "w")
         proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT)
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=ENV)
         proc.gcs_port = gcs
         url = _dashboard_url(gcs, proc)
         if url:
@@ -97,7 +101,7 @@ def test_job_submit_runs_a_tiny_distillation(head, tmp_path):
         [RAY, "job", "submit", "--address", head, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--",
          sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     exported = list((tmp_path / "runs").glob("*-distill-toy2d/generator/dpdmd_generator.json"))
