@@ -27,7 +27,7 @@ from pathlib import Path
 
 from models.families import family_module
 from orchestrator import recipe as recipes
-from orchestrator.sweep import gap_recovered, grid_points, load_space, trial_config
+from orchestrator.sweep import gap_recovered, grid_points, load_space, trial_config, trial_name
 from workers.config import ConfigError, RunConfig, to_dict
 
 SEED_KEY = "seed"
@@ -253,11 +253,6 @@ def _device(config: RunConfig):
     import torch
 
     return torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
-def trial_name(params: dict) -> str:
-    return "-".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                    for k, v in sorted(params.items())) or "trial"
 
 
 def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs: int,

@@ -75,6 +75,12 @@ def grid_points(space: dict[str, dict]) -> list[dict]:
     return [dict(zip(fixed, combo)) for combo in itertools.product(*fixed.values())] if fixed else [{}]
 
 
+def trial_name(params: dict) -> str:
+    """A trial's directory and run name from its parameters, e.g. diversity_weight=0.05-seed=1."""
+    return "-".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in sorted(params.items())) or "trial"
+
+
 def trial_config(base: dict, params: dict, **extra: Any) -> RunConfig:
     data = copy.deepcopy(base)
     for key, value in {**params, **extra}.items():
@@ -124,8 +130,7 @@ def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> N
     from orchestrator.distill import run_distill
     from workers.evaluate import evaluate, load_generator, save_samples
 
-    name = "-".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                    for k, v in sorted(params.items())) or "trial"
+    name = trial_name(params)
     config = trial_config(base, params, **{"tracking.run_name": name})
     run_dir = Path(sweep_dir) / name
     callbacks = []

@@ -10,3 +10,15 @@ import torch
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for the tests of one module, shut down after them."""
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()

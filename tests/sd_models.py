@@ -7,34 +7,7 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("a", "photo", "painting", "of", "red", "blue", "green", "cat", "dog", "house", "tree", "in", "the", "snow")
-
-
-def clip_tokenizer(max_length: int = 77):
-    """A CLIP BPE tokenizer whose merges spell out every word of WORDS (other words become <|endoftext|>)."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for char in sorted(set("".join(WORDS))):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    for word in WORDS:
-        piece = word[0] if len(word) > 1 else word + "</w>"
-        for i, char in enumerate(word[1:], 1):
-            nxt = char + "</w>" if i == len(word) - 1 else char
-            if (piece, nxt) not in merges:
-                merges.append((piece, nxt))
-            piece += nxt
-            vocab.setdefault(piece, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-def t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    return T5Tokenizer(vocab=pieces + [("\u2581" + w, -1.0) for w in WORDS], extra_ids=0)
+from benchmarks.random_sd3 import clip_tokenizer, t5_tokenizer
 
 
 def clip_encoder(vocab_size: int, seed: int, hidden: int = 32, projection: int = 32):

@@ -21,17 +21,6 @@ TWO_WORKERS = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from orchestrator.cluster import ensure_ray
-
-    ensure_ray()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def out(tmp_path_factory):
     path = tmp_path_factory.mktemp("ray")
     tiny_config(path)

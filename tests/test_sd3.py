@@ -137,17 +137,6 @@ def test_training_prompts_must_be_given(tmp_path, teacher_path):
         training_prompts(config)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from orchestrator.cluster import ensure_ray
-
-    ensure_ray()
-    yield
-    ray.shutdown()
-
-
 def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_pipeline(ray_cluster, tmp_path,
                                                                                         teacher_path):
     from diffusers import StableDiffusion3Pipeline
