@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -53,7 +54,8 @@ from orchestrator.recipe import resolve  # noqa: E402
 from workers.anchors import compute_anchors  # noqa: E402
 from workers.config import RunConfig  # noqa: E402
 from workers.context import LocalContext  # noqa: E402
-from workers.distill import AnchorBatch, Progress  # noqa: E402
+from workers.batches import PromptBatch, TrainingData  # noqa: E402
+from workers.distill import Progress  # noqa: E402
 from workers.engines import init_distributed  # noqa: E402
 from workers.prefetch import prefetched  # noqa: E402
 from workers.train import store_source, train  # noqa: E402
@@ -199,56 +201,62 @@ class CycleClock:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batch sources (workers.train.BatchSource) for the modes the store does not serve
+# Data sources (workers.train.DataSource) for the modes the store does not serve
 
 
-def _is_generator_batch(index: int, config: RunConfig) -> bool:
-    """train takes critic_updates_per_generator batches for the critic, then one for the generator; a fresh
-    (never resumed) run starts at the top of a cycle."""
-    return index % (config.schedule.critic_updates_per_generator + 1) == config.schedule.critic_updates_per_generator
+def reference_source(adapter, teacher, prompts: list[str], device):
+    """The reference script's data path: every batch's prompts encoded in the loop, and on generator
+    batches the K-step guided teacher rollout from fresh noise (compute_anchors encodes the empty prompt
+    too)."""
+    def source(config, ctx, progress):
+        assert progress.generator_updates == 0, "benchmarks never resume"
+        batch_size = config.distributed.batch_size_per_worker
 
-
-def reference_source(adapter, teacher, prompts: list[str], device, dtype):
-    """The reference script's data path: every batch's prompts encoded in the loop; on generator batches the
-    empty prompt too, and the K-step guided teacher rollout from fresh noise. Critic batches need no anchor:
-    they carry z = eps at t = 1, the trivial one, which the critic never reads."""
-    def source(config, ctx, start_row):
-        assert start_row == 0, "benchmarks never resume"
-        batch_size, index = config.distributed.batch_size_per_worker, 0
-        while True:
+        def rows(index: int):
             seeds = torch.arange(batch_size) + 1_000_003 * ctx.rank + index * batch_size
-            ids = seeds % len(prompts)
-            rows = [prompts[i] for i in ids]
-            if _is_generator_batch(index, config):
-                yield compute_anchors(config, adapter, teacher, rows, ids, seeds, device, dtype)
-            else:
-                eps = seeded_noise(seeds.tolist(), adapter.latent_shape).to(device, dtype)
-                yield AnchorBatch(eps, eps, torch.ones(batch_size, device=device, dtype=dtype),
-                                  adapter.encode_prompts(rows).to(device, dtype), ids, seeds)
-            index += 1
+            return seeds % len(prompts), seeds
+
+        def anchors():
+            for index in itertools.count():
+                ids, seeds = rows(2 * index)
+                yield compute_anchors(config, adapter, teacher, [prompts[i] for i in ids], ids, seeds, device)
+
+        def critic_prompts():
+            for index in itertools.count():
+                ids, _ = rows(2 * index + 1)
+                yield PromptBatch(adapter.encode_prompts([prompts[i] for i in ids]).to(device), ids)
+        return TrainingData(anchors(), critic_prompts())
     return source
 
 
-def inline_anchor_source(reader, adapter, teacher, negative, device, dtype):
+def inline_anchor_source(reader, adapter, teacher, negative, device):
     """Rows and embeddings from reader (the store), but each generator batch's anchor recomputed by the
     teacher's K guided steps from its eps: the precompute effect alone."""
-    def source(config, ctx, start_row):
+    def source(config, ctx, progress):
         t = config.teacher
         sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
-        uncond = negative.to(device, dtype)
-        for index, batch in enumerate(reader(config, ctx, start_row)):
-            if _is_generator_batch(index, config):
-                batch = batch.to(device, dtype)
+        uncond = negative.to(device)
+        data = reader(config, ctx, progress)
+
+        def anchors():
+            for batch in data.anchors:
+                batch = batch.to(device)
                 fn = adapter.velocity_fn(teacher, batch.cond, uncond.expand(len(batch.eps)), t.guidance_scale)
                 batch.z = teacher_anchor(fn, batch.eps, sigmas, config.loss.anchor_step).z
-            yield batch
+                yield batch
+        return TrainingData(anchors(), data.prompts, data.rows_available)
     return source
 
 
-def prefetching(reader, device, dtype, depth: int):
+def prefetching(reader, device, depth: int):
     if depth <= 0:
         return reader
-    return lambda config, ctx, start_row: prefetched(reader(config, ctx, start_row), device, dtype, depth)
+
+    def source(config, ctx, progress):
+        data = reader(config, ctx, progress)
+        return TrainingData(prefetched(data.anchors, device, depth), prefetched(data.prompts, device, depth),
+                            data.rows_available)
+    return source
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,11 +269,14 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
     import shutil
 
     from workers.schema import batch_to_table
-    from workers.store import StoreSpec, filesystem, finished_shards, open_store, write_manifest, write_negative, \
-        write_shard
+    from workers.store import StoreSpec, filesystem, finished_shards, open_store, shards_needed, write_manifest, \
+        write_negative, write_shard
 
-    spec = StoreSpec({"family": "sd3", "model": "random-weights", "resolution": args.resolution, "layers": args.layers, "anchor_step": args.anchor_step,
-                      "smoke": args.smoke}, prompts, -(-args.precompute_rows // len(prompts)), 0, args.precompute_batch)
+    # At least --precompute-rows, and every anchor row the timed run consumes (no row twice, as in distill)
+    num_shards = max(-(-args.precompute_rows // args.precompute_batch), shards_needed(config, len(prompts), world))
+    spec = StoreSpec({"family": "sd3", "model": "random-weights", "resolution": args.resolution, "layers": args.layers,
+                      "anchor_step": args.anchor_step, "smoke": args.smoke}, prompts, 0, args.precompute_batch,
+                     num_shards)
     root = Path(args.out) / "store" / spec.key
     if rank == 0 and root.exists():
         shutil.rmtree(root)
@@ -278,7 +289,7 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
         ids, seeds = spec.shard_rows(index)
         synchronize(device)
         start = time.perf_counter()
-        batch = compute_anchors(config, adapter, teacher, [prompts[i] for i in ids], ids, seeds, device, dtype)
+        batch = compute_anchors(config, adapter, teacher, [prompts[i] for i in ids], ids, seeds, device)
         synchronize(device)
         middle = time.perf_counter()
         write_shard(fs, path, index, batch_to_table(batch.to("cpu"), [prompts[i] for i in ids])[0])
@@ -293,8 +304,8 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
 
     # The bound: the K guided teacher passes (a doubled batch each) and nothing else.
     t = config.teacher
-    cond = store.negative().expand(args.precompute_batch).to(device, dtype)
-    eps = torch.randn(args.precompute_batch, *adapter.latent_shape).to(device, dtype)
+    cond = store.negative().expand(args.precompute_batch).to(device)
+    eps = torch.randn(args.precompute_batch, *adapter.latent_shape).to(device)
     fn = adapter.velocity_fn(teacher, cond, cond, t.guidance_scale)
     sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
     rollout_s = []
@@ -386,13 +397,13 @@ def benchmark(args: argparse.Namespace) -> dict:
     modes: dict[str, dict] = {}
     if "reference" in args.modes:
         modes["reference"] = run_mode("reference", eager, args, (text_adapter, teacher),
-                                      reference_source(text_adapter, teacher, prompts, device, dtype), None,
+                                      reference_source(text_adapter, teacher, prompts, device), None,
                                       device, peak_flops)
     del text, text_adapter  # from here on no text encoder exists in this process
-    reader = prefetching(store_source(store), device, dtype, args.prefetch)
+    reader = prefetching(store_source(store), device, args.prefetch)
     if "inline" in args.modes:
         modes["inline"] = run_mode("inline", tuned, args, (adapter, teacher),
-                                   inline_anchor_source(reader, adapter, teacher, negative, device, dtype),
+                                   inline_anchor_source(reader, adapter, teacher, negative, device),
                                    negative, device, peak_flops)
     if "ours" in args.modes:
         modes["ours"] = run_mode("ours", tuned, args, (adapter, teacher), reader, negative, device, peak_flops)

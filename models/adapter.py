@@ -87,6 +87,14 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
 
 
+def network_dtype(net: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The floating dtype a network computes in: that of its first floating parameter."""
+    for p in net.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
 class TeacherAdapter(ABC):
     """One per teacher family. The same network class serves as teacher, generator and critic; the
     adapter turns (network, x_t, t, conditioning) into a velocity in the flow convention of models.flow.
@@ -108,8 +116,20 @@ class TeacherAdapter(ABC):
         """Prompt embeddings for a list of prompts; the empty prompt "" is the unconditional one."""
 
     @abstractmethod
+    def network_velocity(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The family's network call: the velocity at x (B, *latent_shape), already in the network's dtype
+        and on its device, for flow times t (B,) in float32 (never rounded to a low-precision dtype: bf16
+        holds 1000 t only in steps of up to 4), with cond cast like x. Any floating dtype may come back."""
+
     def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The network's velocity at x_t: (B, *latent_shape), t: (B,) in [0, 1]."""
+        """The velocity at flow state x_t (B, *latent_shape) and times t (B,), in x_t's dtype.
+
+        The network runs in its own dtype (bf16 when training in bf16), while states, times and Euler steps
+        stay in the caller's: float32 states keep float32 anchors, timesteps and step sizes in every precision.
+        """
+        dtype = network_dtype(net, x_t.dtype)
+        v = self.network_velocity(net, x_t.to(dtype), t.float(), cond.to(x_t.device, dtype))
+        return v.to(x_t.dtype)
 
     def to(self, device: torch.device | str) -> TeacherAdapter:
         """Move the frozen modules the adapter owns (text encoders, VAE) to device; none by default."""

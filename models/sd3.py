@@ -84,11 +84,10 @@ class SD3Adapter(TeacherAdapter):
                 do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
         return Conditioning({"prompt_embeds": embeds, "pooled_projections": pooled})
 
-    def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = cond.to(x_t.device, x_t.dtype)
-        # The timestep stays float32, as the pipeline passes it: bf16 would round 1000 t to steps of 4.
-        return net(hidden_states=x_t, timestep=t.float() * 1000, encoder_hidden_states=c.tensors["prompt_embeds"],
-                   pooled_projections=c.tensors["pooled_projections"], return_dict=False)[0]
+    def network_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        # The timestep goes in float32, as the pipeline passes it.
+        return net(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.tensors["prompt_embeds"],
+                   pooled_projections=cond.tensors["pooled_projections"], return_dict=False)[0]
 
     def to(self, device: torch.device | str) -> SD3Adapter:
         if self.text_pipeline is not None:

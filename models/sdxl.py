@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter
+from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
 from models.flow import expand_t
 from models.pretrained import (check_resolution, copy_pipeline_components, pixel_diversity, read_component_config,
                                read_model_index)
@@ -141,15 +141,23 @@ class SDXLAdapter(TeacherAdapter):
         return ((1 - w) * low + w * (low + 1)).float()
 
     def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """v = eps_hat - x0_hat at flow state x_t (B, C, h, w), t: (B,) in [0, t_max]."""
-        c = cond.to(x_t.device, x_t.dtype)
+        """v = eps_hat - x0_hat at flow state x_t (B, C, h, w), t: (B,) in [0, t_max], in x_t's dtype.
+
+        Overrides the base class so that the conversion from eps_hat uses the state x_t as given (float32
+        states stay exact): only the scaled model input is cast to the UNet's dtype."""
+        dtype = network_dtype(net, x_t.dtype)
         sigma = t_to_sigma(t.float())
         # x_edm / sqrt(sigma^2 + 1), the pipeline's scale_model_input, from x_t = x_edm / (1 + sigma).
-        model_input = x_t * expand_t((1 + sigma) / (sigma ** 2 + 1).sqrt(), x_t)
-        eps_hat = net(model_input, self.timesteps(sigma), encoder_hidden_states=c.tensors["prompt_embeds"],
-                      added_cond_kwargs={"text_embeds": c.tensors["text_embeds"], "time_ids": c.tensors["time_ids"]},
-                      return_dict=False)[0]
-        return ((eps_hat.float() - x_t.float()) * expand_t(1 + sigma, x_t)).to(x_t.dtype)
+        model_input = x_t.float() * expand_t((1 + sigma) / (sigma ** 2 + 1).sqrt(), x_t.float())
+        eps_hat = self.network_velocity(net, model_input.to(dtype), sigma, cond.to(x_t.device, dtype))
+        return ((eps_hat.float() - x_t.float()) * expand_t(1 + sigma, x_t.float())).to(x_t.dtype)
+
+    def network_velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's noise prediction eps_hat for its scaled input x at noise levels sigma (B,) (velocity()
+        turns it into a flow velocity)."""
+        return net(x, self.timesteps(sigma), encoder_hidden_states=cond.tensors["prompt_embeds"],
+                   added_cond_kwargs={"text_embeds": cond.tensors["text_embeds"], "time_ids": cond.tensors["time_ids"]},
+                   return_dict=False)[0]
 
     # -- schedules ---------------------------------------------------------------------------------------
 

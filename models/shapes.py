@@ -244,10 +244,9 @@ class ShapesAdapter(TeacherAdapter):
         sequence, pooled = self.text_encoder(self.text_encoder.tokenize(prompts))
         return Conditioning({"prompt_embeds": sequence, "pooled_projections": pooled})
 
-    def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = cond.to(x_t.device, x_t.dtype)
-        return net(x_t, t.to(x_t.dtype) * 1000, encoder_hidden_states=c.tensors["prompt_embeds"],
-                   class_labels=c.tensors["pooled_projections"]).sample
+    def network_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return net(x_t, t * 1000, encoder_hidden_states=cond.tensors["prompt_embeds"],
+                   class_labels=cond.tensors["pooled_projections"]).sample
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.text_encoder]

@@ -131,7 +131,7 @@ class Toy2DAdapter(TeacherAdapter):
         ids = torch.tensor([parse_prompt(p, self.num_classes) for p in prompts], dtype=torch.long)
         return Conditioning({"class_ids": ids})
 
-    def velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def network_velocity(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return net(x_t, t, cond.tensors["class_ids"].to(x_t.device))
 
 

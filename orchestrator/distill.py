@@ -108,10 +108,10 @@ def run_local(config: RunConfig) -> Path:
     from workers.train import store_source, train
 
     init_distributed(config.distributed.use_gpu)
-    rank = torch_dist.get_rank()
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     shared = [None]
     if rank == 0:
-        store, summary = precompute(config, use_ray=False)
+        store, summary = precompute(config, use_ray=False, world_size=world)
         print(summary)
         run_dir = Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
         recipes.save(config, run_dir)
@@ -119,7 +119,7 @@ def run_local(config: RunConfig) -> Path:
     torch_dist.broadcast_object_list(shared, src=0)  # also waits for the store
     run_dir = Path(shared[0])
     if rank != 0:
-        store, _ = precompute(config, use_ray=False, progress=False)
+        store, _ = precompute(config, use_ray=False, progress=False, world_size=world)
     progress = train(config, LocalContext(run_dir, resume=False), store_source(store), store.negative())
     if rank == 0:
         final = run_dir / "checkpoints" / f"step-{progress.generator_updates:07d}" / GENERATOR_DIR

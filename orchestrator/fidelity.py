@@ -310,12 +310,6 @@ def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[s
     from workers.evaluate import evaluate, load_generator, save_samples
     from workers.train import GENERATOR_DIR, store_source, train
 
-    from workers.engines import free_port
-
-    # Each trial is a world of one; rendezvous variables inherited from the launching process (another
-    # distributed run, a torchrun rank) would put every trial on the same port.
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
     config = build(RunConfig, config_dict)
     run_dir = Path(run_dir)
     recipes.save(config, run_dir)

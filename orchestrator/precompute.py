@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from models.families import family_module
 from workers.config import RunConfig
-from workers.evaluate import read_prompts
+from workers.evaluate import training_prompts
 from workers.precompute import AnchorWriter
 from workers.store import Store, filesystem, finished_shards, open_store, store_spec, store_url, write_manifest
 from workers.teacher import teacher_dir
@@ -40,24 +39,26 @@ class PrecomputeSummary:
                 f"({self.rows_per_s:.0f} rows/s)")
 
 
-def training_prompts(config: RunConfig) -> list[str]:
-    traj = config.trajectories
-    return read_prompts(traj.prompts) if traj.prompts else family_module(config.teacher.family).training_prompts()
+def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True,
+               world_size: int | None = None) -> tuple[Store, PrecomputeSummary]:
+    """Fill the store for config (or find it big enough) and return it opened and verified.
 
-
-def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True) -> tuple[Store, PrecomputeSummary]:
-    """Fill the store for config (or find it complete) and return it opened and verified."""
+    The store holds every anchor row a run of world_size ranks (default distributed.num_workers) consumes,
+    so that no generator update sees a row twice; an existing store of the same settings that is too small
+    is extended, its shards kept."""
     start = time.time()
-    spec = store_spec(config, training_prompts(config), teacher_dir(config))
+    spec = store_spec(config, training_prompts(config), teacher_dir(config), world_size)
     url = store_url(config, spec)
     fs, root = filesystem(config, url)
     if fs.exists(f"{root}/manifest.json"):
         store = open_store(fs, root)
-        return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
+        if len(store.shards) >= spec.num_shards:
+            return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
+        print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
 
     done = finished_shards(fs, root)
     todo = [i for i in range(spec.num_shards) if i not in done]
-    bar = tqdm(total=spec.num_rows, initial=sum(s.rows for s in done.values()), unit="row",
+    bar = tqdm(total=spec.num_rows, initial=sum(s.rows for i, s in done.items() if i < spec.num_shards), unit="row",
                desc="precompute anchors", disable=not progress)
     written = 0
     for info in _run_writers(config, spec, url, todo, use_ray):

@@ -19,7 +19,7 @@ class AffineAdapter(TeacherAdapter):
     def encode_prompts(self, prompts):
         return Conditioning({"offset": torch.tensor([[float(len(p)), -float(len(p))] for p in prompts])})
 
-    def velocity(self, net, x_t, t, cond):
+    def network_velocity(self, net, x_t, t, cond):
         return net(x_t) * t[:, None] + cond.tensors["offset"]
 
 

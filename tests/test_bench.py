@@ -96,7 +96,7 @@ def test_unknown_modes_are_refused():
 
 def _batches(n: int, fail_at: int | None = None):
     from models.adapter import Conditioning
-    from workers.distill import AnchorBatch
+    from workers.batches import AnchorBatch
 
     for i in range(n):
         if i == fail_at:
@@ -106,13 +106,13 @@ def _batches(n: int, fail_at: int | None = None):
                           torch.tensor([i, i]), torch.tensor([i, i]))
 
 
-def test_prefetch_keeps_order_casts_and_raises_the_readers_errors():
+def test_prefetch_keeps_order_and_dtypes_and_raises_the_readers_errors():
     from workers.prefetch import prefetched
 
-    got = list(prefetched(_batches(5), torch.device("cpu"), torch.bfloat16, depth=2))
+    got = list(prefetched(_batches(5), torch.device("cpu"), depth=2))
     assert [int(b.eps[0, 0]) for b in got] == [0, 1, 2, 3, 4]
-    assert got[0].eps.dtype == torch.bfloat16 and got[0].prompt_ids.dtype == torch.int64
-    stream = prefetched(_batches(5, fail_at=3), torch.device("cpu"), torch.float32)
+    assert got[0].eps.dtype == torch.float32 and got[0].prompt_ids.dtype == torch.int64
+    stream = prefetched(_batches(5, fail_at=3), torch.device("cpu"))
     assert [int(next(stream).eps[0, 0]) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(OSError, match="shard unreadable"):
         next(stream)

@@ -10,7 +10,7 @@ from models.losses import NonFiniteLossError
 from orchestrator.precompute import precompute
 from workers.context import LocalContext
 from workers.distill import Distiller
-from workers.engines import build_engine, init_distributed
+from workers.engines import build_engine, distributed
 from workers.distill import copy_for_training
 from workers.evaluate import load_generator
 from workers.teacher import load_teacher
@@ -38,40 +38,48 @@ def _same(a, b):
 
 def test_critic_steps_leave_the_generator_and_generator_steps_the_critic(out):
     config = tiny_config(out, "distributed.zero_stage=2")
-    init_distributed(False)
+    with distributed(False):
+        _critic_and_generator_steps(config)
+
+
+def _critic_and_generator_steps(config):
     adapter, teacher = load_teacher(config)
     generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
     critic = build_engine(copy_for_training(teacher), config.critic.optim, config)
     store = _store(config)
-    d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"), torch.float32,
-                  torch.Generator().manual_seed(0), store.negative())
-    batches = store.batches(8)
+    d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"), torch.Generator().manual_seed(0),
+                  store.negative())
     g0, c0, t0 = _params(generator.module), _params(critic.module), _params(teacher)
-    d.critic_step(next(batches), "critic")
+    d.critic_step(next(store.prompt_batches(8)), "critic")
     g1, c1 = _params(generator.module), _params(critic.module)
     assert _same(g0, g1) and not _same(c0, c1)
-    d.generator_step(next(batches), "generator")
+    d.generator_step(next(store.batches(8)), "generator")
     g2, c2 = _params(generator.module), _params(critic.module)
     assert not _same(g1, g2) and _same(c1, c2)
     assert _same(t0, _params(teacher))  # the teacher never moves
 
 
 def _poisoned(store, at_batch):
-    def source(config, ctx, start_row):
-        for i, batch in enumerate(store.batches(config.distributed.batch_size_per_worker, start_row=start_row)):
-            if i == at_batch:
-                batch.z = batch.z.clone()
-                batch.z[0, 0] = float("nan")
-            yield batch
+    """The store's data with a NaN in the anchor of generator batch at_batch."""
+    def source(config, ctx, progress):
+        data = store_source(store)(config, ctx, progress)
+
+        def anchors(clean):
+            for i, batch in enumerate(clean):
+                if i == at_batch:
+                    batch.z = batch.z.clone()
+                    batch.z[0, 0] = float("nan")
+                yield batch
+        data.anchors = anchors(data.anchors)
+        return data
     return source
 
 
 def test_a_nan_stops_the_run_naming_the_step_and_the_term(out, tmp_path):
     config = tiny_config(out)
     store = _store(config)
-    # batches 0, 1 feed critic updates, batch 2 the first generator update (2 critic updates per cycle)
     with pytest.raises(NonFiniteLossError) as info:
-        train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 2), store.negative())
+        train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 0), store.negative())
     assert "generator update 1" in str(info.value)
     assert "div.target" in info.value.terms
 
@@ -79,7 +87,7 @@ def test_a_nan_stops_the_run_naming_the_step_and_the_term(out, tmp_path):
 def test_skip_mode_skips_on_every_rank_and_counts(out, tmp_path):
     config = tiny_config(out, "schedule.on_nonfinite=skip")
     store = _store(config)
-    progress = train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 2), store.negative())
+    progress = train(config, LocalContext(tmp_path / "run", resume=False), _poisoned(store, 0), store.negative())
     assert progress.generator_updates == 4 and progress.skipped_steps == 1
     last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["skipped_steps"] == 1
@@ -89,12 +97,14 @@ def test_resume_continues_to_the_same_weights(out, tmp_path):
     config = tiny_config(out)
     store = _store(config)
     straight = train(config, LocalContext(tmp_path / "a", resume=False), store_source(store), store.negative())
-    assert straight.generator_updates == 4 and straight.critic_updates == 8 and straight.rows_consumed == 96
+    assert (straight.generator_updates, straight.critic_updates) == (4, 8)
+    assert (straight.rows_consumed, straight.prompt_rows_consumed) == (32, 64)  # anchors: generator updates only
 
     half = tiny_config(out, "schedule.num_generator_updates=2")
     train(half, LocalContext(tmp_path / "b", resume=False), store_source(store), store.negative())
     resumed = train(config, LocalContext(tmp_path / "b", resume=True), store_source(store), store.negative())
-    assert resumed.generator_updates == 4 and resumed.critic_updates == 8 and resumed.rows_consumed == 96
+    assert (resumed.generator_updates, resumed.critic_updates) == (4, 8)
+    assert (resumed.rows_consumed, resumed.prompt_rows_consumed) == (32, 64)
 
     _, a, _ = load_generator(tmp_path / "a" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
     _, b, sampler = load_generator(tmp_path / "b" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
@@ -148,3 +158,41 @@ def test_torchrun_two_ranks_without_ray(out, tmp_path):
     assert lines[-1]["generator_update"] == 4 and lines[-1]["critic_updates"] == 8
     assert (run / "checkpoints" / "step-0000004" / "rng_rank1.pt").is_file()  # both ranks checkpointed
     load_generator(run / GENERATOR_DIR)
+
+
+def test_an_in_process_run_leaves_the_environment_as_it_found_it(out, tmp_path):
+    import os
+
+    before = dict(os.environ)
+    config = tiny_config(out)
+    store = _store(config)
+    train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
+    assert dict(os.environ) == before  # no RANK, MASTER_PORT, LOCAL_RANK, DS_ACCELERATOR left for child processes
+
+
+def test_two_ranks_consume_each_anchor_row_once_and_critic_updates_consume_none(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
+
+    overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}",
+                 "trajectories.seeds_per_prompt=0", "schedule.num_generator_updates=6", "distributed.num_workers=2"]
+    config = tiny_config(tmp_path, *overrides[len(TINY_TEACHER) + len(TINY_STORE) + len(TINY_DISTILL) + 1:])
+    store, _ = precompute(config, use_ray=False, progress=False)  # sized for 2 ranks x 6 updates x 8 rows
+    assert store.num_rows == 96
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "tests/record_rows.py", str(tmp_path / "run"), *overrides],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    logs = [json.loads((tmp_path / "run" / f"rows_rank{r}.json").read_text()) for r in (0, 1)]
+    rows = [tuple(row) for log in logs for row in log["anchor_rows"]]
+    assert len(rows) == 2 * 6 * 8 and len(set(rows)) == len(rows)  # every generator row new, across both ranks
+    for log in logs:
+        assert len(log["anchor_rows"]) == 6 * 8  # one anchor batch per generator update, none for the critic
+        assert log["prompt_batches"] == 6 * 2  # one prompt batch per critic update
+        assert (log["progress"]["rows_consumed"], log["progress"]["prompt_rows_consumed"]) == (48, 96)

@@ -73,13 +73,14 @@ def test_same_settings_reuse_the_store_and_new_settings_make_a_new_one(out):
     again, summary = precompute(config, use_ray=False, progress=False)
     assert summary.reused and again.root == first.root
     roots = {first.root}
-    for change in (["loss.anchor_step=3"], ["teacher.guidance_scale=3.0"], ["trajectories.seeds_per_prompt=8"]):
+    for change in (["loss.anchor_step=3"], ["teacher.guidance_scale=3.0"], ["trajectories.seed_offset=100"]):
         store, summary = precompute(tiny_config(out, *change), use_ray=False, progress=False)
         assert not summary.reused and store.root not in roots
         roots.add(store.root)
-    # a run setting that does not touch the anchors shares the store
-    store, summary = precompute(tiny_config(out, "loss.diversity_weight=0.0"), use_ray=False, progress=False)
-    assert summary.reused and store.root == first.root
+    # a run setting that does not touch the anchors shares the store, and so does a smaller size
+    for change in ("loss.diversity_weight=0.0", "trajectories.seeds_per_prompt=8"):
+        store, summary = precompute(tiny_config(out, change), use_ray=False, progress=False)
+        assert summary.reused and store.root == first.root
 
 
 def test_new_teacher_weights_make_a_new_store(out):
@@ -169,3 +170,51 @@ def test_store_batches_cover_each_rank_share_and_resume_position(out):
     first_three = [next(stream).seeds.tolist() for _ in range(3)]
     resumed = next(store.batches(8, start_row=16, seed=1)).seeds.tolist()
     assert resumed == first_three[2]
+
+
+def test_the_store_holds_every_row_a_run_consumes_and_a_longer_run_extends_it(tmp_path):
+    short = tiny_config(tmp_path, "trajectories.seeds_per_prompt=0")  # 4 updates x 8 rows: 2 shards of 16
+    store, summary = precompute(short, use_ray=False, progress=False)
+    assert store.num_rows == 32 and summary.shards_written == 2
+    before = {s["name"]: (s["sha256"], Path(store.shard_path(s)).stat().st_mtime_ns) for s in store.shards}
+
+    longer = tiny_config(tmp_path, "trajectories.seeds_per_prompt=0", "schedule.num_generator_updates=10")
+    extended, summary = precompute(longer, use_ray=False, progress=False)
+    assert extended.root == store.root and extended.num_rows == 80 and summary.shards_written == 3
+    kept = {s["name"]: (s["sha256"], Path(extended.shard_path(s)).stat().st_mtime_ns) for s in extended.shards[:2]}
+    assert kept == before  # the first shards were not rewritten
+    seeds = [v for shard in extended.shards for v in extended.read_shard(shard).column("seed").to_pylist()]
+    assert sorted(seeds) == list(range(80))
+    # two ranks need whole shards each: 10 updates x 8 rows per rank
+    _, two = precompute(longer, use_ray=False, progress=False, world_size=2)
+    assert two.rows == 160
+
+
+def test_a_store_too_small_for_the_run_is_refused_before_training(tmp_path):
+    from workers.context import LocalContext
+    from workers.train import store_source, train
+
+    store, _ = precompute(tiny_config(tmp_path), use_ray=False, progress=False)  # 64 rows
+    config = tiny_config(tmp_path, "schedule.num_generator_updates=9")  # 72 anchor rows
+    with pytest.raises(StoreError, match=r"holds 64 anchor rows .* need 72.*dpdmd precompute"):
+        train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # trajectories.max_reuse lets a run go over the same rows twice, on purpose
+    reuse = tiny_config(tmp_path, "schedule.num_generator_updates=9", "trajectories.max_reuse=2")
+    progress = train(reuse, LocalContext(tmp_path / "reuse", resume=False), store_source(store), store.negative())
+    assert progress.generator_updates == 9
+
+
+def test_generator_batches_never_repeat_a_row_and_ranks_never_share_one(tmp_path):
+    config = tiny_config(tmp_path, "trajectories.seeds_per_prompt=0", "schedule.num_generator_updates=6")
+    store, _ = precompute(config, use_ray=False, progress=False, world_size=2)
+    seen = []
+    for rank in (0, 1):
+        stream = store.batches(8, rank, 2, seed=config.seed, max_epochs=1)
+        for _ in range(6):
+            batch = next(stream)
+            seen += list(zip(batch.prompt_ids.tolist(), batch.seeds.tolist()))
+    assert len(seen) == 96 and len(set(seen)) == 96
+    with pytest.raises(StopIteration):  # one pass over the rank's rows, then the stream ends
+        for _ in range(10):
+            next(stream)

@@ -13,7 +13,7 @@ from models.adapter import TeacherAdapter
 from models.rollout import teacher_anchor
 from models.sampling import seeded_noise
 from workers.config import RunConfig
-from workers.distill import AnchorBatch
+from workers.batches import AnchorBatch, PromptBatch
 
 
 def row_ids(rows: torch.Tensor, num_prompts: int, seed_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,53 +22,51 @@ def row_ids(rows: torch.Tensor, num_prompts: int, seed_offset: int) -> tuple[tor
     return rows % num_prompts, seed_offset + rows
 
 
-def training_rows(config: RunConfig, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (prompt_id, seed) row of the training set, in store order."""
-    rows = torch.arange(len(prompts) * config.trajectories.seeds_per_prompt)
-    return row_ids(rows, len(prompts), config.trajectories.seed_offset)
-
-
 @torch.no_grad()
 def compute_anchors(config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, prompts: list[str],
-                    prompt_ids: torch.Tensor, seeds: torch.Tensor, device="cpu",
-                    dtype=torch.float32) -> AnchorBatch:
+                    prompt_ids: torch.Tensor, seeds: torch.Tensor, device="cpu") -> AnchorBatch:
     """K guided teacher ODE steps from each row's seeded noise. prompts: the prompt of each row.
-    Epsilon-prediction teachers also get the teacher's x0 estimate at z_K, their diversity target."""
+
+    The ODE state, the times and the Euler steps are float32; the teacher network runs in its own dtype
+    inside each step. Epsilon-prediction teachers also get the teacher's x0 estimate at z_K, their
+    diversity target."""
     t = config.teacher
-    eps = seeded_noise(seeds.tolist(), adapter.latent_shape).to(device, dtype)
-    cond = adapter.encode_prompts(prompts).to(device, dtype)
-    uncond = adapter.negative_conditioning(len(prompts)).to(device, dtype)
+    eps = seeded_noise(seeds.tolist(), adapter.latent_shape).to(device)
+    cond = adapter.encode_prompts(prompts).to(device)
+    uncond = adapter.negative_conditioning(len(prompts)).to(device)
     sigmas = adapter.sampling_sigmas(t.num_steps, t.shift, "teacher").to(device)
     anchor = teacher_anchor(adapter.velocity_fn(teacher, cond, uncond, t.guidance_scale),
                             adapter.initial_state(eps, sigmas, "teacher"), sigmas, config.loss.anchor_step,
                             x0_estimate=adapter.prediction_type == "epsilon")
-    t_anchor = anchor.t.to(dtype).expand(len(prompts)).clone()
+    t_anchor = anchor.t.float().expand(len(prompts)).clone()
     return AnchorBatch(eps, anchor.z, t_anchor, cond, prompt_ids.clone(), seeds.clone(), anchor.x0)
 
 
 class InlineAnchors:
-    """Anchors computed at each step with the teacher, as the reference script does (for comparison and
-    benchmarking). Rows are drawn in a seeded random order from the training rows of this rank."""
+    """Anchors computed at each generator update with the teacher, as the reference script does (for
+    comparison and benchmarking). Every batch takes new rows: rank k of W takes rows k, k + W, k + 2W, ...
+    (row_ids numbering), so no noise is drawn twice in a run; critic batches are the prompts of rows
+    drawn in a seeded random order, encoded on the spot."""
 
     def __init__(self, config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, prompts: list[str],
-                 rank: int, world_size: int, device="cpu", dtype=torch.float32):
+                 rank: int, world_size: int, device="cpu"):
         self.config, self.adapter, self.teacher, self.prompts = config, adapter, teacher, prompts
-        self.device, self.dtype = device, dtype
-        prompt_ids, seeds = training_rows(config, prompts)
-        self.prompt_ids, self.seeds = prompt_ids[rank::world_size], seeds[rank::world_size]
-        self.rank = rank
+        self.rank, self.world_size, self.device = rank, world_size, device
 
     def batches(self, batch_size: int, start_row: int = 0) -> Iterator[AnchorBatch]:
-        n = len(self.seeds)
         row = start_row
         while True:
-            epoch, offset = divmod(row, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            index = order[offset:offset + batch_size]
-            if len(index) < batch_size:  # wrap into the next epoch's order
-                nxt = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch + 1))
-                index = torch.cat([index, nxt[: batch_size - len(index)]])
+            rows = self.rank + self.world_size * torch.arange(row, row + batch_size)
+            ids, seeds = row_ids(rows, len(self.prompts), self.config.trajectories.seed_offset)
             row += batch_size
-            ids = self.prompt_ids[index]
             yield compute_anchors(self.config, self.adapter, self.teacher, [self.prompts[i] for i in ids], ids,
-                                  self.seeds[index], self.device, self.dtype)
+                                  seeds, self.device)
+
+    def prompt_batches(self, batch_size: int, start_row: int = 0) -> Iterator[PromptBatch]:
+        row = start_row
+        while True:
+            draw = torch.Generator().manual_seed(self.config.seed * 7919 + self.rank * 104_729 + row)
+            ids = torch.randint(0, len(self.prompts), (batch_size,), generator=draw)
+            row += batch_size
+            cond = self.adapter.encode_prompts([self.prompts[i] for i in ids]).to(self.device)
+            yield PromptBatch(cond, ids)

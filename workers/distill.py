@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,28 +19,8 @@ from models.flow import interpolate, sample_sigmas, x0_from_velocity
 from models.losses import (LossOutput, NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss,
                            diversity_loss_x0, dmd_loss, generator_objective)
 from models.rollout import GeneratorRollout, generator_rollout
+from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
-
-
-@dataclass
-class AnchorBatch:
-    """One training batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the
-    prompt conditioning, and the rows' ids (prompt_id, seed) for bookkeeping. x0_anchor (B, ...): the
-    teacher's guided x0 estimate at z, for epsilon-prediction teachers only (their diversity target)."""
-
-    eps: torch.Tensor
-    z: torch.Tensor
-    t_anchor: torch.Tensor
-    cond: Conditioning
-    prompt_ids: torch.Tensor
-    seeds: torch.Tensor
-    x0_anchor: torch.Tensor | None = None
-
-    def to(self, device, dtype=None) -> AnchorBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return AnchorBatch(move(self.eps), move(self.z), move(self.t_anchor), self.cond.to(device, dtype),
-                           self.prompt_ids.to(device), self.seeds.to(device), move(self.x0_anchor))
 
 
 @dataclass
@@ -51,7 +30,8 @@ class Progress:
     generator_updates: int = 0  # completed generator updates (one cycle = critic updates + 1 generator update)
     critic_updates: int = 0
     cycle_position: int = 0  # critic updates done in the current cycle
-    rows_consumed: int = 0  # data position: anchor rows this rank has consumed
+    rows_consumed: int = 0  # data position: anchor rows this rank's generator updates have consumed
+    prompt_rows_consumed: int = 0  # data position of the critic's prompt stream
     skipped_steps: int = 0  # steps every rank agreed to skip on a non-finite loss
     resumes: int = 0  # times the run continued from a checkpoint
 
@@ -67,28 +47,28 @@ class Distiller:
     """Holds the three networks and takes one critic or generator update at a time.
 
     generator and critic are engines (DeepSpeed, or anything with .module, .backward(loss), .step()),
-    initialised from the teacher; the teacher is a frozen module.
+    initialised from the teacher; the teacher is a frozen module. States, noise, flow times and Euler steps
+    are float32 whatever dtype the networks compute in (the adapter casts each network's inputs).
     """
 
     def __init__(self, config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, generator, critic,
-                 device: torch.device, dtype: torch.dtype, rng: torch.Generator, negative: Conditioning,
-                 all_finite=None):
+                 device: torch.device, rng: torch.Generator, negative: Conditioning, all_finite=None):
         self.config, self.adapter, self.teacher = config, adapter, teacher
-        self.negative = negative.to(device, dtype)  # the empty prompt, batch 1: no text encoder needed here
+        self.negative = negative.to(device)  # the empty prompt, batch 1: no text encoder needed here
         self.generator, self.critic = generator, critic
-        self.device, self.dtype, self.rng = device, dtype, rng
+        self.device, self.rng = device, rng
         self.generator_sigmas = adapter.sampling_sigmas(config.generator.num_steps, config.generator_shift,
                                                         "generator").to(device)
-        self.loss_sigmas = adapter.training_sigmas(config.teacher.shift).to(device)
+        self.loss_sigmas = adapter.training_sigmas(config.teacher.shift)  # drawn from on the CPU, with rng
         self.all_finite = all_finite or (lambda flag: bool(flag))
         self.skipped = 0
 
     # -- the two updates -------------------------------------------------------------------------------
 
-    def critic_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
-        """Loss 5: flow matching on a fresh no-grad generator sample."""
+    def critic_step(self, batch: PromptBatch, where: str) -> dict[str, float]:
+        """Loss 5: flow matching on a fresh no-grad generator sample for the batch's prompts."""
         with torch.no_grad():
-            eps = self._noise(batch.eps.shape)
+            eps = self._noise((batch.cond.batch_size, *self.adapter.latent_shape))
             x_gen = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), self._start(eps),
                                       self.generator_sigmas).x_gen
         t, eps2 = self._draw_t(len(eps)), self._noise(x_gen.shape)
@@ -148,10 +128,10 @@ class Distiller:
         return lambda x_t, t: self.adapter.velocity(net, x_t, t, cond)
 
     def _noise(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.rng).to(self.device, self.dtype)
+        return torch.randn(shape, generator=self.rng).to(self.device)
 
     def _draw_t(self, n: int) -> torch.Tensor:
-        return sample_sigmas(self.loss_sigmas.cpu(), n, self.rng).to(self.device, self.dtype)
+        return sample_sigmas(self.loss_sigmas, n, self.rng).to(self.device)
 
 
 def copy_for_training(teacher: nn.Module) -> nn.Module:
@@ -175,8 +155,3 @@ def read_progress(directory: Path, rng: torch.Generator, rank: int) -> Progress:
     torch.set_rng_state(state["torch"])
     return progress
 
-
-def timed(fn, *args) -> tuple[dict[str, float], float]:
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start

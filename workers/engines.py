@@ -6,7 +6,7 @@ The optimizer is a client torch.optim.AdamW (fused on GPU), so that nothing JIT-
 from __future__ import annotations
 
 import os
-import socket
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -14,26 +14,39 @@ from torch import nn
 from workers.config import OptimConfig, RunConfig
 
 
+@contextmanager
+def distributed(use_gpu: bool):
+    """The process group (init_distributed) plus what DeepSpeed's engines read from the environment while they
+    run: LOCAL_RANK, which a world of one lacks. It is set for the duration only and removed afterwards."""
+    init_distributed(use_gpu)
+    if "LOCAL_RANK" in os.environ:
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("LOCAL_RANK", None)
+
+
 def init_distributed(use_gpu: bool) -> None:
     """Join (or, in a single process, create) the process group DeepSpeed needs.
 
-    Under Ray Train or torchrun the group or its environment already exists; alone, a world of one.
-    """
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    Under Ray Train or torchrun the group or its environment (RANK, MASTER_ADDR, ...) already exists. Alone,
+    a world of one on an in-memory store: no port, and nothing written into os.environ, so processes
+    started later (trials, benchmarks) inherit no rendezvous settings."""
     import deepspeed
 
     if not use_gpu:
+        from deepspeed.accelerator import set_accelerator
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 35 s g++ build on CPU
+    backend = "nccl" if use_gpu else "gloo"
     if not torch.distributed.is_initialized() and "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def deepspeed_config(config: RunConfig, optim: OptimConfig) -> dict:
@@ -59,6 +72,7 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
                                   **fused)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
     return engine
+
 
 
 def compile_network(net: nn.Module) -> None:

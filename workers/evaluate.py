@@ -27,6 +27,11 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def training_prompts(config: RunConfig) -> list[str]:
+    traj = config.trajectories
+    return read_prompts(traj.prompts) if traj.prompts else family_module(config.teacher.family).training_prompts()
+
+
 def eval_prompts(config: RunConfig) -> list[str]:
     ev = config.evaluation
     return read_prompts(ev.prompts) if ev.prompts else family_module(config.teacher.family).eval_prompts()

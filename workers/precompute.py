@@ -11,7 +11,7 @@ import torch
 
 from workers.anchors import compute_anchors
 from workers.config import RunConfig, build
-from workers.distill import AnchorBatch
+from workers.batches import AnchorBatch
 from workers.schema import batch_to_table
 from workers.store import ShardInfo, StoreSpec, filesystem, write_negative, write_shard
 from workers.teacher import load_teacher
@@ -41,7 +41,7 @@ class AnchorWriter:
             ids = prompt_ids[start:start + size]
             parts.append(compute_anchors(self.config, self.adapter, self.teacher,
                                          [self.spec.prompts[i] for i in ids], ids, seeds[start:start + size],
-                                         self.device, self.dtype))
+                                         self.device))
         x0 = [p.x0_anchor for p in parts]
         batch = AnchorBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("eps", "z", "t_anchor")),
                             cond=type(parts[0].cond).cat([p.cond for p in parts]),

@@ -1,4 +1,4 @@
-"""Anchor batches read and moved to the device ahead of the training loop, on a background thread, so that
+"""Batches read and moved to the device ahead of the training loop, on a background thread, so that
 Parquet decoding and host-to-device copies overlap the previous step's compute instead of following it."""
 
 from __future__ import annotations
@@ -6,18 +6,19 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 
-from models.adapter import Conditioning
-from workers.distill import AnchorBatch
+from workers.batches import AnchorBatch, PromptBatch
+
+Batch = TypeVar("Batch", AnchorBatch, PromptBatch)
 
 _DONE = object()
 
 
-def prefetched(batches: Iterator[AnchorBatch], device: torch.device, dtype: torch.dtype,
-               depth: int = 2) -> Iterator[AnchorBatch]:
-    """Yield batches already on device and dtype, up to depth of them prepared ahead.
+def prefetched(batches: Iterator[Batch], device: torch.device, depth: int = 2) -> Iterator[Batch]:
+    """Yield batches (AnchorBatch or PromptBatch) already on device, up to depth of them prepared ahead.
 
     On CUDA the copies run from pinned memory on a side stream; each batch's consumer stream waits for
     its copy (an event, no host sync), and the tensors are marked as used there so the caching allocator
@@ -37,11 +38,11 @@ def prefetched(batches: Iterator[AnchorBatch], device: torch.device, dtype: torc
                 event = None
                 if cuda:
                     with torch.cuda.stream(stream):
-                        batch = _moved(_pinned(batch), device, dtype, non_blocking=True)
+                        batch = batch.pin_memory().to(device, non_blocking=True)
                         event = torch.cuda.Event()
                         event.record(stream)
                 else:
-                    batch = _moved(batch, device, dtype)
+                    batch = batch.to(device)
                 ready.put((batch, event))
         except BaseException as err:  # handed to the consumer
             ready.put((err, None))
@@ -59,7 +60,7 @@ def prefetched(batches: Iterator[AnchorBatch], device: torch.device, dtype: torc
             if event is not None:
                 consumer = torch.cuda.current_stream(device)
                 consumer.wait_event(event)
-                for tensor in _tensors(batch):
+                for tensor in batch.tensors():
                     tensor.record_stream(consumer)
             yield batch
     finally:
@@ -70,22 +71,3 @@ def prefetched(batches: Iterator[AnchorBatch], device: torch.device, dtype: torc
             except queue.Empty:
                 thread.join(timeout=0.1)
 
-
-def _tensors(batch: AnchorBatch) -> list[torch.Tensor]:
-    return [batch.eps, batch.z, batch.t_anchor, batch.prompt_ids, batch.seeds, *batch.cond.tensors.values()]
-
-
-def _pinned(batch: AnchorBatch) -> AnchorBatch:
-    return _mapped(batch, lambda t: t.pin_memory())
-
-
-def _moved(batch: AnchorBatch, device: torch.device, dtype: torch.dtype, non_blocking: bool = False) -> AnchorBatch:
-    """AnchorBatch.to, with non_blocking copies: floating tensors take dtype, the rest keep theirs."""
-    return _mapped(batch, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None,
-                                         non_blocking=non_blocking))
-
-
-def _mapped(batch: AnchorBatch, fn) -> AnchorBatch:
-    return AnchorBatch(fn(batch.eps), fn(batch.z), fn(batch.t_anchor),
-                       Conditioning({k: fn(t) for k, t in batch.cond.tensors.items()}),
-                       fn(batch.prompt_ids), fn(batch.seeds))

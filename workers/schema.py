@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 
 from models.adapter import Conditioning
-from workers.distill import AnchorBatch
+from workers.batches import AnchorBatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: anchors always float32; stores keyed without their size (they grow)
 
 ID_COLUMNS = {"prompt_id": pa.int64(), "prompt": pa.string(), "seed": pa.int64(), "t_anchor": pa.float32()}
 COND_PREFIX = "cond."

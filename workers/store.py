@@ -25,8 +25,8 @@ import torch
 from models.adapter import Conditioning
 from models.families import family_module
 from workers.config import RunConfig
-from workers.distill import AnchorBatch
-from workers.schema import SCHEMA_VERSION, TensorSpec, batch_to_table, table_to_batch
+from workers.batches import AnchorBatch, PromptBatch
+from workers.schema import COND_PREFIX, SCHEMA_VERSION, TensorSpec, decode_tensor, table_to_batch
 
 MANIFEST = "manifest.json"
 NEGATIVE = "negative.parquet"
@@ -70,13 +70,15 @@ def weights_digest(teacher_dir: Path) -> str:
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """Everything the rows depend on, and the rows themselves: prompt_ids and seeds in store order."""
+    """Everything the rows depend on, and how many whole shards a run needs. Row r holds prompt r mod P and
+    seed seed_offset + r, so a store of N shards is the first N shards of any larger one: a run that needs
+    more rows extends the store, keeping the shards it has."""
 
     fingerprint: dict
     prompts: list[str]
-    seeds_per_prompt: int
     seed_offset: int
     rows_per_shard: int
+    num_shards: int
 
     @property
     def key(self) -> str:
@@ -85,21 +87,35 @@ class StoreSpec:
 
     @property
     def num_rows(self) -> int:
-        return len(self.prompts) * self.seeds_per_prompt
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_rows // self.rows_per_shard)
+        return self.num_shards * self.rows_per_shard
 
     def shard_rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_ids, seeds) of shard index, as workers.anchors.row_ids numbers the rows."""
         from workers.anchors import row_ids
 
-        rows = torch.arange(index * self.rows_per_shard, min((index + 1) * self.rows_per_shard, self.num_rows))
+        rows = torch.arange(index * self.rows_per_shard, (index + 1) * self.rows_per_shard)
         return row_ids(rows, len(self.prompts), self.seed_offset)
 
 
-def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path) -> StoreSpec:
+def anchor_rows_per_rank(config: RunConfig) -> int:
+    """Anchor rows one rank's generator updates consume over the whole run: each generator update takes a
+    batch of new rows (critic updates take none); trajectories.max_reuse > 1 lets a run go over the rows
+    that many times, so it needs that many times fewer."""
+    rows = config.schedule.num_generator_updates * config.distributed.batch_size_per_worker
+    return -(-rows // config.trajectories.max_reuse)
+
+
+def shards_needed(config: RunConfig, num_prompts: int, world_size: int | None = None) -> int:
+    """Whole shards a run of world_size ranks needs (each rank reads shards rank::world_size), and at least
+    trajectories.seeds_per_prompt rows per prompt when that is set."""
+    world_size = world_size or config.distributed.num_workers
+    per_shard = config.trajectories.rows_per_shard
+    for_run = world_size * -(-anchor_rows_per_rank(config) // per_shard)
+    asked = -(-num_prompts * config.trajectories.seeds_per_prompt // per_shard)
+    return max(for_run, asked, world_size)
+
+
+def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path, world_size: int | None = None) -> StoreSpec:
     t, traj = config.teacher, config.trajectories
     fingerprint = {
         "schema_version": SCHEMA_VERSION,
@@ -112,13 +128,14 @@ def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path) -> Stor
         "num_steps": t.num_steps,
         "shift": t.shift,
         "dtype": t.dtype,
-        **({"resolution": t.resolution} if t.resolution else {}),  # only where set: older stores keep their key
+        **({"resolution": t.resolution} if t.resolution else {}),
         "prompt_set_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "num_prompts": len(prompts),
         "seed_offset": traj.seed_offset,
-        "seeds_per_prompt": traj.seeds_per_prompt,
+        "rows_per_shard": traj.rows_per_shard,
     }
-    return StoreSpec(fingerprint, prompts, traj.seeds_per_prompt, traj.seed_offset, traj.rows_per_shard)
+    return StoreSpec(fingerprint, prompts, traj.seed_offset, traj.rows_per_shard,
+                     shards_needed(config, len(prompts), world_size))
 
 
 def store_url(config: RunConfig, spec: StoreSpec) -> str:
@@ -205,8 +222,11 @@ def column_specs(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, TensorSp
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, shards: dict[int, ShardInfo]) -> dict:
-    if sorted(shards) != list(range(spec.num_shards)):
-        missing = sorted(set(range(spec.num_shards)) - set(shards))
+    """The manifest of shards 0 .. spec.num_shards - 1: written last, in one piece."""
+    count = spec.num_shards
+    shards = {i: info for i, info in shards.items() if i < count}
+    if sorted(shards) != list(range(count)):
+        missing = sorted(set(range(count)) - set(shards))
         raise StoreError(f"cannot finish the store at {root}: shards {missing} are missing")
     rows = sum(s.rows for s in shards.values())
     if rows != spec.num_rows:
@@ -215,12 +235,12 @@ def write_manifest(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, sh
         "schema_version": SCHEMA_VERSION,
         "fingerprint": spec.fingerprint,
         "prompts": spec.prompts,
-        "seed_range": [spec.seed_offset, spec.seed_offset + spec.num_rows],
+        "seed_range": [spec.seed_offset, spec.seed_offset + rows],
         "num_rows": rows,
         "rows_per_shard": spec.rows_per_shard,
         "columns": {n: s.to_json() for n, s in column_specs(fs, posixpath.join(root, shards[0].name)).items()},
         "negative_columns": {n: s.to_json() for n, s in column_specs(fs, posixpath.join(root, NEGATIVE)).items()},
-        "shards": [shards[i].to_json() for i in range(spec.num_shards)],
+        "shards": [shards[i].to_json() for i in range(count)],
         "bytes": sum(s.bytes for s in shards.values()),
     }
     _put_atomically(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -261,9 +281,9 @@ class Store:
                 raise StoreError(f"shard {shard['name']} in the store at {self.root} does not match its manifest "
                                  "(corrupt or overwritten); delete it and re-run `dpdmd precompute`")
 
-    def read_shard(self, shard: dict) -> pa.Table:
+    def read_shard(self, shard: dict, columns: list[str] | None = None) -> pa.Table:
         try:
-            table = pq.read_table(self.shard_path(shard), filesystem=self.fs)
+            table = pq.read_table(self.shard_path(shard), filesystem=self.fs, columns=columns)
         except (OSError, pa.ArrowException) as err:
             raise StoreError(f"shard {shard['name']} in the store at {self.root} cannot be read ({err}); "
                              "delete it and re-run `dpdmd precompute`") from None
@@ -272,24 +292,62 @@ class Store:
         return table
 
     def negative(self) -> Conditioning:
-        from workers.schema import decode_tensor
-
         table = pq.read_table(posixpath.join(self.root, NEGATIVE), filesystem=self.fs)
         return Conditioning({n: decode_tensor(table.column(n), TensorSpec.from_json(s))
                              for n, s in self.manifest["negative_columns"].items()})
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start_row: int = 0,
-                seed: int = 0) -> Iterator[AnchorBatch]:
-        """This rank's endless stream: shards rank::world_size, shuffled within each shard, epoch after
-        epoch; start_row rows are skipped (the data position of a resumed run)."""
-        shards = self.shards[rank::world_size] or self.shards[rank % len(self.shards)::len(self.shards)]
+    def rank_shards(self, rank: int, world_size: int) -> list[dict]:
+        """The shards rank reads: rank::world_size (a store of fewer shards than ranks: one each, shared)."""
+        return self.shards[rank::world_size] or self.shards[rank % len(self.shards)::len(self.shards)]
+
+    def rank_rows(self, rank: int, world_size: int) -> int:
+        return sum(s["rows"] for s in self.rank_shards(rank, world_size))
+
+    def check_capacity(self, config: RunConfig, rank: int, world_size: int) -> None:
+        """Refuse, before training, a store from which this rank's generator updates would reuse anchor rows
+        more often than trajectories.max_reuse allows."""
+        needed = anchor_rows_per_rank(config)
+        have = self.rank_rows(rank, world_size)
+        if have < needed:
+            per_run = config.schedule.num_generator_updates * config.distributed.batch_size_per_worker
+            raise StoreError(
+                f"the trajectory store at {self.root} holds {have} anchor rows for rank {rank} of {world_size}, "
+                f"but {config.schedule.num_generator_updates} generator updates x "
+                f"{config.distributed.batch_size_per_worker} rows need {per_run}"
+                + (f" ({needed} at trajectories.max_reuse={config.trajectories.max_reuse})"
+                   if config.trajectories.max_reuse > 1 else "")
+                + "; run `dpdmd precompute` with the run's recipe and overrides (it extends the store), or raise "
+                  "trajectories.max_reuse to train on fewer rows more than once")
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start_row: int = 0, seed: int = 0,
+                max_epochs: int | None = None) -> Iterator[AnchorBatch]:
+        """This rank's anchor rows: its shards in a seeded order, shuffled within each shard; start_row rows
+        are skipped (the data position of a resumed run). After max_epochs passes over the rank's rows the
+        stream ends (None: endless)."""
+        for table in self._tables(batch_size, rank, world_size, start_row, seed, None, max_epochs):
+            yield table_to_batch(table, self.columns)
+
+    def prompt_batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start_row: int = 0,
+                       seed: int = 0) -> Iterator[PromptBatch]:
+        """Endless prompt conditioning for critic updates, from the same shards but only their prompt
+        columns, in an order of its own: no anchor row is consumed."""
+        cond = {n: s for n, s in self.columns.items() if n.startswith(COND_PREFIX)}
+        for table in self._tables(batch_size, rank, world_size, start_row, seed + 1_000_003,
+                                  ["prompt_id", *cond], None):
+            yield PromptBatch(Conditioning({n.removeprefix(COND_PREFIX): decode_tensor(table.column(n), s)
+                                            for n, s in cond.items()}),
+                              torch.from_numpy(table.column("prompt_id").to_numpy()))
+
+    def _tables(self, batch_size: int, rank: int, world_size: int, start_row: int, seed: int,
+                columns: list[str] | None, max_epochs: int | None) -> Iterator[pa.Table]:
+        shards = self.rank_shards(rank, world_size)
         pending: list[pa.Table] = []
         held = skipped = 0
         epoch = 0
-        while True:
+        while max_epochs is None or epoch < max_epochs:
             order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed + epoch))
             for i in order.tolist():
-                table = self.read_shard(shards[i])
+                table = self.read_shard(shards[i], columns)
                 perm = torch.randperm(table.num_rows, generator=torch.Generator().manual_seed(seed + epoch * 7 + i))
                 table = table.take(pa.array(perm.numpy()))
                 if skipped < start_row:
@@ -299,7 +357,7 @@ class Store:
                 held += table.num_rows
                 while held >= batch_size:
                     merged = pa.concat_tables(pending)
-                    yield table_to_batch(merged.slice(0, batch_size), self.columns)
+                    yield merged.slice(0, batch_size)
                     rest = merged.slice(batch_size)
                     pending, held = [rest], rest.num_rows
             epoch += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,56 +18,69 @@ from torch import nn
 from models.adapter import Conditioning, TeacherAdapter
 from models.families import family_module
 from workers.anchors import InlineAnchors
+from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext
-from workers.distill import AnchorBatch, Distiller, Progress, copy_for_training, read_progress, write_progress
-from workers.engines import build_engine, compile_network, init_distributed
-from workers.evaluate import GENERATOR_META
+from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
+from workers.engines import build_engine, compile_network, distributed
+from workers.evaluate import GENERATOR_META, training_prompts
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
 
 GENERATOR_DIR = "generator"
 
-BatchSource = Callable[[RunConfig, WorkerContext, int], Iterator[AnchorBatch]]
-"""source(config, ctx, start_row) -> this rank's endless stream of anchor batches from row start_row."""
+DataSource = Callable[[RunConfig, WorkerContext, Progress], TrainingData]
+"""source(config, ctx, progress) -> this rank's anchor and prompt streams, positioned where progress stands."""
 
 
-def inline_source(adapter, teacher, device, dtype) -> BatchSource:
-    from workers.evaluate import read_prompts
-
-    def source(config: RunConfig, ctx: WorkerContext, start_row: int) -> Iterator[AnchorBatch]:
-        traj = config.trajectories
-        prompts = read_prompts(traj.prompts) if traj.prompts else family_module(config.teacher.family).training_prompts()
-        anchors = InlineAnchors(config, adapter, teacher, prompts, ctx.rank, ctx.world_size, device, dtype)
-        return anchors.batches(config.distributed.batch_size_per_worker, start_row)
+def inline_source(adapter, teacher, device) -> DataSource:
+    """Anchors computed with the teacher at every generator update, as the reference script does."""
+    def source(config: RunConfig, ctx: WorkerContext, progress: Progress) -> TrainingData:
+        anchors = InlineAnchors(config, adapter, teacher, training_prompts(config), ctx.rank, ctx.world_size, device)
+        batch = config.distributed.batch_size_per_worker
+        return TrainingData(anchors.batches(batch, progress.rows_consumed),
+                            anchors.prompt_batches(batch, progress.prompt_rows_consumed))
     return source
 
 
-def store_source(store) -> BatchSource:
-    """This rank's share of a trajectory store (workers/store.py), read directly with pyarrow."""
-    def source(config: RunConfig, ctx: WorkerContext, start_row: int) -> Iterator[AnchorBatch]:
-        return store.batches(config.distributed.batch_size_per_worker, ctx.rank, ctx.world_size, start_row,
-                             seed=config.seed)
+def store_source(store) -> DataSource:
+    """This rank's share of a trajectory store (workers/store.py), read directly with pyarrow: generator
+    updates take new anchor rows (at most trajectories.max_reuse passes, checked before training), critic
+    updates read the prompts' conditioning only."""
+    def source(config: RunConfig, ctx: WorkerContext, progress: Progress) -> TrainingData:
+        store.check_capacity(config, ctx.rank, ctx.world_size)
+        batch = config.distributed.batch_size_per_worker
+        return TrainingData(
+            store.batches(batch, ctx.rank, ctx.world_size, progress.rows_consumed, seed=config.seed,
+                          max_epochs=config.trajectories.max_reuse),
+            store.prompt_batches(batch, ctx.rank, ctx.world_size, progress.prompt_rows_consumed, seed=config.seed),
+            rows_available=store.rank_rows(ctx.rank, ctx.world_size))
     return source
 
 
-def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = None,
+def train(config: RunConfig, ctx: WorkerContext, source: DataSource | None = None,
           negative: Conditioning | None = None, mlflow_run: tuple[str, str] | None = None,
           teacher: tuple[TeacherAdapter, nn.Module] | None = None,
           on_cycle: Callable[[Progress, dict], None] | None = None, save: bool = True) -> Progress:
     """Run (or resume) distillation to schedule.num_generator_updates. The final checkpoint also holds
     the exported generator (GENERATOR_DIR), ready for the sample command.
 
-    source: where anchor batches come from; None computes them inline with the teacher, as the
-    reference script does (slow: for comparison and benchmarks). negative: the empty-prompt
+    source: where anchor and prompt batches come from (store_source); None computes anchors inline with
+    the teacher, as the reference script does (slow: for comparison and benchmarks). negative: the empty-prompt
     conditioning (from the store); None encodes it here. mlflow_run: (tracking URI, run id) that rank 0
     logs step metrics into.
 
     For benchmarks: teacher, an (adapter, network) pair already frozen on this rank's device and dtype,
     replaces loading config.teacher (a network built in code, no download); on_cycle(progress, metrics)
     runs after every critic/generator cycle; save=False writes no checkpoints and exports nothing."""
+    with distributed(config.distributed.use_gpu):
+        return _train(config, ctx, source, negative, mlflow_run, teacher, on_cycle, save)
+
+
+def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, negative: Conditioning | None,
+           mlflow_run: tuple[str, str] | None, teacher: tuple[TeacherAdapter, nn.Module] | None,
+           on_cycle: Callable[[Progress, dict], None] | None, save: bool) -> Progress:
     dist, schedule = config.distributed, config.schedule
-    init_distributed(dist.use_gpu)
     device = ctx.device(dist.use_gpu)
     dtype = torch.bfloat16 if dist.precision == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -91,10 +104,10 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         progress = read_progress(checkpoint, rng, ctx.rank)
         progress.resumes += 1
 
-    source = source or inline_source(adapter, teacher, device, dtype)
-    batches = source(config, ctx, progress.rows_consumed)
+    source = source or inline_source(adapter, teacher, device)
+    data = source(config, ctx, progress)
     negative = negative if negative is not None else adapter.negative_conditioning(1)
-    distiller = Distiller(config, adapter, teacher, generator, critic, device, dtype, rng, negative, ctx.all_finite)
+    distiller = Distiller(config, adapter, teacher, generator, critic, device, rng, negative, ctx.all_finite)
     distiller.skipped = progress.skipped_steps
     batch_size = dist.batch_size_per_worker
     logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)
@@ -104,16 +117,18 @@ def train(config: RunConfig, ctx: WorkerContext, source: BatchSource | None = No
         critic_metrics: list[dict[str, float]] = []
         while progress.cycle_position < schedule.critic_updates_per_generator:
             where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
-            critic_metrics.append(distiller.critic_step(next(batches).to(device, dtype), where))
+            critic_metrics.append(distiller.critic_step(next(data.prompts).to(device), where))
             progress.cycle_position += 1
             progress.critic_updates += 1
-            progress.rows_consumed += batch_size
+            progress.prompt_rows_consumed += batch_size
         where = f"generator update {progress.generator_updates + 1}"
-        metrics = distiller.generator_step(next(batches).to(device, dtype), where)
+        metrics = distiller.generator_step(data.next_anchors(where).to(device), where)
         progress.generator_updates += 1
         progress.cycle_position = 0
         progress.rows_consumed += batch_size
         progress.skipped_steps = distiller.skipped
+        if data.rows_available:
+            metrics["anchor_passes"] = progress.rows_consumed / data.rows_available
 
         step = progress.generator_updates
         cycle_s = time.perf_counter() - start

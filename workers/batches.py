@@ -1,0 +1,87 @@
+"""What a training rank reads: anchor batches for generator updates and prompt batches for critic updates.
+
+Generator updates consume anchor rows, and within a run each row is used once (fresh noise for every
+update); critic updates draw their own noise and need only the prompts' conditioning, so they consume none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from models.adapter import Conditioning
+
+
+@dataclass
+class AnchorBatch:
+    """One generator batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the
+    prompt conditioning, and the rows' ids (prompt_id, seed). x0_anchor (B, ...): the teacher's guided x0
+    estimate at z, for epsilon-prediction teachers only (their diversity target). eps, z, t_anchor and
+    x0_anchor are float32, whatever precision the networks train in."""
+
+    eps: torch.Tensor
+    z: torch.Tensor
+    t_anchor: torch.Tensor
+    cond: Conditioning
+    prompt_ids: torch.Tensor
+    seeds: torch.Tensor
+    x0_anchor: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> AnchorBatch:
+        """The same batch on device; dtypes are kept (the networks cast their inputs themselves)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.eps, self.z, self.t_anchor, self.prompt_ids, self.seeds, self.x0_anchor,
+                            *self.cond.tensors.values()) if t is not None]
+
+    def pin_memory(self) -> AnchorBatch:
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> AnchorBatch:
+        return AnchorBatch(fn(self.eps), fn(self.z), fn(self.t_anchor),
+                           Conditioning({k: fn(t) for k, t in self.cond.tensors.items()}), fn(self.prompt_ids),
+                           fn(self.seeds), None if self.x0_anchor is None else fn(self.x0_anchor))
+
+
+@dataclass
+class PromptBatch:
+    """One critic batch: the prompts' conditioning and their ids; the critic draws its own noise."""
+
+    cond: Conditioning
+    prompt_ids: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> PromptBatch:
+        return PromptBatch(Conditioning({k: t.to(device, non_blocking=non_blocking)
+                                         for k, t in self.cond.tensors.items()}),
+                           self.prompt_ids.to(device, non_blocking=non_blocking))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.prompt_ids, *self.cond.tensors.values()]
+
+    def pin_memory(self) -> PromptBatch:
+        return PromptBatch(Conditioning({k: t.pin_memory() for k, t in self.cond.tensors.items()}),
+                           self.prompt_ids.pin_memory())
+
+
+class AnchorsExhausted(RuntimeError):
+    """A rank's anchor rows ran out mid-run: the store was smaller than the run needs."""
+
+
+@dataclass
+class TrainingData:
+    """A rank's two streams, positioned where the run stands (resume starts mid-stream)."""
+
+    anchors: Iterator[AnchorBatch]  # one batch per generator update; no row twice within a run
+    prompts: Iterator[PromptBatch]  # endless; one batch per critic update
+    rows_available: int | None = None  # anchor rows this rank can draw from (None: unbounded, computed inline)
+
+    def next_anchors(self, where: str) -> AnchorBatch:
+        try:
+            return next(self.anchors)
+        except StopIteration:
+            raise AnchorsExhausted(f"no anchor rows left for {where}: the trajectory store holds "
+                                   f"{self.rows_available} rows for this rank; run `dpdmd precompute` with the "
+                                   "run's recipe and overrides to extend it") from None
