@@ -50,7 +50,8 @@ def _critic_and_generator_steps(config):
     d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"), torch.Generator().manual_seed(0),
                   store.negative())
     g0, c0, t0 = _params(generator.module), _params(critic.module), _params(teacher)
-    d.critic_step(next(store.prompt_batches(8)), "critic")
+    prompts = next(store.prompt_batches(8))
+    d.critic_step(prompts, d.generator_samples([prompts])[0], "critic")
     g1, c1 = _params(generator.module), _params(critic.module)
     assert _same(g0, g1) and not _same(c0, c1)
     d.generator_step(next(store.batches(8)), "generator")

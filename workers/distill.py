@@ -65,13 +65,21 @@ class Distiller:
 
     # -- the two updates -------------------------------------------------------------------------------
 
-    def critic_step(self, batch: PromptBatch, where: str) -> dict[str, float]:
-        """Loss 5: flow matching on a fresh no-grad generator sample for the batch's prompts."""
-        with torch.no_grad():
-            eps = self._noise((batch.cond.batch_size, *self.adapter.latent_shape))
-            x_gen = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), self._start(eps),
-                                      self.generator_sigmas).x_gen
-        t, eps2 = self._draw_t(len(eps)), self._noise(x_gen.shape)
+    @torch.no_grad()
+    def generator_samples(self, batches: list[PromptBatch]) -> list[torch.Tensor]:
+        """Fresh no-grad generator samples for a cycle's critic updates, one per batch, from one rollout of
+        all of them: the generator does not change between critic updates."""
+        sizes = [b.cond.batch_size for b in batches]
+        cond = Conditioning.cat([b.cond for b in batches])
+        eps = self._noise((sum(sizes), *self.adapter.latent_shape))
+        x_gen = generator_rollout(self._velocity_fn(self.generator.module, cond), self._start(eps),
+                                  self.generator_sigmas).x_gen
+        return list(x_gen.split(sizes))
+
+    def critic_step(self, batch: PromptBatch, x_gen: torch.Tensor, where: str) -> dict[str, float]:
+        """Loss 5: flow matching on x_gen, a fresh no-grad generator sample for the batch's prompts
+        (generator_samples)."""
+        t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
         x_t = interpolate(x_gen, eps2, t)
         out = critic_loss(self.adapter.velocity(self.critic.module, x_t, t, batch.cond), x_gen, eps2)
         return self._apply(self.critic, out, where)

@@ -115,9 +115,11 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     while progress.generator_updates < schedule.num_generator_updates:
         start = time.perf_counter()
         critic_metrics: list[dict[str, float]] = []
-        while progress.cycle_position < schedule.critic_updates_per_generator:
+        prompts = [next(data.prompts).to(device)
+                   for _ in range(schedule.critic_updates_per_generator - progress.cycle_position)]
+        for batch, x_gen in zip(prompts, distiller.generator_samples(prompts)):
             where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
-            critic_metrics.append(distiller.critic_step(next(data.prompts).to(device), where))
+            critic_metrics.append(distiller.critic_step(batch, x_gen, where))
             progress.cycle_position += 1
             progress.critic_updates += 1
             progress.prompt_rows_consumed += batch_size
