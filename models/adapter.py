@@ -87,6 +87,12 @@ class Conditioning:
         return Conditioning({k: torch.cat([c.tensors[k] for c in items]) for k in keys})
 
 
+def cast(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """net in dtype, in place. torch's own Module.to: diffusers' override warns about modules "to keep in
+    float32" on every dtype cast, even for models that list none."""
+    return nn.Module.to(net, dtype)
+
+
 def network_dtype(net: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
     """The floating dtype a network computes in: that of its first floating parameter."""
     for p in net.parameters():

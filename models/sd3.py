@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, TeacherAdapter
+from models.adapter import Conditioning, LoadOptions, TeacherAdapter, cast
 from models.flow import sampling_sigmas
 from models.pretrained import (check_resolution, copy_pipeline_components, pixel_diversity, read_component_config,
                                read_model_index)
@@ -184,8 +184,7 @@ def random_teacher(transformer_config: dict = SD35_MEDIUM_TRANSFORMER, resolutio
     torch.manual_seed(seed)
     with torch.device(device):
         net = SD3Transformer2DModel(**transformer_config)
-    if dtype != torch.float32:
-        net.to(dtype)
+    cast(net, dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return SD3Adapter(resolution, transformer_config["in_channels"], SD3_VAE_SCALE_FACTOR, scheduler), net
 

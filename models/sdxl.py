@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
+from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, cast, network_dtype
 from models.flow import expand_t
 from models.pretrained import (check_resolution, copy_pipeline_components, pixel_diversity, read_component_config,
                                read_model_index)
@@ -295,8 +295,7 @@ def random_teacher(unet_config: dict = SDXL_BASE_UNET, resolution: int = 1024, s
     torch.manual_seed(seed)
     with torch.device(device):
         net = UNet2DConditionModel(**unet_config)
-    if dtype != torch.float32:
-        net.to(dtype)
+    cast(net, dtype)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return SDXLAdapter(resolution, unet_config["in_channels"], SDXL_VAE_SCALE_FACTOR, scheduler), net
 

@@ -146,6 +146,13 @@ def new_teacher(width: int, seed: int) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
     return Toy2DAdapter(net.config.num_classes), net
 
 
+def shipped_teacher_dir() -> Path | None:
+    """The teacher trained with orchestrator/recipes/toy2d.yaml and shipped in the repository: the demo's
+    runs then start from the same weights on every machine (and skip half a minute of training)."""
+    path = Path(__file__).parent / "weights" / "toy2d-teacher"
+    return path if (path / "config.json").is_file() else None
+
+
 def save_teacher(adapter: Toy2DAdapter, net: Toy2DVelocityNet, path: str | Path) -> None:
     net.save_pretrained(str(path))
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 # Busy-waiting OpenMP threads slow small CPU models down many times over as soon as another process
@@ -25,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from orchestrator import recipe as recipes
-from workers.config import ConfigError, RunConfig, to_dict
+from workers.config import ConfigError, to_dict
 
 DEFAULT_RECIPE = "toy2d"
 
@@ -52,13 +51,6 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def new_run_dir(config: RunConfig, kind: str) -> Path:
-    """<output_dir>/runs/<time>-<kind>-<name>/ with the resolved config.yaml saved in it."""
-    run_dir = Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{config.name}"
-    recipes.save(config, run_dir)
-    return run_dir
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     print(recipes.dump(recipes.resolve(args.recipe, args.overrides)), end="")
     return 0
@@ -78,16 +70,17 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.families import family_module
+    from orchestrator import runs
     from workers.evaluate import evaluate, format_table, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
     if args.generator:
-        name, (adapter, net, sampler) = "generator", load_generator(args.generator)
+        name, (adapter, net, sampler) = "generator", load_generator(args.generator, family=config.teacher.family)
     else:
         name, (adapter, net) = "teacher", load_teacher(config, vae=True)
         sampler = teacher_sampler(config, adapter)
-    run_dir = new_run_dir(config, "evaluate")
+    run_dir = runs.make_run_dir(config, "evaluate")
     result = evaluate(config, adapter, net, sampler)
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
     save_samples(result, run_dir / f"{name}_samples.npz")
@@ -100,6 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from models.families import family_module
+    from orchestrator import runs
     from models.sampling import grid_pairs, sample
     from workers.evaluate import Evaluation, eval_prompts, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
@@ -108,13 +102,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = args.prompt or eval_prompts(config)
     seeds = parse_seeds(args.seeds)
     if args.generator:
-        adapter, net, sampler = load_generator(args.generator)
+        adapter, net, sampler = load_generator(args.generator, family=config.teacher.family)
     else:
         adapter, net = load_teacher(config, vae=True)
         sampler = teacher_sampler(config, adapter)
     pairs = grid_pairs(prompts, seeds)
     samples = adapter.decode(sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size))
-    out = Path(args.out) if args.out else new_run_dir(config, "sample")
+    out = Path(args.out) if args.out else runs.make_run_dir(config, "sample")
     save_samples(Evaluation(*pairs, samples, {}), out / "samples.npz")
     name = "generator" if args.generator else "teacher"
     png = family_module(config.teacher.family).render({name: samples}, pairs[0], out / "samples.png")
@@ -134,17 +128,30 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from orchestrator.distill import run_distill, run_local
+    from orchestrator.runs import finished, resume_config
 
-    config = recipes.resolve(args.recipe, args.overrides)
-    run_local(config) if args.no_ray else run_distill(config)
+    if args.resume:
+        config, run_dir = resume_config(args.resume, args.overrides), Path(args.resume)
+        if finished(run_dir, config):
+            print(f"{run_dir} has finished already ({config.schedule.num_generator_updates} generator updates); "
+                  f"its generator is {run_dir / 'generator'}")
+            return 0
+    else:
+        config, run_dir = recipes.resolve(args.recipe, args.overrides), None
+    run_local(config, run_dir) if args.no_ray else run_distill(config, run_dir)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.runs import resume_config
     from orchestrator.sweep import run_sweep
 
-    config = recipes.resolve(args.recipe, args.overrides)
-    run_sweep(config, to_dict(config))
+    if args.resume:
+        config = resume_config(args.resume, args.overrides)
+        run_sweep(config, to_dict(config), sweep_dir=Path(args.resume).resolve(), resume=True)
+    else:
+        config = recipes.resolve(args.recipe, args.overrides)
+        run_sweep(config, to_dict(config))
     return 0
 
 
@@ -169,6 +176,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpdmd", description="Diversity-preserved distribution matching distillation on Ray.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the log lines of Ray, its workers and the libraries too (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the embedded default end to end: teacher, evaluation, pictures")
@@ -193,10 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--no-ray", action="store_true",
                    help="run the train function in this process (or under torchrun), without Ray or MLflow")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue a stopped or killed run from its last checkpoint, with its own config.yaml")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sweep", help="Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality")
     _add_recipe_args(p, DEFAULT_RECIPE)
+    p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
+                   help="continue a stopped sweep: its finished trials are kept, the others continue from their "
+                        "last checkpoints")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fidelity", help="teacher, DMD and DP-DMD settings over several training seeds: the "
@@ -228,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from orchestrator import cluster
+
+    cluster.VERBOSE = args.verbose
     try:
         return args.func(args)
     except ConfigError as err:

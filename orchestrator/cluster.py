@@ -2,26 +2,70 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 
-# Every Ray worker process inherits these: passive OpenMP waiting (see cli.py) and no hub lookups.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+VERBOSE = False  # `dpdmd --verbose`: Ray's, its workers' and the libraries' log lines on the console too
+
+
+def worker_env() -> dict[str, str]:
+    """What every Ray worker process of a run gets in its environment: passive OpenMP waiting (see
+    BENCHMARKS.md), no hub lookups, training reports every 0.2 s instead of 2 s, and, unless verbose, no
+    library chatter (diffusers' and transformers' warnings, Python warnings)."""
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if not VERBOSE:
+        env.update(DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    return env
 
 
 def ensure_ray(object_store_gb: float = 1.0) -> None:
     """ray.init once: join the cluster named by RAY_ADDRESS if set (as `ray job submit` sets it), else start a
-    small local one."""
+    small local one. Unless VERBOSE, Ray's own log lines below ERROR stay in its log files; the project's
+    progress lines (printed by the workers) still reach the console."""
     import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours are enough
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # reports in 0.2 s, not 2 s
-    runtime_env = {"env_vars": WORKER_ENV}
+    level = logging.INFO if VERBOSE else logging.ERROR
+    logging.getLogger("ray.data").setLevel(level)  # Ray Data's execution plans, in this (the driver's) process
+    options = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True, logging_level=level,
+                   logging_config=ray.LoggingConfig(log_level=logging.getLevelName(level)))
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(**options)
     else:  # "local": a new cluster of our own, never one that another `ray start` on this machine left behind
+        # A sweep starts several processes per trial (its driver, Ray Train's controller and workers): more than
+        # the one-per-core the raylet starts at a time and warns about
         ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
-                 runtime_env=runtime_env, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+                 configure_logging=True, _system_config={"worker_maximum_startup_concurrency": 16}, **options)
+
+
+def trials_that_fit(resources: dict, trial_cpus: float, worker_cpus: float, workers_gpus: float) -> int:
+    """How many sweep trials can run at once: each needs its own CPU share plus its Ray Train workers'. Tune
+    sees only the trial's own share, and a trial it starts whose workers cannot get theirs waits and times
+    out, so the sweep caps the concurrency itself."""
+    fit = int(resources.get("CPU", 0) // (trial_cpus + worker_cpus)) if trial_cpus + worker_cpus else 1 << 30
+    if workers_gpus:
+        fit = min(fit, int(resources.get("GPU", 0) // workers_gpus))
+    return max(1, fit)
+
+
+@contextmanager
+def quiet_tune():
+    """Tune's console reporter prints an experiment box and result paths even at verbose=0; its legacy
+    reporter at verbose=0 prints nothing. For the duration of a fit only, unless VERBOSE."""
+    if VERBOSE:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before

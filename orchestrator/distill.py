@@ -1,31 +1,22 @@
-"""`dpdmd distill`: the driver. Checks the recipe against the cluster, makes sure the trajectory store is
-complete, then fits a Ray TorchTrainer whose workers run workers.train.train with DeepSpeed engines.
+"""`dpdmd distill`: the driver. Checks the recipe against the teacher and the cluster, makes sure the
+trajectory store holds every row the run needs, then fits a Ray TorchTrainer whose workers run
+workers.train.train with DeepSpeed engines; or, with --no-ray, runs that function in this process.
 
     dpdmd distill --recipe toy2d distributed.num_workers=2 distributed.zero_stage=3
+    dpdmd distill --resume outputs/runs/<time>-distill-toy2d          # continue a stopped run
     ray job submit --address http://HEAD:8265 --working-dir . -- dpdmd distill --recipe toy2d
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator import recipe as recipes
-from orchestrator.cluster import ensure_ray
-from orchestrator.precompute import precompute
+from orchestrator.runs import (Distilled, distill_here, distill_with_ray, evaluate_generator, finished, make_run_dir,
+                               preflight, stop_cleanly, summary, tracked_run)
 from workers.config import ConfigError, RunConfig
-from workers.tracking import mlflow_run
-from workers.train import GENERATOR_DIR
-
-
-@dataclass
-class DistillResult:
-    run_dir: Path
-    generator_dir: Path
-    metrics: dict
-    run_id: str = ""  # the MLflow run
+from workers.context import CHECKPOINTS, clock
+from workers.tracking import tracking_uri
 
 
 def check_cluster(config: RunConfig, resources: dict) -> None:
@@ -47,82 +38,78 @@ def check_cluster(config: RunConfig, resources: dict) -> None:
 
 
 def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: str | None = None,
-                callbacks: list | None = None) -> DistillResult:
-    """Precompute (or reuse) the store, fit the trainer, export the generator; all recorded in MLflow."""
-    run_dir = run_dir or Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
-    recipes.save(config, run_dir)
-    with mlflow_run(config, config.tracking.run_name or run_dir.name, "distill", parent_run_id) as tracked:
-        result = _fit(config, run_dir, tracked, callbacks or [])
+                callbacks: list | None = None, quiet: bool = False, evaluate: bool = False) -> Distilled:
+    """Check, precompute (or reuse) the store, fit the trainer, export the generator, and with evaluate=True
+    evaluate it (samples and pictures into the run directory); all recorded in MLflow. run_dir: a new run
+    directory by default; an existing one is continued from its last checkpoint."""
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+    from orchestrator.precompute import precompute
+
+    start = time.time()
+    preflight(config)
+    ensure_ray()
+    check_cluster(config, ray.cluster_resources())
+    store, store_summary = precompute(config)
+    if not quiet:
+        print(store_summary)
+    resuming = run_dir is not None and (Path(run_dir) / "config.yaml").is_file()
+    run_dir = Path(run_dir).resolve() if resuming else make_run_dir(config, "distill", *_trial(run_dir))
+    with tracked_run(config, run_dir, "distill", parent_run_id) as tracked:
+        dist = config.distributed
+        if not quiet:
+            print(f"[distill] {'resuming ' if resuming else ''}{run_dir.name}: {dist.num_workers} workers, "
+                  f"ZeRO-{dist.zero_stage}, {dist.precision}, {config.schedule.num_generator_updates} generator "
+                  "updates")
+        with stop_cleanly(run_dir, f"dpdmd distill --resume {run_dir}"):
+            result = distill_with_ray(config, run_dir, store, tracked, callbacks)
         tracked.log_artifact(run_dir / "config.yaml")
         tracked.log_artifact(result.generator_dir, "generator")
-        result.run_id = tracked.run_id
+        if evaluate:
+            result.evaluation = evaluate_generator(config, result.generator_dir, run_dir, run_dir.name, tracked)
+    if not quiet:
+        print(summary(f"[distill] done in {clock(time.time() - start)}", {
+            "run directory": run_dir, "generator": result.generator_dir, "checkpoints": run_dir / CHECKPOINTS,
+            "MLflow run": f"{result.run_id} (mlflow ui --backend-store-uri {tracking_uri(config)})"}))
     return result
 
 
-def _fit(config: RunConfig, run_dir: Path, tracked, callbacks: list) -> DistillResult:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from workers.ray_worker import train_fn_per_worker
-
-    ensure_ray()
-    check_cluster(config, ray.cluster_resources())
-    store, summary = precompute(config)
-    print(summary)
-
-    dist = config.distributed
-    storage = (Path(config.storage.output_dir) / "ray_results").resolve()
-    print(f"[distill] {dist.num_workers} workers, ZeRO-{dist.zero_stage}, {dist.precision}; "
-          f"checkpoints under {storage / run_dir.name}; metrics in MLflow run {tracked.run_id} at {tracked.uri}")
-    # Each rank streams its own shards straight from Parquet (store.batches). A Ray Dataset with
-    # streaming_split made the small-model loop many times slower here (a coordinator round trip per
-    # batch) and its read tasks can starve when training holds the CPUs.
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"config": asdict(config), "store": store, "mlflow_run": (tracked.uri, tracked.run_id)},
-        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
-                                     resources_per_worker={"CPU": dist.cpus_per_worker}),
-        run_config=RayRunConfig(name=run_dir.name, storage_path=str(storage), callbacks=callbacks,
-                                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                failure_config=FailureConfig(max_failures=dist.max_failures)),
-        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
-    )
-    result = trainer.fit()
-    generator_dir = run_dir / GENERATOR_DIR
-    with result.checkpoint.as_directory() as checkpoint:
-        shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
-    print(f"[distill] generator exported to {generator_dir}")
-    return DistillResult(run_dir, generator_dir, dict(result.metrics or {}))
+def _trial(run_dir: Path | None) -> tuple:
+    """A run directory asked for but not there yet (a sweep trial's): make it there."""
+    return () if run_dir is None else (Path(run_dir).parent, Path(run_dir).name)
 
 
-def run_local(config: RunConfig) -> Path:
+def run_local(config: RunConfig, run_dir: Path | None = None) -> Path:
     """The same train function without Ray: one process, or one rank of `torchrun --nproc_per_node N -m
     orchestrator distill --no-ray ...`. Rank 0 fills the store; every rank then streams its own shards.
-    Metrics go to <run dir>/metrics.jsonl (no MLflow); returns the run directory."""
+    Metrics go to <run dir>/metrics.jsonl (no MLflow); returns the run directory. run_dir: an earlier run
+    to continue from its last checkpoint."""
     import torch.distributed as torch_dist
 
-    from workers.context import LocalContext
+    from orchestrator.precompute import precompute
     from workers.engines import init_distributed
-    from workers.train import store_source, train
 
+    start = time.time()
+    preflight(config)
     init_distributed(config.distributed.use_gpu)
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     shared = [None]
     if rank == 0:
-        store, summary = precompute(config, use_ray=False, world_size=world)
-        print(summary)
-        run_dir = Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-distill-{config.name}"
-        recipes.save(config, run_dir)
-        shared = [str(run_dir)]
+        store, store_summary = precompute(config, use_ray=False, world_size=world)
+        print(store_summary)
+        shared = [str(Path(run_dir).resolve() if run_dir else make_run_dir(config, "distill"))]
     torch_dist.broadcast_object_list(shared, src=0)  # also waits for the store
     run_dir = Path(shared[0])
     if rank != 0:
         store, _ = precompute(config, use_ray=False, progress=False, world_size=world)
-    progress = train(config, LocalContext(run_dir, resume=False), store_source(store), store.negative())
+    if finished(run_dir, config):
+        print(f"[distill] {run_dir} has finished already; its generator is {run_dir / 'generator'}")
+        return run_dir
+    with stop_cleanly(run_dir, f"dpdmd distill --no-ray --resume {run_dir}"):
+        result = distill_here(config, run_dir, store)
     if rank == 0:
-        final = run_dir / "checkpoints" / f"step-{progress.generator_updates:07d}" / GENERATOR_DIR
-        shutil.copytree(final, run_dir / GENERATOR_DIR, dirs_exist_ok=True)
-        print(f"[distill] generator exported to {run_dir / GENERATOR_DIR}")
+        print(summary(f"[distill] done in {clock(time.time() - start)}", {
+            "run directory": run_dir, "generator": result.generator_dir, "checkpoints": run_dir / CHECKPOINTS,
+            "metrics": run_dir / "metrics.jsonl"}))
     return run_dir

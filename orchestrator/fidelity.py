@@ -108,19 +108,57 @@ def _cell(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4g} ± {std:.2g}" if seeds > 1 else f"{mean:.4g}"
 
 
-def format_fidelity(result: dict, teacher: dict[str, float], family: str) -> str:
-    """The Markdown table: teacher first, then every setting with mean ± std over its training seeds."""
+def format_fidelity(result: dict, teacher: dict[str, float], family: str,
+                    cut: tuple[int, dict[str, float]] | None = None) -> str:
+    """The Markdown table: teacher first (and, given cut = (steps, metrics), the teacher cut to the generator's
+    steps), then every setting with mean ± std over its training seeds."""
     columns = metric_columns(family)
     d_name = family_module(family).DIVERSITY[0]
     lines = ["| model | seeds | " + " | ".join(columns) + f" | gap recovered ({d_name}) |",
              "|---" * (len(columns) + 3) + "|",
              f"| teacher | - | " + " | ".join(f"{teacher[c]:.4g}" for c in columns) + " | 1 |"]
+    if cut is not None:
+        steps, metrics = cut
+        lines.append(f"| teacher, {steps} steps | - | " + " | ".join(f"{metrics[c]:.4g}" for c in columns) + " | |")
     for i, s in enumerate(result["settings"]):
         name = s["name"] + (" **picked**" if i == result["picked"] else "")
         gap, gap_std = s["gap_recovered"]
         cells = [_cell(s["mean"][c], s["std"][c], len(s["seeds"])) for c in columns]
         lines.append(f"| {name} | {len(s['seeds'])} | " + " | ".join(cells) + f" | {_cell(gap, gap_std, len(s['seeds']))} |")
     return "\n".join(lines)
+
+
+def verdict(result: dict, teacher: dict[str, float], family: str, default_weight: float) -> str:
+    """One line computed from the numbers: how much of DMD's diversity gap to the teacher the recipe's DP-DMD
+    setting recovers over the training seeds, and whether that is larger than the spread between seeds."""
+    d_name, d_sign = family_module(family).DIVERSITY
+    settings, dmd = result["settings"], result["dmd"]
+    ours = next((s for s in settings if s["params"] == {"loss.diversity_weight": default_weight}), None)
+    if dmd < 0 or ours is None or ours is settings[dmd]:
+        return ""
+    gap, spread = ours["gap_recovered"]
+    seeds = sorted(set(ours["per_seed"]) & set(settings[dmd]["per_seed"]))
+    better = sum(d_sign * ours["per_seed"][s][d_name] > d_sign * settings[dmd]["per_seed"][s][d_name] for s in seeds)
+    shown = ", ".join(f"{c} {_cell(ours['mean'][c], ours['std'][c], 2)} (DMD {_cell(settings[dmd]['mean'][c], settings[dmd]['std'][c], 2)}, "
+                      f"teacher {teacher[c]:.4g})" for c in metric_columns(family)[:2])
+    return (f"Verdict over {len(seeds)} training seeds: {ours['name']} recovered {gap:.2f} ± {spread:.2f} of DMD's "
+            f"{d_name} gap to the teacher (0 = DMD, 1 = the teacher) and beat DMD on {d_name} in {better} of "
+            f"{len(seeds)} seeds; {shown}. Larger than the seed spread (mean - std > 0): "
+            f"{'yes' if gap - spread > 0 else 'no'}.")
+
+
+def per_seed_csv(result: dict, family: str, path: Path) -> Path:
+    """Every setting's value of every metric for each training seed, one row per (setting, seed)."""
+    import csv
+
+    columns = metric_columns(family)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "seed", *columns])
+        for s in result["settings"]:
+            for seed, metrics in sorted(s["per_seed"].items()):
+                writer.writerow([s["name"], seed, *(metrics[c] for c in columns)])
+    return path
 
 
 def plot_fidelity(result: dict, teacher: dict[str, float], family: str, path: Path) -> Path:
@@ -150,12 +188,16 @@ def plot_fidelity(result: dict, teacher: dict[str, float], family: str, path: Pa
 
 
 def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfig, out_dir: Path,
-                   seconds: float | None = None) -> tuple[str, Path]:
-    """fidelity.md (the table), fidelity.json (every number) and fidelity.png into out_dir."""
+                   seconds: float | None = None, cut: dict[str, float] | None = None) -> tuple[str, Path]:
+    """fidelity.md (the table and its verdict), fidelity.json (every number), fidelity_per_seed.csv,
+    fidelity.png and fidelity_samples.png into out_dir. cut: the teacher's metrics at the generator's steps."""
     family = config.teacher.family
     result = aggregate(rows, teacher, family, config.loss.diversity_weight, config.sweep.quality_tolerance)
-    table = format_fidelity(result, teacher, family)
+    table = format_fidelity(result, teacher, family, cut and (config.generator.num_steps, cut))
+    line = verdict(result, teacher, family, config.loss.diversity_weight)
+    table += f"\n\n{line}" if line else ""
     picture = plot_fidelity(result, teacher, family, out_dir / "fidelity.png")
+    per_seed_csv(result, family, out_dir / "fidelity_per_seed.csv")
     (out_dir / "fidelity.json").write_text(json.dumps({"teacher": teacher, **result, "rows": rows}, indent=1,
                                                       default=str))
     grid = render_settings(result, config, out_dir)
@@ -165,7 +207,7 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
         f"evaluated on the same {config.evaluation.seeds_per_prompt} held-out seeds per prompt. Gap recovered: "
         f"(diversity - DMD's) / (teacher's - DMD's), each seed paired with DMD's same seed. Picked: the most "
         f"diverse setting whose mean {family_module(family).QUALITY[0]} is within {config.sweep.quality_tolerance:g} "
-        f"of DMD's.{took}\n\n![fidelity]({picture.name})\n\n"
+        f"of DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
         + (f"Samples (first training seed of each setting; one row per prompt, one column per held-out seed):\n\n"
            f"![samples]({grid.name})\n" if grid else ""))
     return table, out_dir / "fidelity.md"
@@ -205,48 +247,80 @@ def check_space(space: dict[str, dict]) -> None:
 
 
 def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int = 1,
-                 out_dir: Path | None = None) -> Path:
-    """Evaluate the teacher, run every (setting, seed) trial, write the table; returns its directory."""
+                 out_dir: Path | None = None, space: dict[str, dict] | None = None, kind: str = "fidelity") -> Path:
+    """Evaluate the teacher, run every (setting, seed) trial of space (default: sweep.space), write the table;
+    returns its directory. out_dir: an earlier table's directory continues it (its finished trials are kept).
+    With Ray the trials are Tune trials under one MLflow parent run, which also gets the table."""
     from orchestrator.precompute import precompute
-
-    start = time.time()
-    space = load_space(config.sweep.space)
-    check_space(space)
-    out_dir = (out_dir or Path(config.storage.output_dir) / "runs"
-               / f"{time.strftime('%Y%m%d-%H%M%S')}-fidelity-{config.name}").resolve()
-    recipes.save(config, out_dir)
+    from orchestrator.runs import make_run_dir, summary
+    from workers.context import clock
     from workers.teacher import teacher_dir, train_teacher
+    from workers.tracking import tracking_uri
 
+    start, tag = time.time(), f"[{kind}]"
+    space = space or load_space(config.sweep.space)
+    check_space(space)
     if not config.teacher.path and not teacher_dir(config).is_dir():
-        print(f"[fidelity] training the embedded {config.teacher.family} teacher")
+        print(f"{tag} training the embedded {config.teacher.family} teacher")
         train_teacher(config, device=_device(config))
-    teacher = evaluate_teacher(config, out_dir)
-    print(f"[fidelity] teacher: {json.dumps({k: round(v, 4) for k, v in teacher.items()})}")
+    out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
+    recipes.save(config, out_dir)
+    print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {config.generator.num_steps}) "
+          f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
+    teacher, cut = evaluate_teacher(config, out_dir)
+    written: dict = {}
+
+    def write(rows: list[dict], parent=None) -> None:
+        written["table"], written["report"] = write_fidelity(rows, teacher, config, out_dir, time.time() - start, cut)
+        if parent is not None:
+            parent.log_metrics(teacher, prefix="teacher_")
+            for name in ("fidelity.md", "fidelity.png", "fidelity_samples.png", "fidelity_per_seed.csv"):
+                if (out_dir / name).is_file():
+                    parent.log_artifact(out_dir / name)
+
     if use_ray:
         from orchestrator.sweep import run_sweep
 
-        rows = run_sweep(config, base, space, teacher, sweep_dir=out_dir / "sweep").rows
+        sweep_dir = out_dir / "sweep"
+        result = run_sweep(config, base, space, teacher, sweep_dir, resume=(sweep_dir / "tune").is_dir(),
+                           on_done=lambda parent, result: write(result.rows, parent), quiet=True)
+        tracking = {"MLflow": f"parent run {result.parent_run_id} (mlflow ui --backend-store-uri "
+                              f"{tracking_uri(config)})"}
     else:
+        stores = set()
         for point in grid_points(space):  # every store exists before trials start
-            print(precompute(trial_config(base, point), use_ray=False, progress=False)[1])
-        rows = run_local_trials(base, space, out_dir / "trials", jobs)
-    table, report = write_fidelity(rows, teacher, config, out_dir, time.time() - start)
-    print(f"\n{table}\n\nreport: {report}")
+            store, store_summary = precompute(trial_config(base, point), use_ray=False, progress=False)
+            if store.root not in stores:
+                print(store_summary)
+            stores.add(store.root)
+        write(run_local_trials(base, space, out_dir / "trials", jobs))
+        tracking = {}
+    print(f"\n{written['table']}\n")
+    print(summary(f"{tag} done in {clock(time.time() - start)}", {
+        "run directory": out_dir, "report": written["report"], "pictures": out_dir / "fidelity_samples.png",
+        "per-seed values": out_dir / "fidelity_per_seed.csv", **tracking}))
     return out_dir
 
 
-def evaluate_teacher(config: RunConfig, out_dir: Path) -> dict[str, float]:
+def evaluate_teacher(config: RunConfig, out_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The teacher's metrics with its own sampler, and cut to the generator's number of Euler steps (what a
+    distilled generator has to beat); samples and pictures of the first into out_dir."""
+    from models.sampling import Sampler
     from workers.evaluate import evaluate, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
     device = _device(config)
     adapter, net = load_teacher(config, device, vae=True)
     result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
+    n = config.generator.num_steps
+    cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),
+                                                 config.teacher.guidance_scale), device=device).metrics
     save_samples(result, out_dir / "teacher_samples.npz")
     family_module(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
                                                 out_dir / "teacher_samples.png")
-    (out_dir / "teacher_metrics.json").write_text(json.dumps(result.metrics, indent=1))
-    return result.metrics
+    (out_dir / "teacher_metrics.json").write_text(json.dumps({"teacher": result.metrics, f"teacher_{n}_steps": cut},
+                                                             indent=1))
+    return result.metrics, cut
 
 
 def _device(config: RunConfig):
@@ -300,29 +374,22 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
 
 
 def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[str, float]:
-    """One trial in this process: distil with the train function, export, evaluate; returns its metrics."""
+    """One trial in this process: distil with the train function (continuing from the trial's last checkpoint
+    if an earlier attempt left one), export, evaluate; returns its metrics."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from orchestrator.precompute import precompute
+    from orchestrator.runs import distill_here, evaluate_generator
     from workers.config import build
-    from workers.context import LocalContext
-    from workers.evaluate import evaluate, load_generator, save_samples
-    from workers.train import GENERATOR_DIR, store_source, train
+    from workers.context import CHECKPOINTS
 
     config = build(RunConfig, config_dict)
     run_dir = Path(run_dir)
     recipes.save(config, run_dir)
     torch.set_num_threads(threads)
     store, _ = precompute(config, use_ray=False, progress=False)
-    progress = train(config, LocalContext(run_dir, resume=True), store_source(store), store.negative())
-    final = run_dir / "checkpoints" / f"step-{progress.generator_updates:07d}" / GENERATOR_DIR
-    shutil.copytree(final, run_dir / GENERATOR_DIR, dirs_exist_ok=True)
-    device = _device(config)
-    adapter, net, sampler = load_generator(run_dir / GENERATOR_DIR, device)
-    evaluation = evaluate(config, adapter, net, sampler, device=device)
-    save_samples(evaluation, run_dir / "samples.npz")
-    family_module(config.teacher.family).render({run_dir.name: evaluation.samples}, evaluation.prompts,
-                                                run_dir / "samples.png")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the exported generator is what is kept
+    result = distill_here(config, run_dir, store, resume=True)
+    evaluation = evaluate_generator(config, result.generator_dir, run_dir, run_dir.name)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
     return evaluation.metrics

@@ -92,7 +92,8 @@ def _run_writers(config: RunConfig, spec, url: str, todo: list[int], use_ray: bo
     ensure_ray()
     traj = config.trajectories
     ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+    # Ray Data restarts a killed actor and retries its task by default (max_restarts = -1)
     ds = ds.map_batches(AnchorWriter, fn_constructor_args=(asdict(config), spec, url), batch_size=1,
-                        concurrency=min(traj.num_actors, len(todo)), num_cpus=traj.cpus_per_actor,
-                        num_gpus=traj.gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)
+                        compute=ray.data.ActorPoolStrategy(size=min(traj.num_actors, len(todo))),
+                        num_cpus=traj.cpus_per_actor, num_gpus=traj.gpus_per_actor or None)
     yield from ds.iter_rows()

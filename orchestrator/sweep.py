@@ -12,6 +12,7 @@ import copy
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import yaml
 
 import tune_spaces
 from models.families import family_module
-from orchestrator import recipe as recipes
 from workers.config import ConfigError, RunConfig, build, config_keys
 
 SPACE_DIR = Path(tune_spaces.__file__).resolve().parent
@@ -124,41 +124,26 @@ def gap_recovered(value: float, dmd: float, teacher: float) -> float:
 
 
 def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
-    """Tune's trainable: distil with the trial's settings, evaluate, report the objectives."""
+    """Tune's trainable: distil with the trial's settings in the trial's own run directory (a restarted trial
+    continues from its last checkpoint there), evaluate, report the objectives."""
     from ray import tune
 
     from orchestrator.distill import run_distill
-    from workers.evaluate import evaluate, load_generator, save_samples
 
     name = trial_name(params)
     config = trial_config(base, params, **{"tracking.run_name": name})
-    run_dir = Path(sweep_dir) / name
     callbacks = []
     if config.sweep.scheduler == "asha":
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    result = run_distill(config, run_dir=run_dir, parent_run_id=parent_run_id, callbacks=callbacks)
-    adapter, net, sampler = load_generator(result.generator_dir)
-    evaluation = evaluate(config, adapter, net, sampler)
-    save_samples(evaluation, run_dir / "samples.npz")
-    picture = family_module(config.teacher.family).render({name: evaluation.samples}, evaluation.prompts,
-                                                          run_dir / "samples.png")
-    tracked = _tracked(config, result.run_id)
-    tracked.log_metrics(evaluation.metrics, prefix="eval_")
-    tracked.log_artifact(picture)
-    diversity, quality = objectives(config.teacher.family, evaluation.metrics)
+    result = run_distill(config, run_dir=Path(sweep_dir) / name, parent_run_id=parent_run_id, callbacks=callbacks,
+                         quiet=True, evaluate=True)
+    metrics = result.evaluation.metrics
+    diversity, quality = objectives(config.teacher.family, metrics)
     training = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the last training report:
-    tune.report({**training, **{f"eval_{k}": v for k, v in evaluation.metrics.items()}, "diversity": diversity,  # ASHA reads it
-                 "quality": quality, "run_dir": str(run_dir), "mlflow_run_id": result.run_id})
-
-
-def _tracked(config: RunConfig, run_id: str):
-    from mlflow.tracking import MlflowClient
-
-    from workers.tracking import TrackedRun, tracking_uri
-
-    return TrackedRun(MlflowClient(tracking_uri(config)), run_id, tracking_uri(config))
+    tune.report({**training, **{f"eval_{k}": v for k, v in metrics.items()}, "diversity": diversity,  # ASHA reads it
+                 "quality": quality, "run_dir": str(result.run_dir), "mlflow_run_id": result.run_id})
 
 
 @dataclass
@@ -173,44 +158,64 @@ class SweepResult:
 
 
 def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
-              teacher_metrics: dict | None = None, sweep_dir: Path | None = None) -> SweepResult:
+              teacher_metrics: dict | None = None, sweep_dir: Path | None = None, resume: bool = False,
+              on_done: Callable | None = None, quiet: bool = False) -> SweepResult:
     """Run every trial of the space (default: sweep.space) on the cluster; base is the recipe-plus-overrides
-    mapping that trials start from."""
+    mapping that trials start from. sweep_dir: where the sweep's trials, Tune state and report go (a new run
+    directory by default); resume=True continues the sweep in sweep_dir: finished trials are kept, unfinished
+    ones continue from their last checkpoints. on_done(parent, result) runs while the parent MLflow run is
+    still open (to log a report into it); quiet: no table on the console."""
+    import ray
     from ray import tune
 
-    from orchestrator.cluster import ensure_ray
+    from orchestrator.cluster import ensure_ray, quiet_tune, trials_that_fit
     from orchestrator.precompute import precompute
-    from workers.tracking import mlflow_run
+    from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
 
     space = space or load_space(config.sweep.space)
-    sweep_dir = (sweep_dir or Path(config.storage.output_dir) / "runs"
-                 / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep-{config.name}").resolve()
-    recipes.save(config, sweep_dir)
+    preflight(config)
     ensure_ray()
+    stores = set()
     for point in grid_points(space):  # shared stores exist before trials start, so none races to write one
         store, summary = precompute(trial_config(base, point), progress=False)
-        print(summary)
+        if store.root not in stores:
+            print(summary)
+        stores.add(store.root)
+    if not resume:
+        sweep_dir = make_run_dir(config, "sweep", *((sweep_dir.parent, sweep_dir.name) if sweep_dir else ()))
 
     sweep = config.sweep
-    with mlflow_run(config, config.tracking.run_name or sweep_dir.name, "sweep") as parent:
-        trainable = tune.with_parameters(run_trial, base=base, parent_run_id=parent.run_id, sweep_dir=str(sweep_dir))
-        scheduler = None
-        if sweep.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
+    with tracked_run(config, sweep_dir, "sweep") as parent, \
+            stop_cleanly(sweep_dir, f"dpdmd sweep --resume {sweep_dir}"):
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, parent_run_id=parent.run_id, sweep_dir=str(sweep_dir)),
+            {"CPU": sweep.trial_cpus})
+        progress = trial_progress(len(grid_points(space)) * sweep.num_samples)
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            scheduler = None
+            if sweep.scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
 
-            # stop_last_trials=False: a trial that reaches the last update goes on to its evaluation
-            scheduler = ASHAScheduler(metric=sweep.metric, mode="min", time_attr="generator_update",
-                                      max_t=config.schedule.num_generator_updates, grace_period=max(
-                                          1, config.schedule.num_generator_updates // 4), stop_last_trials=False)
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"CPU": sweep.trial_cpus}),
-            param_space=tune_param_space(space),
-            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
-                                        max_concurrent_trials=sweep.max_concurrent_trials or None),
-            run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent / "tune"),
-                                      verbose=0),
-        )
-        grid = tuner.fit()
+                # stop_last_trials=False: a trial that reaches the last update goes on to its evaluation
+                scheduler = ASHAScheduler(metric=sweep.metric, mode="min", time_attr="generator_update",
+                                          max_t=config.schedule.num_generator_updates, grace_period=max(
+                                              1, config.schedule.num_generator_updates // 4), stop_last_trials=False)
+            dist = config.distributed
+            concurrency = sweep.max_concurrent_trials or trials_that_fit(
+                ray.cluster_resources(), sweep.trial_cpus, dist.num_workers * dist.cpus_per_worker,
+                dist.num_workers if dist.use_gpu else 0)
+            tuner = tune.Tuner(
+                trainable, param_space=tune_param_space(space),
+                tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
+                                            max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[progress]),
+            )
+        print(f"[sweep] {progress.total} trials in {sweep_dir}")
+        with quiet_tune():
+            grid = tuner.fit()
         result = SweepResult(sweep_dir, parent_run_id=parent.run_id, teacher_metrics=teacher_metrics or {})
         for trial in grid:
             if trial.error:
@@ -224,7 +229,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
             params = {k: v for k, v in trial.config.items()}
             result.rows.append({"params": params, **trial.metrics})
         if not result.rows:
-            raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir.parent / 'tune'}")
+            raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir / 'tune'}")
         points = [(r["diversity"], r["quality"]) for r in result.rows]
         result.front, result.picked = pareto_front(points), pick(points, sweep.quality_tolerance)
         table = sweep_table(result, config.teacher.family)
@@ -234,10 +239,41 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         plot = plot_pareto(result, config.teacher.family, sweep_dir / "pareto.png")
         parent.log_artifact(sweep_dir / "sweep.md")
         parent.log_artifact(plot)
-        parent.log_metrics({f"picked_{k}": v for k, v in result.rows[result.picked].items()
-                            if isinstance(v, (int, float))})
-    print(table)
+        picked = result.rows[result.picked]
+        parent.log_metrics({f"picked_{k}": v for k, v in picked.items() if k in ("diversity", "quality")
+                            or k.startswith("eval_")})  # the objectives, not Tune's bookkeeping
+        if on_done is not None:
+            on_done(parent, result)
+    if not quiet:
+        print(table)
     return result
+
+
+def trial_progress(total: int):
+    """A Tune callback that prints one line per finished trial, with the time since the start and an estimate
+    of the time left."""
+    from ray.tune import Callback
+
+    from workers.context import clock
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.total, self.done, self.start = total, 0, time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed")
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            elapsed = time.time() - self.start
+            print(f"[sweep] trial {trial_name(dict(trial.config))} {what} ({self.done}/{self.total}), "
+                  f"{clock(elapsed)} elapsed, about {clock(elapsed / self.done * (self.total - self.done))} left",
+                  flush=True)
+
+    return TrialProgress()
 
 
 def sweep_table(result: SweepResult, family: str) -> str:

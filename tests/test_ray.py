@@ -34,9 +34,10 @@ def test_precompute_with_an_actor_pool_matches_the_in_process_writer(ray_cluster
     assert [s["sha256"] for s in pooled.shards] == [s["sha256"] for s in local.shards]
 
 
-@pytest.mark.parametrize("zero_stage,weight", [(2, 0.0), (3, 0.5)])
-def test_two_workers_distill(ray_cluster, out, zero_stage, weight):
-    config = tiny_config(out, *TWO_WORKERS, f"distributed.zero_stage={zero_stage}", f"loss.diversity_weight={weight}")
+@pytest.mark.parametrize("zero_stage,weight,log_every", [(2, 0.0, 1), (3, 0.5, 10)])
+def test_two_workers_distill(ray_cluster, out, zero_stage, weight, log_every):
+    config = tiny_config(out, *TWO_WORKERS, f"distributed.zero_stage={zero_stage}", f"loss.diversity_weight={weight}",
+                         f"schedule.log_every={log_every}")
     result = run_distill(config)
     assert result.metrics["generator_update"] == 4 and result.metrics["critic_updates"] == 8
     assert result.metrics["skipped_steps"] == 0
@@ -52,7 +53,8 @@ def test_two_workers_distill(ray_cluster, out, zero_stage, weight):
     assert run.data.params["loss.diversity_weight"] == str(weight)
     assert run.data.params["distributed.zero_stage"] == str(zero_stage)
     history = client.get_metric_history(result.run_id, "loss_dmd")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # rank 0 logs every update (log_every=1)
+    # rank 0 logs every log_every updates, and the last one always: a run shorter than log_every logs too
+    assert sorted(m.step for m in history) == ([1, 2, 3, 4] if log_every == 1 else [4])
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "generator"} <= artifacts
 
@@ -81,17 +83,17 @@ def _kill_a_worker_once(checkpoint: Path, killed: list):
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, out):
     config = tiny_config(out, *TWO_WORKERS, "schedule.num_generator_updates=60", "schedule.checkpoint_every=10",
                          "tracking.run_name=kill", "name=killed-run")
-    storage = Path(config.storage.output_dir) / "ray_results"
-    before = set(storage.glob("*")) if storage.exists() else set()
+    runs = Path(config.storage.output_dir) / "runs"
+    before = set(runs.glob("*")) if runs.exists() else set()
     killed: list[int] = []
 
     def watch():
         deadline = time.time() + 240
         while time.time() < deadline:
-            runs = [p for p in storage.glob("*-distill-killed-run") if p not in before] if storage.exists() else []
-            if runs:
+            found = [p for p in runs.glob("*-distill-killed-run") if p not in before] if runs.exists() else []
+            if found:
                 # once step 20 is being written, step 10 is a committed checkpoint to resume from
-                return _kill_a_worker_once(runs[0] / "step-0000020", killed)
+                return _kill_a_worker_once(found[0] / "checkpoints" / "step-0000020", killed)
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -126,6 +128,17 @@ def test_a_two_trial_sweep_nests_its_runs_in_mlflow(ray_cluster, out):
         assert {"config.yaml", "generator", "samples.png"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"sweep.md", "pareto.png"} <= parent_artifacts
+    parent_metrics = client.get_run(result.parent_run_id).data.metrics
+    assert parent_metrics and all(k.startswith(("picked_eval_", "picked_diversity", "picked_quality"))
+                                  for k in parent_metrics)  # the objectives, none of Tune's bookkeeping
+
+    # A second sweep in the same output directory trains its own trials: nothing of the first one (same trial
+    # names, more updates) is picked up.
+    shorter = tiny_config(out, "distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20",
+                          "schedule.num_generator_updates=2", "tracking.experiment=sweep-test")
+    again = run_sweep(shorter, to_dict(shorter), space={"loss.diversity_weight": {"grid": [0.0]}})
+    assert again.sweep_dir != result.sweep_dir
+    assert [r["generator_update"] for r in again.rows] == [2]
 
 
 def test_distill_logs_to_a_real_mlflow_server(ray_cluster, out, tmp_path):
@@ -208,7 +221,7 @@ def test_an_asha_sweep_sees_the_training_metric_as_it_goes(ray_cluster, out):
     assert len(result.rows) + len(result.stopped) == 2
     for trial in result.stopped:
         assert trial["generator_update"] < config.schedule.num_generator_updates
-    tune_dir = result.sweep_dir.parent / "tune" / result.sweep_dir.name
+    tune_dir = result.sweep_dir / "tune"
     reported = [json.loads(line) for path in tune_dir.glob("*/result.json") for line in path.read_text().splitlines()]
     steps = sorted({r["generator_update"] for r in reported if "generator_update" in r})
     assert steps[0] < config.schedule.num_generator_updates  # intermediate reports, not just the final one

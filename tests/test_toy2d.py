@@ -51,9 +51,17 @@ def test_teacher_directory_depends_on_training_settings(tmp_path):
 
 
 def test_missing_teacher_names_the_fix(tmp_path):
-    config = resolve("toy2d", [f"storage.output_dir={tmp_path}"])
+    config = resolve("toy2d", [f"storage.output_dir={tmp_path}", "teacher.train.seed=7"])  # no shipped teacher
     with pytest.raises(FileNotFoundError, match="dpdmd train-teacher"):
         load_teacher(config)
+
+
+def test_the_recipe_uses_the_shipped_teacher_and_other_settings_train_their_own(tmp_path):
+    from workers.teacher import teacher_dir
+
+    assert teacher_dir(resolve("toy2d", [f"storage.output_dir={tmp_path}"])) == toy2d.shipped_teacher_dir()
+    assert teacher_dir(resolve("toy2d", [f"storage.output_dir={tmp_path}", "teacher.train.width=64"])) != \
+        toy2d.shipped_teacher_dir()
 
 
 def test_bad_prompt_names_the_valid_ones():

@@ -303,7 +303,7 @@ class SweepConfig:
     def __post_init__(self):
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.max_concurrent_trials >= 0, "max_concurrent_trials",
-               f"must be >= 0 (0 lets Ray decide), got {self.max_concurrent_trials}")
+               f"must be >= 0 (0: as many as fit the cluster with their workers), got {self.max_concurrent_trials}")
         _check(self.trial_cpus > 0, "trial_cpus", f"must be > 0 (Ray refuses 0), got {self.trial_cpus}")
         _check(self.quality_tolerance >= 0, "quality_tolerance", f"must be >= 0, got {self.quality_tolerance}")
 

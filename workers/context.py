@@ -14,6 +14,18 @@ import torch
 
 
 LOGGED = ("loss_dmd", "loss_div", "loss_critic", "samples_per_s", "skipped_steps")
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoint folder, under Ray Train and without it
+
+
+def checkpoint_name(generator_updates: int) -> str:
+    return f"step-{generator_updates:07d}"
+
+
+def clock(seconds: float) -> str:
+    """1:02:03 / 2:03 for a duration in seconds."""
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class WorkerContext:
@@ -39,11 +51,13 @@ class WorkerContext:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         raise NotImplementedError
 
-    def log(self, metrics: dict, total: int) -> None:
-        """One progress line from rank 0."""
+    def log(self, metrics: dict, total: int, elapsed_s: float, eta_s: float) -> None:
+        """One progress line from rank 0: where the run stands, elapsed time, time left, the losses."""
         if self.rank == 0:
+            step = metrics["generator_update"]
             shown = " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics)
-            print(f"[distill] generator update {metrics['generator_update']}/{total} {shown}", flush=True)
+            print(f"[distill] generator update {step}/{total} ({100 * step / total:.0f}%), {clock(elapsed_s)} "
+                  f"elapsed, {clock(eta_s)} left | {shown}", flush=True)
 
     def latest_checkpoint(self) -> Path | None:
         return None
@@ -72,16 +86,16 @@ class LocalContext(WorkerContext):
             if self.world_size > 1:
                 torch.distributed.barrier()  # every rank's shards are written
             if self.rank == 0:
-                (self.run_dir / "checkpoints" / "latest").write_text(checkpoint_dir.name)
+                (self.run_dir / CHECKPOINTS / "latest").write_text(checkpoint_dir.name)
 
     def latest_checkpoint(self) -> Path | None:
-        marker = self.run_dir / "checkpoints" / "latest"
+        marker = self.run_dir / CHECKPOINTS / "latest"
         if not self.resume or not marker.is_file():
             return None
-        return self.run_dir / "checkpoints" / marker.read_text().strip()
+        return self.run_dir / CHECKPOINTS / marker.read_text().strip()
 
     def checkpoint_staging_dir(self, name: str) -> Path:
-        path = self.run_dir / "checkpoints" / name
+        path = self.run_dir / CHECKPOINTS / name
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)
         if self.world_size > 1:

@@ -57,16 +57,22 @@ def generator_sampler(config: RunConfig, adapter: TeacherAdapter) -> Sampler:
 GENERATOR_META = "dpdmd_generator.json"
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu"):
+def load_generator(path: str | Path, device: torch.device | str = "cpu", family: str | None = None):
     """(adapter, net, sampler) of an exported generator: its family's format plus the few-step sampler
-    it was trained for (the exported sigmas)."""
+    it was trained for (the exported sigmas). family: the recipe's teacher family, which must match."""
     import json
+
+    from workers.config import ConfigError
 
     meta_path = Path(path) / GENERATOR_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not an exported generator (no {GENERATOR_META}); give the "
                                 "generator/ directory that `dpdmd distill` writes into its run directory")
     meta = json.loads(meta_path.read_text())
+    if family is not None and meta["family"] != family:
+        raise ConfigError("--generator", f"{path} was distilled from a {meta['family']} teacher, but the recipe's "
+                                         f"teacher.family is {family}; give the recipe it was trained with "
+                                         f"(e.g. --recipe {meta['family']})")
     options = LoadOptions(text_encoders=True, vae=True, resolution=meta.get("resolution", 0))
     adapter, net = family_module(meta["family"]).load_teacher(path, options)
     net.eval().requires_grad_(False).to(device)

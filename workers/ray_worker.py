@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,12 @@ class RayTrainContext(WorkerContext):
 
 def train_fn_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same train() as a single process, each rank streaming its own
-    shards of the trajectory store (local disk or S3) straight from Parquet."""
+    shards of the trajectory store (local disk or S3) straight from Parquet. loop_config["quiet"]: this
+    worker process's root logger at WARNING, so that Ray Train's per-report INFO lines (logged under the
+    file path of its module, outside its own logger) stay in the log files; the loop's progress lines are
+    printed, not logged, and still appear."""
+    if loop_config.get("quiet"):
+        logging.getLogger().setLevel(logging.WARNING)
     config = build(RunConfig, loop_config["config"])
     store = loop_config["store"]
     train(config, RayTrainContext(), store_source(store), store.negative(), loop_config.get("mlflow_run"))

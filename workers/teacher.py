@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from models.adapter import LoadOptions
+from models.adapter import LoadOptions, cast
 from models.families import family_module
 from models.flow import interpolate
 from models.losses import flow_matching_loss
@@ -114,6 +114,24 @@ def hub_snapshot(repo_id: str) -> Path:
                                 "teacher.path to the directory or an s3:// copy of it") from None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def require_teacher(config: RunConfig) -> Path:
+    """The teacher's local directory, or an error that says how to get one (before any work starts)."""
+    path = teacher_dir(config)
+    if path.is_dir() and any(p.suffix in WEIGHT_SUFFIXES for p in path.rglob("*")):
+        return path
+    if not config.teacher.path:
+        raise FileNotFoundError(
+            f"no trained {config.teacher.family} teacher at {path}: train it first with `dpdmd train-teacher "
+            f"--recipe RECIPE [overrides]`, using this command's recipe and overrides (or run `dpdmd demo`, "
+            "which trains it)")
+    raise ConfigError("teacher.path", f"{config.teacher.path} holds no weight files (*.safetensors, *.bin); point "
+                                      "it at a pipeline directory written by save_pretrained or by `dpdmd "
+                                      "train-teacher --out DIR`")
+
+
 def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  text_encoders: bool = True, vae: bool = False):
     """(adapter, net) of the configured teacher, in eval mode with frozen weights, net on device/dtype.
@@ -135,9 +153,7 @@ def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: t
         raise ConfigError(key, str(err)) from None
     for module in (net, *adapter.trainable_modules()):
         module.eval().requires_grad_(False)
-    net.to(device)
-    if net.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op one
-        net.to(dtype)
+    cast(net.to(device), dtype)
     adapter.to(device)
     return adapter, net
 

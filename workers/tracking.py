@@ -52,6 +52,7 @@ class MetricLogger:
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(uri), run_id
+        self.pending = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -60,11 +61,20 @@ class MetricLogger:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def close(self) -> None:
+        """Wait for the metrics still in flight: a worker that exits first would lose them."""
+        for operation in self.pending:
+            operation.wait()
+        self.pending.clear()
 
 
 class NullLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -100,23 +110,34 @@ class TrackedRun:
 
 
 @contextmanager
-def mlflow_run(config: RunConfig, run_name: str, kind: str, parent_run_id: str | None = None):
-    """Open a run with the flattened config as params; it ends FINISHED, or FAILED on an exception."""
+def mlflow_run(config: RunConfig, run_name: str, kind: str, parent_run_id: str | None = None,
+               run_id: str | None = None, on_open=None):
+    """Open a run with the flattened config as params (or reopen run_id, to continue it); it ends FINISHED,
+    KILLED on Ctrl-C, or FAILED on an exception. on_open(tracked) runs once the run exists."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
     client = MlflowClient(uri)
-    tags = {"dpdmd.kind": kind}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(config), run_name=run_name, tags=tags)
-    params = [Param(k, v) for k, v in config_params(config).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {"dpdmd.kind": kind}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(experiment_id(config), run_name=run_name, tags=tags).info.run_id
+        params = [Param(k, v) for k, v in config_params(config).items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start:start + 100])
+    tracked = TrackedRun(client, run_id, uri)
+    if on_open is not None:
+        on_open(tracked)
     try:
-        yield TrackedRun(client, run.info.run_id, uri)
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        yield tracked
+    except (KeyboardInterrupt, SystemExit):
+        client.set_terminated(run_id, "KILLED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

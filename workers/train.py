@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.adapter import Conditioning, TeacherAdapter
+from models.adapter import Conditioning, TeacherAdapter, cast
 from models.families import family_module
 from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
-from workers.context import WorkerContext
+from workers.context import WorkerContext, checkpoint_name
 from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
@@ -112,6 +112,7 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     batch_size = dist.batch_size_per_worker
     logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)
 
+    began, first = time.perf_counter(), progress.generator_updates
     while progress.generator_updates < schedule.num_generator_updates:
         start = time.perf_counter()
         critic_metrics: list[dict[str, float]] = []
@@ -143,10 +144,12 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
         if on_cycle is not None:
             on_cycle(progress, metrics)
         if step % schedule.log_every == 0 or last:
-            ctx.log(metrics, schedule.num_generator_updates)
+            elapsed = time.perf_counter() - began
+            ctx.log(metrics, schedule.num_generator_updates, elapsed,
+                    elapsed / (step - first) * (schedule.num_generator_updates - step))
             logger.log(metrics, step)
         if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
-            directory = ctx.checkpoint_staging_dir(f"step-{step:07d}")
+            directory = ctx.checkpoint_staging_dir(checkpoint_name(step))
             generator.save_checkpoint(str(directory), tag="generator")
             critic.save_checkpoint(str(directory), tag="critic")
             write_progress(directory, progress, rng, ctx.rank)
@@ -155,6 +158,7 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             ctx.report(metrics, directory)
         elif step % schedule.log_every == 0:
             ctx.report(metrics)
+    logger.close()
     return progress
 
 
@@ -177,7 +181,7 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):
         if rank == 0:
             export_dir.mkdir(parents=True, exist_ok=True)
-            module = copy.deepcopy(generator.module).to(torch.float32)
+            module = cast(copy.deepcopy(generator.module), torch.float32)
             family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
             # The scheduler's set_timesteps(num_steps) visits exactly the sigmas the generator trained on;
             # they are also written out (flow times, and the scheduler's timesteps), so that any sampler can

@@ -1,0 +1,206 @@
+"""The run toolkit every command goes through: a run directory, checks before anything is reserved, one
+distil-export(-evaluate) path with or without Ray, resume, and a clean stop on Ctrl-C.
+
+A run directory holds everything of one run: config.yaml (the resolved config; `--resume` reads it back),
+checkpoints/step-NNNNNNN/ (both engines, optimizers, progress, RNG: Ray Train's storage or the local
+context's), generator/ (the exported generator), mlflow.json (the MLflow run it logs into), and for
+evaluated runs samples.npz and samples.png.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from orchestrator import recipe as recipes
+from workers.config import ConfigError, RunConfig
+from workers.context import CHECKPOINTS, checkpoint_name
+from workers.train import GENERATOR_DIR
+
+MLFLOW_FILE = "mlflow.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run directories
+
+
+def make_run_dir(config: RunConfig, kind: str, parent: Path | None = None, name: str | None = None) -> Path:
+    """A new run directory with the resolved config.yaml in it: <output_dir>/runs/<time>-<kind>-<name>
+    (with -2, -3, ... if that exists), or parent/name for a trial of a sweep. Absolute."""
+    if parent is not None:
+        run_dir = Path(parent) / (name or kind)
+    else:
+        stem = Path(config.storage.output_dir) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{config.name}"
+        run_dir, n = stem, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = stem.with_name(f"{stem.name}-{n}")
+    run_dir = run_dir.resolve()
+    recipes.save(config, run_dir)
+    return run_dir
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config of an earlier run directory, to continue it exactly as it was started."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError("--resume", f"{run_dir} is not a run directory (no config.yaml); give the directory "
+                                      "`dpdmd distill` printed, e.g. outputs/runs/<time>-distill-<name>")
+    if overrides:
+        raise ConfigError("--resume", f"a resumed run keeps the settings it started with (its config.yaml); drop "
+                                      f"{' '.join(overrides)}, or start a new run with them")
+    return recipes.resolve(run_dir / "config.yaml")
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run (one with its progress.json), or None."""
+    found = [p.parent for p in (Path(run_dir) / CHECKPOINTS).glob("step-*/progress.json")]
+    return max(found, default=None)
+
+
+def finished(run_dir: Path, config: RunConfig) -> bool:
+    return (Path(run_dir) / GENERATOR_DIR).is_dir() and (
+        Path(run_dir) / CHECKPOINTS / checkpoint_name(config.schedule.num_generator_updates)).is_dir()
+
+
+@contextmanager
+def stop_cleanly(run_dir: Path, resume_command: str):
+    """Ctrl-C ends the command with one line: where the last checkpoint is and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        last = last_checkpoint(run_dir)
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        print(f"\ndpdmd: stopped; {where}. Continue with: {resume_command}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Before anything is reserved
+
+
+def preflight(config: RunConfig) -> None:
+    """Every check that needs no cluster, before a run directory, an MLflow run or a worker exists: the
+    teacher is where the config says."""
+    from workers.teacher import require_teacher
+
+    require_teacher(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def tracked_run(config: RunConfig, run_dir: Path, kind: str, parent_run_id: str | None = None):
+    """The run directory's MLflow run: a new one, or, when the directory already has one (a resumed run),
+    that one again."""
+    from workers.tracking import mlflow_run
+
+    record = Path(run_dir) / MLFLOW_FILE
+    existing = json.loads(record.read_text())["run_id"] if record.is_file() else None
+    return mlflow_run(config, config.tracking.run_name or Path(run_dir).name, kind, parent_run_id, existing,
+                      on_open=lambda tracked: record.write_text(json.dumps({"uri": tracked.uri,
+                                                                            "run_id": tracked.run_id})))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distil, export, evaluate
+
+
+@dataclass
+class Distilled:
+    run_dir: Path
+    generator_dir: Path
+    metrics: dict = field(default_factory=dict)  # the last training report
+    run_id: str = ""  # the MLflow run, if any
+    evaluation: object = None  # workers.evaluate.Evaluation, when the run was evaluated
+
+
+def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, callbacks: list | None = None) -> Distilled:
+    """Ray Train workers run workers.train.train over the store; checkpoints land in run_dir/checkpoints
+    (so that the same run directory resumes, and no other run's checkpoints are ever picked up)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.cluster import VERBOSE
+    from workers.ray_worker import train_fn_per_worker
+
+    dist = config.distributed
+    # Each rank streams its own shards straight from Parquet (store.batches). A Ray Dataset with
+    # streaming_split made the small-model loop many times slower here (a coordinator round trip per
+    # batch) and its read tasks can starve when training holds the CPUs.
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": asdict(config), "store": store, "quiet": not VERBOSE,
+                           "mlflow_run": (tracked.uri, tracked.run_id) if tracked else None},
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker={"CPU": dist.cpus_per_worker}),
+        run_config=RayRunConfig(name=CHECKPOINTS, storage_path=str(run_dir), callbacks=callbacks or [],
+                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                failure_config=FailureConfig(max_failures=dist.max_failures),
+                                logging_config=LoggingConfig(log_level="INFO" if VERBOSE else "WARNING"),
+                                # CPU workers: DeepSpeed's CPU accelerator without its "no GPU found" note
+                                worker_runtime_env=None if dist.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+    )
+    try:
+        result = trainer.fit()
+    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run and then exits: a stop all the same
+        raise KeyboardInterrupt from None
+    if result.error:
+        raise result.error
+    last = result.checkpoint and Path(result.checkpoint.path).name
+    if last != checkpoint_name(config.schedule.num_generator_updates):
+        raise KeyboardInterrupt  # Ray Train aborted the run on Ctrl-C before its last update
+    generator_dir = run_dir / GENERATOR_DIR
+    with result.checkpoint.as_directory() as checkpoint:
+        shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
+    return Distilled(run_dir, generator_dir, dict(result.metrics or {}), tracked.run_id if tracked else "")
+
+
+def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -> Distilled:
+    """The same train function in this process (or as one rank under torchrun); metrics go to
+    run_dir/metrics.jsonl. resume: continue from run_dir's last checkpoint if it has one."""
+    from workers.context import LocalContext
+    from workers.train import store_source, train
+
+    ctx = LocalContext(run_dir, resume=resume)
+    progress = train(config, ctx, store_source(store), store.negative())
+    generator_dir = run_dir / GENERATOR_DIR
+    if ctx.rank == 0:
+        final = run_dir / CHECKPOINTS / checkpoint_name(progress.generator_updates) / GENERATOR_DIR
+        shutil.copytree(final, generator_dir, dirs_exist_ok=True)
+    return Distilled(run_dir, generator_dir, {"generator_update": progress.generator_updates,
+                                              "resumes": progress.resumes})
+
+
+def evaluate_generator(config: RunConfig, generator_dir: Path, run_dir: Path, label: str, tracked=None):
+    """The generator on the held-out prompts and seeds: samples.npz and samples.png into run_dir, the
+    metrics (and the picture) into the MLflow run when there is one. Returns the Evaluation."""
+    import torch
+
+    from models.families import family_module
+    from workers.evaluate import evaluate, load_generator, save_samples
+
+    device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    adapter, net, sampler = load_generator(generator_dir, device)
+    evaluation = evaluate(config, adapter, net, sampler, device=device)
+    save_samples(evaluation, run_dir / "samples.npz")
+    picture = family_module(config.teacher.family).render({label: evaluation.samples}, evaluation.prompts,
+                                                          run_dir / "samples.png")
+    if tracked is not None:
+        tracked.log_metrics(evaluation.metrics, prefix="eval_")
+        tracked.log_artifact(picture)
+    return evaluation
+
+
+def summary(title: str, lines: dict[str, str | Path]) -> str:
+    """The closing lines of a command: what it made and where."""
+    width = max(map(len, lines)) + 1
+    return "\n".join([title, *(f"  {k + ':':<{width}} {v}" for k, v in lines.items())])

@@ -1,0 +1,123 @@
+"""Runs a user can trust and follow: hints instead of tracebacks for expected mistakes (with nothing left
+behind), Ctrl-C that stops cleanly and says how to continue, `--resume` that finishes the run where it
+stopped, and a console that is the project's, not Ray's."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, tiny_config
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL]
+
+
+@pytest.mark.parametrize("no_ray", [False, True])
+def test_a_missing_teacher_is_a_hint_and_leaves_nothing_behind(tmp_path, capsys, no_ray):
+    code = main(["distill", *(["--no-ray"] if no_ray else []), "--recipe", "toy2d", *TINY,
+                 f"storage.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dpdmd train-teacher" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+    empty = tmp_path / "empty-teacher"
+    empty.mkdir()
+    code = main(["distill", "--recipe", "toy2d", *TINY, f"storage.output_dir={tmp_path}", f"teacher.path={empty}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "teacher.path" in err and "holds no weight files" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_generator_of_another_family_is_named(tmp_path, capsys):
+    generator = tmp_path / "generator"
+    generator.mkdir()
+    (generator / "dpdmd_generator.json").write_text(json.dumps({"family": "toy2d", "num_steps": 4}))
+    code = main(["evaluate", "--recipe", "shapes", "--generator", str(generator), f"storage.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--generator" in err and "--recipe toy2d" in err
+
+
+def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
+    assert main(["distill", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    assert main(["distill", "--resume", str(tmp_path), "loss.diversity_weight=0.1"]) == 2
+    assert "keeps the settings it started with" in capsys.readouterr().err
+
+
+def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict) -> tuple[subprocess.CompletedProcess,
+                                                                                           Path]:
+    """Start a dpdmd command, send it SIGINT once its first checkpoint is complete; its output and run dir."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/step-*/progress.json")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, out), next(runs.iterdir())
+
+
+def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_run_without_ray(tmp_path):
+    tiny_config(tmp_path)  # the teacher
+    overrides = [*TINY, f"storage.output_dir={tmp_path}", "schedule.num_generator_updates=200",
+                 "schedule.checkpoint_every=10", "schedule.log_every=100"]
+    dpdmd = [sys.executable, "-m", "orchestrator", "distill", "--no-ray"]
+    stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
+                                                         tmp_path / "runs", _env())
+    assert stopped.returncode == 130, stopped.stdout[-3000:]
+    last = stopped.stdout.strip().splitlines()[-1]
+    assert "dpdmd: stopped; the last checkpoint is" in last and f"--resume {run_dir}" in last
+
+    resumed = _run([*dpdmd, "--resume", str(run_dir)], _env())
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    progress = json.loads((run_dir / "checkpoints" / "step-0000200" / "progress.json").read_text())
+    assert progress["generator_updates"] == 200 and progress["resumes"] == 1
+    assert (progress["rows_consumed"], progress["prompt_rows_consumed"]) == (200 * 8, 200 * 2 * 8)
+    assert (run_dir / "generator" / "dpdmd_generator.json").is_file()
+    again = _run([*dpdmd, "--resume", str(run_dir)], _env())  # a finished run says so and does nothing
+    assert again.returncode == 0 and "has finished already" in again.stdout
+
+
+def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_with_a_readable_console(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    tiny_config(tmp_path)
+    overrides = [*TINY, f"storage.output_dir={tmp_path}", "schedule.num_generator_updates=200",
+                 "schedule.checkpoint_every=20", "schedule.log_every=50"]
+    dpdmd = [sys.executable, "-m", "orchestrator", "distill"]
+    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
+                                                         tmp_path / "runs", env)
+    assert stopped.returncode == 130, stopped.stdout[-3000:]
+    assert f"Continue with: dpdmd distill --resume {run_dir}" in stopped.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    resumed = _run([*dpdmd, "--resume", str(run_dir)], env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    console = (resumed.stdout + resumed.stderr).strip().splitlines()
+    assert len(console) <= 40 and not any("TrainingReport(" in line for line in console), "\n".join(console)
+    assert any(line.startswith("[distill] generator update 200/200") for line in console)
+    closing = "\n".join(console[-5:])
+    for what in ("run directory:", "generator:", "MLflow run:"):
+        assert what in closing
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["resumes"] >= 1
+    assert run.data.metrics["generator_update"] == 200
