@@ -24,10 +24,14 @@ from models.adapter import Conditioning, LoadOptions, TeacherAdapter, check_nati
 
 FAMILY = "shapes"
 # The sweep's two objectives, (metric, +1 if higher is better).
-DIVERSITY = ("feature_diversity", 1)
+# Diversity is the ground-truth attribute spread among samples that show the prompted shape and colour:
+# failed samples (blank or faint tiles) add feature "diversity" but no attribute spread.
+DIVERSITY = ("attribute_spread", 1)
 QUALITY = ("adherence", 1)
-# The fidelity table's columns (the paper's comparison): diversity, attribute spread, adherence, FD.
-FIDELITY_COLUMNS = ("feature_diversity", "attribute_spread", "adherence", "frechet_distance")
+# The fidelity table's columns: the headline diversity, the feature diversity (the paper's DINO/CLIP
+# diversity with our evaluator's features), adherence, FD; a gap-recovered column for each diversity.
+FIDELITY_COLUMNS = ("attribute_spread", "feature_diversity", "adherence", "frechet_distance")
+GAP_METRICS = ("attribute_spread", "feature_diversity")
 RESOLUTION = 32
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow")

@@ -127,6 +127,16 @@ def _predict(evaluator: ShapesEvaluator, images: torch.Tensor, batch_size: int =
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
+def adherent_spread(attributes: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """attributes (P, R, A) of R seeds per prompt, ok (P, R): which samples adhere to their prompt. The std
+    over each prompt's adherent samples (0 where fewer than two adhere), averaged over prompts: (A,)."""
+    weight = ok.to(attributes.dtype).unsqueeze(-1)
+    count = weight.sum(dim=1)  # (P, 1)
+    mean = (attributes * weight).sum(dim=1) / count.clamp_min(1)
+    var = ((attributes - mean.unsqueeze(1)) ** 2 * weight).sum(dim=1) / (count - 1).clamp_min(1)
+    return torch.where(count >= 2, var.sqrt(), torch.zeros_like(var)).mean(dim=0)
+
+
 def evaluate_samples(samples: torch.Tensor, prompts: list[str], seed: int = 0,
                      evaluator: ShapesEvaluator | None = None) -> dict[str, float]:
     """Metrics of samples (B, 3, 32, 32) for prompt-major prompts (B,), R >= 2 seeds per prompt.
@@ -135,8 +145,10 @@ def evaluate_samples(samples: torch.Tensor, prompts: list[str], seed: int = 0,
       each prompt (the paper's DINO/CLIP diversity, with our evaluator as the feature extractor);
       data_feature_diversity is the same on real images of the same prompts, its value for the data.
     attribute_spread: std over the R seeds of the predicted x, y, size and shade (each in units of its
-      range, so uniform data gives about 0.29), averaged over prompts and then over the four (each alone as
-      spread_<name>).
+      range, so uniform data gives about 0.29) among the samples the evaluator reads as the prompted shape
+      and colour, averaged over prompts and then over the four (each alone as spread_<name>). A prompt with
+      fewer than two such samples counts as no spread: failed samples (blank, faint, wrong shape) can only
+      lower it, never add "diversity". attribute_spread_all: the same over every sample.
     adherence: fraction of samples whose predicted shape AND colour match their prompt (GenEval's role);
       shape_accuracy and colour_accuracy alone.
     frechet_distance: between evaluator features of the samples and of as many real images of the same
@@ -151,7 +163,8 @@ def evaluate_samples(samples: torch.Tensor, prompts: list[str], seed: int = 0,
     target = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long)
     shape_ok = out["shape_logits"].argmax(1) == target[:, 0]
     colour_ok = out["colour_logits"].argmax(1) == target[:, 1]
-    spread = out["attributes"].reshape(len(rows), seeds, -1).std(dim=1).mean(0)  # (4,)
+    spread = adherent_spread(out["attributes"].reshape(len(rows), seeds, -1),
+                             (shape_ok & colour_ok).reshape(len(rows), seeds))  # (4,)
     real, _ = images_for_prompts(prompts, torch.Generator().manual_seed(seed))
     real_features = _predict(evaluator, real)["features"]
     features = out["features"]
@@ -160,6 +173,7 @@ def evaluate_samples(samples: torch.Tensor, prompts: list[str], seed: int = 0,
         "data_feature_diversity": pairwise_diversity(real_features.reshape(len(rows), seeds, -1)).item(),
         "attribute_spread": spread.mean().item(),
         **{f"spread_{name}": spread[i].item() for i, name in enumerate(ATTRIBUTES)},
+        "attribute_spread_all": out["attributes"].reshape(len(rows), seeds, -1).std(dim=1).mean().item(),
         "adherence": (shape_ok & colour_ok).float().mean().item(),
         "shape_accuracy": shape_ok.float().mean().item(),
         "colour_accuracy": colour_ok.float().mean().item(),

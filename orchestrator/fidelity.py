@@ -38,6 +38,13 @@ TEACHER = "teacher"
 # The table
 
 
+def gap_metrics(family: str) -> list[str]:
+    """The diversity metrics whose recovered share of DMD's gap to the teacher the table reports: the
+    family's headline diversity first."""
+    module = family_module(family)
+    return list(getattr(module, "GAP_METRICS", (module.DIVERSITY[0],)))
+
+
 def metric_columns(family: str) -> list[str]:
     """The columns a family's table shows: its diversity and quality metrics first."""
     module = family_module(family)
@@ -88,14 +95,17 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
     dmd = next((i for i, s in enumerate(settings) if s["params"].get("loss.diversity_weight", default_weight) == 0),
                -1)
     for setting in settings:
-        if dmd < 0:
-            setting["gap_recovered"] = (math.nan, math.nan)
-            continue
-        dmd_seeds = settings[dmd]["per_seed"]
-        gaps = [gap_recovered(m[d_name], dmd_seeds[s][d_name], teacher[d_name])
-                for s, m in setting["per_seed"].items() if s in dmd_seeds]
-        setting["gap_recovered"] = (statistics.fmean(gaps) if gaps else math.nan,
-                                    statistics.stdev(gaps) if len(gaps) > 1 else 0.0)
+        setting["gaps"] = {}
+        for metric in gap_metrics(family):
+            if dmd < 0:
+                setting["gaps"][metric] = (math.nan, math.nan)
+                continue
+            dmd_seeds = settings[dmd]["per_seed"]
+            gaps = [gap_recovered(m[metric], dmd_seeds[s][metric], teacher[metric])
+                    for s, m in setting["per_seed"].items() if s in dmd_seeds]
+            setting["gaps"][metric] = (statistics.fmean(gaps) if gaps else math.nan,
+                                       statistics.stdev(gaps) if len(gaps) > 1 else 0.0)
+        setting["gap_recovered"] = setting["gaps"][d_name]
     picked = -1
     if dmd >= 0:
         floor = q_sign * settings[dmd]["mean"][q_name] - tolerance
@@ -112,19 +122,19 @@ def format_fidelity(result: dict, teacher: dict[str, float], family: str,
                     cut: tuple[int, dict[str, float]] | None = None) -> str:
     """The Markdown table: teacher first (and, given cut = (steps, metrics), the teacher cut to the generator's
     steps), then every setting with mean ± std over its training seeds."""
-    columns = metric_columns(family)
-    d_name = family_module(family).DIVERSITY[0]
-    lines = ["| model | seeds | " + " | ".join(columns) + f" | gap recovered ({d_name}) |",
-             "|---" * (len(columns) + 3) + "|",
-             f"| teacher | - | " + " | ".join(f"{teacher[c]:.4g}" for c in columns) + " | 1 |"]
+    columns, gaps = metric_columns(family), gap_metrics(family)
+    lines = ["| model | seeds | " + " | ".join(columns) + "".join(f" | gap recovered ({g})" for g in gaps) + " |",
+             "|---" * (len(columns) + len(gaps) + 2) + "|",
+             "| teacher | - | " + " | ".join(f"{teacher[c]:.4g}" for c in columns) + " | 1" * len(gaps) + " |"]
     if cut is not None:
         steps, metrics = cut
-        lines.append(f"| teacher, {steps} steps | - | " + " | ".join(f"{metrics[c]:.4g}" for c in columns) + " | |")
+        lines.append(f"| teacher, {steps} steps | - | " + " | ".join(f"{metrics[c]:.4g}" for c in columns)
+                     + " | " * len(gaps) + " |")
     for i, s in enumerate(result["settings"]):
         name = s["name"] + (" **picked**" if i == result["picked"] else "")
-        gap, gap_std = s["gap_recovered"]
-        cells = [_cell(s["mean"][c], s["std"][c], len(s["seeds"])) for c in columns]
-        lines.append(f"| {name} | {len(s['seeds'])} | " + " | ".join(cells) + f" | {_cell(gap, gap_std, len(s['seeds']))} |")
+        n = len(s["seeds"])
+        cells = [_cell(s["mean"][c], s["std"][c], n) for c in columns] + [_cell(*s["gaps"][g], n) for g in gaps]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,13 +11,13 @@ from orchestrator.cli import main
 from orchestrator.fidelity import aggregate, check_space, format_fidelity, run_local_trials
 from workers.config import ConfigError
 
-TEACHER = {"feature_diversity": 0.14, "attribute_spread": 0.25, "adherence": 1.0, "frechet_distance": 76.0}
+TEACHER = {"feature_diversity": 0.14, "attribute_spread": 0.24, "adherence": 1.0, "frechet_distance": 76.0}
 
 
-def _row(weight, seed, diversity, adherence):
+def _row(weight, seed, diversity, adherence, spread=None):
     return {"params": {"loss.diversity_weight": weight, "seed": seed},
-            "eval_feature_diversity": diversity, "eval_attribute_spread": 0.2, "eval_adherence": adherence,
-            "eval_frechet_distance": 100.0}
+            "eval_feature_diversity": diversity, "eval_attribute_spread": diversity + 0.1 if spread is None else spread,
+            "eval_adherence": adherence, "eval_frechet_distance": 100.0}
 
 
 def test_settings_get_mean_spread_and_a_seed_paired_gap():
@@ -30,14 +30,28 @@ def test_settings_get_mean_spread_and_a_seed_paired_gap():
     dmd, default, strong = result["settings"]
     assert dmd["mean"]["feature_diversity"] == pytest.approx(0.11)
     assert dmd["std"]["feature_diversity"] == pytest.approx(math.sqrt(2) * 0.01)
-    # each seed against DMD's same seed: (0.12 - 0.10) / (0.14 - 0.10) = 0.5 and (0.13 - 0.12) / 0.02 = 0.5
-    assert default["gap_recovered"][0] == pytest.approx(0.5)
-    assert default["gap_recovered"][1] == pytest.approx(0.0, abs=1e-12)
+    # each seed against DMD's same seed: (0.12 - 0.10) / (0.14 - 0.10) = 0.5 and (0.13 - 0.12) / 0.02 = 0.5, for
+    # the headline (attribute spread) and for the feature diversity alike
+    for metric in ("attribute_spread", "feature_diversity"):
+        assert default["gaps"][metric][0] == pytest.approx(0.5)
+        assert default["gaps"][metric][1] == pytest.approx(0.0, abs=1e-12)
+    assert default["gap_recovered"] == default["gaps"]["attribute_spread"]
     # lambda = 0.5 is more diverse but loses 17 points of adherence: the rule picks lambda = 0.05
     assert result["settings"][result["picked"]] is default
     table = format_fidelity(result, TEACHER, "shapes")
     assert "| DP-DMD (lambda=0.05) **picked** | 2 |" in table
     assert "0.11 ± 0.014" in table
+    assert "| gap recovered (attribute_spread) | gap recovered (feature_diversity) |" in table.splitlines()[0]
+
+
+def test_the_headline_follows_attribute_spread_not_feature_diversity():
+    """Broken samples raise feature diversity: a setting that 'wins' on it while losing attribute spread
+    recovers nothing of the headline gap."""
+    rows = [_row(0.0, s, 0.10, 0.99, spread=0.20) for s in (0, 1)] \
+        + [_row(0.05, s, 0.16, 0.99, spread=0.19) for s in (0, 1)]
+    result = aggregate(rows, TEACHER, "shapes", default_weight=0.05, tolerance=0.02)
+    broken = result["settings"][1]
+    assert broken["gaps"]["feature_diversity"][0] > 1 and broken["gap_recovered"][0] < 0
 
 
 def test_with_a_looser_tolerance_the_more_diverse_setting_is_picked():

@@ -163,6 +163,29 @@ def test_evaluate_samples_on_real_data_and_on_copies():
         evaluate_samples(images, prompts[1:] + prompts[:1])
 
 
+def test_failed_samples_add_feature_diversity_but_no_attribute_spread():
+    images, prompts = real_grid(seeds=6, seed=5)
+    real = evaluate_samples(images, prompts, seed=1)
+    broken = images.clone().reshape(16, 6, 3, 32, 32)
+    broken[:, 3] = -1  # a blank tile
+    broken[:, 4:] = broken[:, 4:] * 0.15 - 0.85  # faint shapes
+    broken = evaluate_samples(broken.reshape(-1, 3, 32, 32), prompts, seed=1)
+    assert broken["adherence"] < 0.6
+    assert broken["feature_diversity"] > 2 * real["feature_diversity"]  # what failed samples do to features
+    assert broken["attribute_spread_all"] > real["attribute_spread_all"] + 0.02
+    # the headline counts the good samples only: half as many per prompt, the same spread within noise
+    assert broken["attribute_spread"] <= real["attribute_spread"] + 0.005
+
+
+def test_adherent_spread_ignores_failed_samples_and_counts_a_lost_prompt_as_none():
+    from models.shapes_evaluator import adherent_spread
+
+    attributes = torch.tensor([[[0.0], [1.0], [9.0]], [[0.0], [1.0], [2.0]]])  # 2 prompts x 3 seeds x 1
+    ok = torch.tensor([[True, True, False], [True, False, False]])
+    # prompt 0: std of (0, 1) = 0.7071; prompt 1: one good sample, no spread
+    torch.testing.assert_close(adherent_spread(attributes, ok), torch.tensor([0.7071068 / 2]))
+
+
 def test_render_writes_a_png_of_the_layout_size(tmp_path):
     from PIL import Image
 
