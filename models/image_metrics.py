@@ -1,5 +1,5 @@
 """The paper's image metrics, computed by external models whose weights the user gives as local paths:
-DINO and CLIP feature diversity, PickScore and ImageReward (PAPER.md, Evaluation protocol).
+DINO and CLIP feature diversity, PickScore and ImageReward (docs/method.md, Evaluation).
 
 Nothing is downloaded: each path is a directory that transformers' from_pretrained reads (DINOv2/v3 and
 CLIP image models with their image processors; PickScore is a CLIP model with its processor), or, for

@@ -1,6 +1,6 @@
 """DP-DMD losses as pure functions: tensors in, a LossOutput out. No model calls, no backward, no collectives.
 
-Equation numbers refer to the list in PAPER.md ("Losses"). Every function also hands back the
+Equation numbers refer to the list in docs/method.md ("The losses"). Every function also hands back the
 intermediate tensors whose finiteness decides whether a step may be applied; nothing is ever zeroed.
 """
 

@@ -51,7 +51,7 @@ class GeneratorRollout:
 
 def generator_rollout(velocity_fn: VelocityFn, eps: torch.Tensor, generator_sigmas: torch.Tensor,
                       detach_first_step: bool = True) -> GeneratorRollout:
-    """The N-step generator sample with the DP-DMD stop-gradient after step 1 (PAPER.md, loss 2).
+    """The N-step generator sample with the DP-DMD stop-gradient after step 1 (docs/method.md, loss 2).
 
     eps: (B, ...) the starting state at t = generator_sigmas[0] (noise itself at t = 1, the adapter's
     initial_state below that); generator_sigmas: (N + 1,) ending at 0.

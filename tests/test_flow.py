@@ -1,4 +1,4 @@
-"""Flow-matching conventions and the diffusers-derived schedules (PAPER.md)."""
+"""Flow-matching conventions and the diffusers-derived schedules (docs/method.md)."""
 
 import pytest
 import torch

@@ -72,7 +72,7 @@ def teacher_location(path: str) -> Literal["local", "s3", "hub", "missing"]:
 
 @dataclass
 class TeacherConfig:
-    """The frozen multi-step teacher and its sampler (PAPER.md: CFG scale w, scheduler shift, steps)."""
+    """The frozen multi-step teacher and its sampler (docs/method.md: CFG scale w, scheduler shift, steps)."""
 
     family: str = "toy2d"
     # A local directory, an s3://bucket/prefix URL (fetched once into storage.teacher_cache) or a hub id
@@ -109,7 +109,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW settings (PAPER.md recipe: lr 1e-5, weight decay 0, clip 1.0)."""
+    """AdamW settings (the paper's recipe: lr 1e-5, weight decay 0, clip 1.0)."""
 
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -148,7 +148,7 @@ class CriticConfig:
 
 @dataclass
 class LossConfig:
-    """The DP-DMD objective L = L_dmd + diversity_weight * L_div (PAPER.md, Losses)."""
+    """The DP-DMD objective L = L_dmd + diversity_weight * L_div (docs/method.md, The losses)."""
 
     diversity_weight: float = 0.05  # lambda; 0 is plain DMD
     anchor_step: int = 5  # K: teacher ODE steps to the anchor z_K

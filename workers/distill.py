@@ -103,7 +103,7 @@ class Distiller:
         return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
 
     def _diversity(self, rollout: GeneratorRollout, x_start: torch.Tensor, batch: AnchorBatch) -> LossOutput:
-        """Loss 1 in the teacher's parameterisation (PAPER.md): the average velocity over [t_K, 1] for flow
+        """Loss 1 in the teacher's parameterisation (docs/method.md): the average velocity over [t_K, 1] for flow
         teachers; for epsilon-prediction teachers, the generator's first-step x0 estimate against the
         teacher's x0 estimate at z_K."""
         if self.adapter.prediction_type == "epsilon":
