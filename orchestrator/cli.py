@@ -24,7 +24,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from orchestrator import recipe as recipes
-from workers.config import ConfigError, to_dict
+from workers.config import ConfigError
+from workers.configure import to_dict
 
 DEFAULT_RECIPE = "toy2d"
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.fidelity import run_fidelity
-from workers.config import RunConfig, to_dict
+from workers.config import RunConfig
+from workers.configure import to_dict
 
 DEMO_SEEDS = 3  # training seeds per model: a comparison is reported with its spread over seeds
 

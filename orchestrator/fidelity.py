@@ -4,7 +4,7 @@ The teacher, DMD (lambda = 0), DP-DMD at the recipe's lambda and K, and every ot
 search space, each distilled once per training seed (the space's `seed` grid) and evaluated on the same
 held-out prompts and seeds. The table gives each setting's mean and standard deviation over seeds, and
 the share of the teacher-DMD diversity gap it recovers; the setting the rule picks (the most diverse one
-whose quality stays within sweep.quality_tolerance of DMD's) is marked.
+whose quality is at most sweep.quality_drop_from_dmd below DMD's) is marked.
 
     dpdmd fidelity --recipe shapes sweep.space=fidelity                      # Ray Tune trials on a cluster
     dpdmd fidelity --recipe shapes sweep.space=fidelity --no-ray --jobs 6 \\
@@ -28,7 +28,8 @@ from pathlib import Path
 from models.families import family_module
 from orchestrator import recipe as recipes
 from orchestrator.sweep import gap_recovered, grid_points, load_space, trial_config, trial_name
-from workers.config import ConfigError, RunConfig, to_dict
+from workers.config import ConfigError, RunConfig
+from workers.configure import to_dict
 
 SEED_KEY = "seed"
 TEACHER = "teacher"
@@ -202,7 +203,7 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
     """fidelity.md (the table and its verdict), fidelity.json (every number), fidelity_per_seed.csv,
     fidelity.png and fidelity_samples.png into out_dir. cut: the teacher's metrics at the generator's steps."""
     family = config.teacher.family
-    result = aggregate(rows, teacher, family, config.loss.diversity_weight, config.sweep.quality_tolerance)
+    result = aggregate(rows, teacher, family, config.loss.diversity_weight, config.sweep.quality_drop_from_dmd)
     table = format_fidelity(result, teacher, family, cut and (config.generator.num_steps, cut))
     line = verdict(result, teacher, family, config.loss.diversity_weight)
     table += f"\n\n{line}" if line else ""
@@ -216,7 +217,7 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
         f"# Fidelity: {config.name}\n\n{table}\n\nMean ± standard deviation over training seeds; every model is "
         f"evaluated on the same {config.evaluation.seeds_per_prompt} held-out seeds per prompt. Gap recovered: "
         f"(diversity - DMD's) / (teacher's - DMD's), each seed paired with DMD's same seed. Picked: the most "
-        f"diverse setting whose mean {family_module(family).QUALITY[0]} is within {config.sweep.quality_tolerance:g} "
+        f"diverse setting whose mean {family_module(family).QUALITY[0]} is at most {config.sweep.quality_drop_from_dmd:g} below "
         f"of DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
         + (f"Samples (first training seed of each setting; one row per prompt, one column per held-out seed):\n\n"
            f"![samples]({grid.name})\n" if grid else ""))
@@ -391,7 +392,7 @@ def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[s
 
     from orchestrator.precompute import precompute
     from orchestrator.runs import distill_here, evaluate_generator
-    from workers.config import build
+    from workers.configure import build
     from workers.context import CHECKPOINTS
 
     config = build(RunConfig, config_dict)

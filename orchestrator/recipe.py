@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from workers.config import ConfigError, RunConfig, build, teacher_location, to_dict
+from workers.config import ConfigError, RunConfig, teacher_location
+from workers.configure import build, set_dotted, to_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -59,13 +60,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(path[: i + 1]), f"is a value, not a section; cannot set {text!r}")
-            node = child
-        node[path[-1]] = value
+        set_dotted(data, ".".join(path), value)
     return data
 
 

@@ -1,7 +1,7 @@
 """`dpdmd sweep`: Ray Tune over dotted config keys. One trial = distillation, then evaluation on the
 held-out prompts and seeds. Trials share trajectory stores, run as concurrently as the cluster allows,
 and nest their MLflow runs under one parent; the sweep ends with the Pareto front of diversity against
-quality (plot and table) and the trade-off picked by sweep.quality_tolerance.
+quality (plot and table) and the trade-off picked by sweep.quality_drop_from_best.
 
     dpdmd sweep --recipe toy2d sweep.space=default
 """
@@ -21,7 +21,8 @@ import yaml
 
 import tune_spaces
 from models.families import family_module
-from workers.config import ConfigError, RunConfig, build, config_keys
+from workers.config import ConfigError, RunConfig
+from workers.configure import build, config_keys, set_dotted
 
 SPACE_DIR = Path(tune_spaces.__file__).resolve().parent
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -51,14 +52,6 @@ def load_space(name: str) -> dict[str, dict]:
         for value in values if kind in ("grid", "choice") else []:
             build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own
     return space
-
-
-def set_dotted(data: dict, key: str, value: Any) -> dict:
-    node = data
-    for part in key.split(".")[:-1]:
-        node = node.setdefault(part, {})
-    node[key.split(".")[-1]] = value
-    return data
 
 
 def tune_param_space(space: dict[str, dict]) -> dict:
@@ -231,7 +224,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         if not result.rows:
             raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir / 'tune'}")
         points = [(r["diversity"], r["quality"]) for r in result.rows]
-        result.front, result.picked = pareto_front(points), pick(points, sweep.quality_tolerance)
+        result.front, result.picked = pareto_front(points), pick(points, sweep.quality_drop_from_best)
         table = sweep_table(result, config.teacher.family)
         (sweep_dir / "sweep.md").write_text(table + "\n")
         (sweep_dir / "sweep.json").write_text(json.dumps(

@@ -8,7 +8,8 @@ import yaml
 
 from orchestrator import cli
 from orchestrator.recipe import builtin_recipes, dump, resolve, save
-from workers.config import ConfigError, RunConfig, build, config_keys, to_dict
+from workers.config import ConfigError, RunConfig
+from workers.configure import build, config_keys, to_dict
 
 
 @pytest.fixture
@@ -126,7 +127,8 @@ INVALID = [
     ("sweep.max_concurrent_trials=-1", "sweep.max_concurrent_trials"),
     ("sweep.trial_cpus=0", "sweep.trial_cpus"),
     ("sweep.scheduler=hyperband", "sweep.scheduler"),
-    ("sweep.quality_tolerance=-1", "sweep.quality_tolerance"),
+    ("sweep.quality_drop_from_best=-1", "sweep.quality_drop_from_best"),
+    ("sweep.quality_drop_from_dmd=-1", "sweep.quality_drop_from_dmd"),
     ("seed=-1", "seed"),
     ("seed=1.5", "seed"),
     ("schedule.num_generator_updates=true", "schedule.num_generator_updates"),

@@ -86,7 +86,8 @@ def _fake_trial(config_dict, run_dir, threads):
 
 
 def test_a_failed_trial_loses_nothing_and_a_rerun_runs_only_the_rest(tmp_path):
-    from workers.config import RunConfig, to_dict
+    from workers.config import RunConfig
+    from workers.configure import to_dict
 
     base = to_dict(RunConfig())
     space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}

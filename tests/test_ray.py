@@ -109,7 +109,7 @@ def test_a_two_trial_sweep_nests_its_runs_in_mlflow(ray_cluster, out):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.sweep import run_sweep
-    from workers.config import to_dict
+    from workers.configure import to_dict
 
     config = tiny_config(out, "distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20",
                          "sweep.space=lambda", "tracking.experiment=sweep-test")
@@ -211,7 +211,7 @@ def test_an_asha_sweep_sees_the_training_metric_as_it_goes(ray_cluster, out):
     import json
 
     from orchestrator.sweep import run_sweep
-    from workers.config import to_dict
+    from workers.configure import to_dict
 
     config = tiny_config(out, "distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20",
                          "sweep.space=lambda", "sweep.scheduler=asha", "schedule.num_generator_updates=6",

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.sweep import SPACE_DIR, gap_recovered, grid_points, load_space, pareto_front, pick, trial_config
-from workers.config import ConfigError, RunConfig, to_dict
+from workers.config import ConfigError, RunConfig
+from workers.configure import to_dict
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))

@@ -1,4 +1,5 @@
-"""Typed, self-validating configs for every component, and the machinery that builds them from plain dicts.
+"""Typed, self-validating configs for every component (the schema; workers/configure.py builds them from
+plain data).
 
 Values resolve as dataclass defaults <- YAML recipe <- dotted key=value overrides (orchestrator.recipe).
 Every check runs before any work starts; each error names the dotted key and says how to fix it.
@@ -6,14 +7,9 @@ Every check runs before any work starts; each error names the dotted key and say
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 
@@ -298,14 +294,17 @@ class SweepConfig:
     trial_cpus: float = 0.1  # the trial driver's own share; its training workers ask for their own
     scheduler: Literal["none", "asha"] = "none"  # ASHA stops trials early on the training metric below
     metric: str = "loss_dmd"  # training metric ASHA compares (lower is better)
-    quality_tolerance: float = 0.02  # pick: most diverse Pareto point within this of the best quality
+    # The setting each report picks: the most diverse one whose quality is at most this much below ...
+    quality_drop_from_best: float = 0.02  # ... the best quality on the sweep's Pareto front (dpdmd sweep)
+    quality_drop_from_dmd: float = 0.02  # ... DMD's mean quality (dpdmd fidelity, dpdmd demo)
 
     def __post_init__(self):
         _check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         _check(self.max_concurrent_trials >= 0, "max_concurrent_trials",
                f"must be >= 0 (0: as many as fit the cluster with their workers), got {self.max_concurrent_trials}")
         _check(self.trial_cpus > 0, "trial_cpus", f"must be > 0 (Ray refuses 0), got {self.trial_cpus}")
-        _check(self.quality_tolerance >= 0, "quality_tolerance", f"must be >= 0, got {self.quality_tolerance}")
+        for key in ("quality_drop_from_best", "quality_drop_from_dmd"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -335,98 +334,3 @@ class RunConfig:
     @property
     def generator_shift(self) -> float:
         return self.teacher.shift if self.generator.shift is None else self.generator.shift
-
-
-# ----------------------------------------------------------------------------------------------------
-# Building configs from plain data
-
-
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and lightly coerce: int -> float) a plain value against a field's annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp in (bool, str):
-        if isinstance(value, tp):
-            return value
-    else:
-        raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def build(cls: type, data: Mapping[str, Any] | None, prefix: str = ""):
-    """Build dataclass cls from a nested mapping; missing keys take defaults, unknown keys are errors."""
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix, f"expected a mapping of keys to values, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f"did you mean {_join(prefix, close[0])!r}? " if close else ""
-        raise ConfigError(_join(prefix, str(key)),
-                          f"unknown key; {hint}valid keys here: {', '.join(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        tp, key = hints[name], _join(prefix, name)
-        kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # __post_init__ names keys relative to its own section
-        raise ConfigError(_join(prefix, err.key), err.message) from None
-
-
-def to_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    """Every settable dotted key of a config class, e.g. 'loss.diversity_weight'."""
-    keys = []
-    for name, tp in typing.get_type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls)}:
-            continue
-        key = _join(prefix, name)
-        keys.extend(config_keys(tp, key) if dataclasses.is_dataclass(tp) else [key])
-    return keys

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from workers.anchors import compute_anchors
-from workers.config import RunConfig, build
+from workers.config import RunConfig
+from workers.configure import build
 from workers.batches import AnchorBatch
 from workers.schema import batch_to_table
 from workers.store import ShardInfo, StoreSpec, filesystem, write_negative, write_shard

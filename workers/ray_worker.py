@@ -8,7 +8,8 @@ from pathlib import Path
 
 import ray.train
 
-from workers.config import RunConfig, build
+from workers.config import RunConfig
+from workers.configure import build
 from workers.context import WorkerContext
 from workers.train import store_source, train
 

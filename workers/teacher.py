@@ -140,7 +140,7 @@ def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: t
     from the trajectory store instead. vae: load the latent decoder (pictures and image metrics only)."""
     path = teacher_dir(config)
     if not path.is_dir():
-        fix = (f"train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
+        fix = ("train it with `dpdmd train-teacher --recipe ...` (same recipe and overrides)" if not config.teacher.path
                else "point teacher.path at a directory written by `dpdmd train-teacher` or save_pretrained")
         raise FileNotFoundError(f"no {config.teacher.family} teacher at {path}: {fix}")
     options = LoadOptions(text_encoders=text_encoders, vae=vae, resolution=config.teacher.resolution, dtype=dtype)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from workers.config import RunConfig, to_dict
+from workers.config import RunConfig
+from workers.configure import flatten, to_dict
 
 
 def tracking_uri(config: RunConfig) -> str:
@@ -17,18 +18,6 @@ def tracking_uri(config: RunConfig) -> str:
     if config.tracking.tracking_uri:
         return config.tracking.tracking_uri
     return f"sqlite:///{(Path(config.storage.output_dir) / 'mlflow.db').resolve()}"
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, str]:
-    """{'loss': {'anchor_step': 5}} -> {'loss.anchor_step': '5'}."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)
-    return out
 
 
 def experiment_id(config: RunConfig) -> str:
@@ -83,7 +72,8 @@ def metric_logger(uri: str | None, run_id: str | None, rank: int):
 
 
 def config_params(config: RunConfig) -> dict[str, str]:
-    return flatten(to_dict(config))
+    """The config as MLflow params: {'loss.anchor_step': '5', ...}."""
+    return {k: str(v) for k, v in flatten(to_dict(config)).items()}
 
 
 class TrackedRun:

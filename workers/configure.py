@@ -1,0 +1,129 @@
+"""Building configs from plain data: nested dicts (YAML recipes, dotted overrides, Tune points) into the typed
+dataclasses of workers/config.py, checked field by field; and the dotted-key helpers everything else uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from workers.config import ConfigError, RunConfig
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce: int -> float) a plain value against a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (bool, str):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str = ""):
+    """Build dataclass cls from a nested mapping; missing keys take defaults, unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, f"expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {_join(prefix, close[0])!r}? " if close else ""
+        raise ConfigError(_join(prefix, str(key)),
+                          f"unknown key; {hint}valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], _join(prefix, name)
+        kwargs[name] = build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names keys relative to its own section
+        raise ConfigError(_join(prefix, err.key), err.message) from None
+
+
+def to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config class, e.g. 'loss.diversity_weight'."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        key = _join(prefix, name)
+        keys.extend(config_keys(tp, key) if dataclasses.is_dataclass(tp) else [key])
+    return keys
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """data with data[a][b][c] = value for key 'a.b.c', sections created as needed; a value in the way is an
+    error naming it."""
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+    node[parts[-1]] = value
+    return data
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'loss': {'anchor_step': 5}} -> {'loss.anchor_step': 5}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
