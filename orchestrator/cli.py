@@ -19,10 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-# Busy-waiting OpenMP threads slow small CPU models down many times over as soon as another process
-# shares the cores (Ray workers, a second job); passive waiting costs little when the cores are free.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from orchestrator import recipe as recipes
 from workers.config import ConfigError
 from workers.configure import to_dict
@@ -242,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The command's own process (and the trial processes it starts, which inherit it): busy-waiting OpenMP
+    # threads slow small CPU models down many times over as soon as another process shares the cores (Ray
+    # workers, a second job); passive waiting costs little when the cores are free. Read when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from orchestrator import cluster
 

@@ -387,7 +387,6 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
 def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[str, float]:
     """One trial in this process: distil with the train function (continuing from the trial's last checkpoint
     if an earlier attempt left one), export, evaluate; returns its metrics."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from orchestrator.precompute import precompute

@@ -35,11 +35,8 @@ class WorkerContext:
     world_size: int = 1
 
     def device(self, use_gpu: bool) -> torch.device:
-        if use_gpu:
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local_rank)
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
+        """This rank's device: its local GPU, or the CPU."""
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
 
     def all_finite(self, flag: torch.Tensor) -> bool:
         """True only if every rank's flag is True: one small all-reduce, the loop's only host sync."""

@@ -82,6 +82,8 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
            on_cycle: Callable[[Progress, dict], None] | None, save: bool) -> Progress:
     dist, schedule = config.distributed, config.schedule
     device = ctx.device(dist.use_gpu)
+    if device.type == "cuda":  # the run owns its process's current device: NCCL and the allocator use it
+        torch.cuda.set_device(device)
     dtype = torch.bfloat16 if dist.precision == "bf16" else torch.float32
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
