@@ -1,32 +1,38 @@
-"""The DP-DMD cycle at SD3.5-Medium scale: throughput, MFU, memory, precompute, against the reference structure.
+"""The DP-DMD cycle at SD3.5-Medium scale: time, MFU and HFU, memory, against the reference structure.
 
 Every mode runs workers.train.train, the function Ray Train workers run, on SD3.5-Medium's exact transformer
 with random weights (models.sd3.random_teacher), 1024 x 1024 images (16 x 128 x 128 latents), prompt
-embeddings of the real shapes (77 CLIP + 256 T5 tokens x 4096, pooled 2048), bf16, DeepSpeed ZeRO engines:
+embeddings of the real shapes (77 CLIP + 256 T5 tokens x 4096, pooled 2048), bf16, DeepSpeed ZeRO engines,
+the paper's recipe (sd35m):
 
-  ours       anchors and prompt embeddings from a trajectory store written by this run's precompute,
-             read ahead on a background thread; the trainer holds no text encoder
+  ours       what `dpdmd distill` runs: workers.train.store_source over a trajectory store written by this
+             run's precompute; the trainer holds no text encoder
   inline     the precompute effect alone: embeddings from the store, but the K-step guided teacher anchor
              rollout inside every generator step; every other setting as ours
   reference  what the reference script does: eager networks, prompts encoded in the loop by full-size random
              CLIP-L, CLIP-G and T5-XXL held by the trainer, the anchor rollout inside every generator step
 
-Figures, per GPU, medians over --steps cycles after --warmup (one cycle = --critic-updates critic updates +
-one generator update, --batch rows each): cycle seconds, samples/s (rows consumed per second), model FLOPs
-of one cycle (torch.utils.flop_counter over one warm-up cycle), MFU against a bf16 matmul peak measured
-here, peak GPU memory; precompute anchors/s against the bound of the teacher's own forward passes.
-Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md). Imports neither Ray nor MLflow.
+Each mode (and each --variant, an extra run of ours with config overrides) runs in a process of its own, so
+that it starts from an empty GPU, its peak memory is its own, and an out-of-memory error or a crash is recorded
+while the other runs go on; the parent process only orders runs and writes the report. Figures, per GPU:
+median cycle seconds over --steps cycles after --warmup (one cycle = the critic updates + one generator update),
+samples/s, peak and held (between cycles) GPU memory, and FLOPs per cycle counted outside the measured runs
+(benchmarks/cycle_flops.py: each kind of network pass counted on the meta device, times the passes a cycle
+makes): MFU from model FLOPs, HFU with activation-checkpointing recompute, both against a bf16 matmul measured
+here. Also precompute anchors/s against the bound of the teacher's K guided passes alone.
+Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) after every run.
 
-    python -m benchmarks.gpu_cycle --out outputs/bench/1gpu                                  # one GPU
-    torchrun --standalone --nproc_per_node 2 -m benchmarks.gpu_cycle --out outputs/bench/2gpu  # two GPUs
-    python -m benchmarks.gpu_cycle --scaling outputs/bench/1gpu outputs/bench/2gpu            # 1 -> 2 scaling
-    python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                             # CPU, tiny SD3
+    python -m benchmarks.gpu_cycle --out outputs/bench/1gpu                         # one GPU, three modes
+    python -m benchmarks.gpu_cycle --gpus 2 --out outputs/bench/2gpu                # each mode under torchrun
+    python -m benchmarks.gpu_cycle --mode ours --profile --variant compile:distributed.compile=true
+    python -m benchmarks.gpu_cycle --scaling outputs/bench/1gpu outputs/bench/2gpu  # 1 -> 2 GPU scaling
+    python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                   # CPU, tiny SD3 (the tests)
 
-Speed options, each measurable on its own: --compile (torch.compile per transformer block, ours and
-inline), --gradient-checkpointing (generator and critic), --prefetch 0 (read batches in the loop),
---zero-stage, --layers N (the first N of the 24 blocks, e.g. to fit one GPU). On one 80 GB GPU the full
-generator + critic + AdamW state does not fit (36-45 GB per engine unsharded); a mode that runs out of
-memory is recorded as such with its peak, and the run goes on to the next mode.
+--smoke also counts one whole cycle of every mode under FlopCounterMode (with and without checkpointing) and
+records it beside the per-pass sum (tests/test_bench.py holds them equal); never on GPU, where the counter holds
+about five times the memory a cycle needs. --base DIR first runs ours with workers/, models/ and orchestrator/
+from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), for before/after
+figures. Imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -36,89 +42,139 @@ import gc
 import itertools
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see BENCHMARKS.md: spinning OpenMP threads on shared CPUs
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks import random_sd3  # noqa: E402
-from models.rollout import teacher_anchor  # noqa: E402
-from models.sampling import seeded_noise  # noqa: E402
-from models.flow import sampling_sigmas  # noqa: E402
-from orchestrator.recipe import resolve  # noqa: E402
-from workers.anchors import compute_anchors  # noqa: E402
-from workers.config import RunConfig  # noqa: E402
-from workers.context import LocalContext  # noqa: E402
-from workers.batches import PromptBatch, TrainingData  # noqa: E402
-from workers.distill import Progress  # noqa: E402
-from workers.engines import init_distributed  # noqa: E402
-from workers.prefetch import prefetched  # noqa: E402
-from workers.train import store_source, train  # noqa: E402
+from benchmarks import cycle_flops, random_sd3  # noqa: E402
 
-MODES = ("reference", "inline", "ours")  # in run order: the text encoders are freed after the reference
+MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
+SIMULATED_OOM = "simulated-oom"
+ROOT = Path(__file__).resolve().parents[1]
+# Children run without Ray and MLflow, as on the GPU machine (DeepSpeed tries MLflow and does without it).
+CHILD = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
+         "sys.exit(main(sys.argv[1:]))")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Settings
 
 
+@dataclass(frozen=True)
+class Run:
+    """One measured run: a mode, config overrides on top of the benchmark's, and the source tree it imports."""
+
+    label: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+    source: str = ""  # "" = this tree; else a directory holding workers/, models/, orchestrator/
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_cycle", description=__doc__.split("\n")[0])
-    p.add_argument("--mode", default="all", help="all, or a comma list of " + ", ".join(MODES))
+    p.add_argument("--mode", default="all", help="all, or a comma list of " + ", ".join(MODES) + " (run in that order)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="one more run of ours with these config overrides (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for inline, ours and the variants (repeatable)")
+    p.add_argument("--base", default="", metavar="DIR", help="also run ours with workers/models/orchestrator from DIR")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="rows per GPU per update")
     p.add_argument("--critic-updates", type=int, default=5, help="critic updates per generator update")
     p.add_argument("--anchor-step", type=int, default=5, help="K: teacher ODE steps to the anchor")
-    p.add_argument("--steps", type=int, default=10, help="timed cycles per mode")
-    p.add_argument("--warmup", type=int, default=3, help="untimed cycles first (compilation, allocator)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (ours and inline)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--prefetch", type=int, default=2, help="batches read ahead on a thread (0: in the loop)")
+    p.add_argument("--steps", type=int, default=4, help="timed cycles per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed cycles first (allocator, kernels, compilation)")
+    p.add_argument("--compile", action="store_true", help="same as --set distributed.compile=true")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing of generator and critic (the recipe's setting)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all)")
-    p.add_argument("--precompute-rows", type=int, default=32, help="rows the precompute writes (per run)")
     p.add_argument("--precompute-batch", type=int, default=4, help="rows per precompute batch and shard")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per run (more than 1: each run under torchrun)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler over one more cycle of ours: kernel mix")
+    p.add_argument("--verify-flops", action=argparse.BooleanOptionalAction, default=None,
+                   help="count whole cycles under FlopCounterMode after each run (default: with --smoke only)")
+    p.add_argument("--simulate-oom", action="store_true",
+                   help="first a run of ours that raises out-of-memory after one cycle (tests the recording path)")
+    p.add_argument("--deadline", type=float, default=0.0, metavar="S",
+                   help="stop a run at S seconds from the start and start none with under 60 s left (0: no limit)")
     p.add_argument("--smoke", action="store_true", help="tiny SD3 and encoders on CPU, 2 timed cycles")
     p.add_argument("--out", default="outputs/bench")
-    p.add_argument("--scaling", nargs=2, metavar=("ONE_GPU_OUT", "TWO_GPU_OUT"),
+    p.add_argument("--scaling", nargs=2, metavar=("ONE_GPU_OUT", "N_GPU_OUT"),
                    help="compare two earlier runs' JSON (same per-GPU batch) and print the scaling efficiency")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.resolution = random_sd3.SMOKE_RESOLUTION
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
-    args.modes = MODES if args.mode == "all" else tuple(m for m in MODES if m in args.mode.split(","))
-    unknown = set(args.mode.split(",")) - set(MODES) - {"all"}
-    if unknown or not args.modes:
+    if args.verify_flops is None:
+        args.verify_flops = args.smoke
+    modes = [m for m in args.mode.split(",") if m]
+    unknown = set(modes) - set(MODES) - {"all"}
+    if unknown or not modes:
         p.error(f"--mode: unknown {sorted(unknown)}; use all or a comma list of {', '.join(MODES)}")
+    args.modes = tuple(MODES) if "all" in modes else tuple(dict.fromkeys(modes))
     if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1 (FLOPs are counted over the last warm-up cycle)")
+        p.error("--warmup and --steps must be >= 1")
+    try:
+        args.runs = runs(args)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
-def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, compile: bool) -> RunConfig:
+def runs(args: argparse.Namespace) -> list[Run]:
+    tuned = tuple(args.set) + (("distributed.compile=true",) if args.compile else ())
+    out = [Run(SIMULATED_OOM, "ours", tuned)] if args.simulate_oom else []
+    if args.base:  # before the runs it is compared with
+        out.append(Run("ours@base", "ours", (), str(Path(args.base).resolve())))
+    out += [Run(mode, mode, () if mode == "reference" else tuned) for mode in args.modes]
+    for text in args.variant:
+        label, _, overrides = text.partition(":")
+        if not label or not overrides or label in (*MODES, SIMULATED_OOM) or any(r.label == label for r in out):
+            raise ValueError(f"--variant {text!r}: give LABEL:KEY=VALUE[,KEY=VALUE] with a new label")
+        out.append(Run(label, "ours", tuned + tuple(overrides.split(","))))
+    return out
+
+
+def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, overrides=(), cycles: int = 0):
     """The paper's recipe (sd35m) with the benchmark's settings; teacher.path is never read (the teacher is
     built in code and handed to train)."""
+    from orchestrator.recipe import resolve
+
     checkpointing = str(args.gradient_checkpointing).lower()
+    cycles = cycles or args.warmup + args.steps + int(args.profile)
     return resolve("sd35m", [
         f"teacher.resolution={args.resolution}", f"loss.anchor_step={args.anchor_step}",
         f"schedule.critic_updates_per_generator={args.critic_updates}",
-        f"schedule.num_generator_updates={args.warmup + args.steps}", "schedule.checkpoint_every=0",
-        f"schedule.log_every={args.warmup + args.steps}",
+        f"schedule.num_generator_updates={cycles}", "schedule.checkpoint_every=0", f"schedule.log_every={cycles}",
         f"generator.gradient_checkpointing={checkpointing}", f"critic.gradient_checkpointing={checkpointing}",
         f"distributed.num_workers={world_size}", f"distributed.use_gpu={str(use_gpu).lower()}",
         f"distributed.zero_stage={args.zero_stage}", f"distributed.batch_size_per_worker={args.batch}",
-        f"distributed.compile={str(compile).lower()}", f"trajectories.batch_size={args.precompute_batch}",
-        f"trajectories.rows_per_shard={args.precompute_batch}", f"storage.output_dir={args.out}"])
+        f"trajectories.batch_size={args.precompute_batch}", f"trajectories.rows_per_shard={args.precompute_batch}",
+        f"storage.output_dir={args.out}", *overrides])
+
+
+def cycle_shape(config) -> cycle_flops.CycleShape:
+    return cycle_flops.CycleShape(
+        config.schedule.critic_updates_per_generator, config.distributed.batch_size_per_worker,
+        config.generator.num_steps, config.loss.anchor_step, config.loss.diversity_weight > 0,
+        config.loss.detach_first_step)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Measuring
+# Measuring (inside a child process)
 
 
 def synchronize(device: torch.device) -> None:
@@ -127,7 +183,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
-    """The GPU's measured bf16 matrix-multiply rate (FLOP/s), the denominator of MFU; NaN on CPU."""
+    """The GPU's measured bf16 matrix-multiply rate (FLOP/s) on random data, the denominator of MFU; NaN on CPU."""
     if device.type != "cuda":
         return float("nan")
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -142,62 +198,119 @@ def matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000)
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """This rank's peak allocated GPU memory since the last reset, the largest over ranks; NaN on CPU."""
+def gib(device: torch.device, peak: bool = False) -> float:
+    """This rank's allocated (or peak allocated) GPU memory in GiB; NaN on CPU."""
     if device.type != "cuda":
         return float("nan")
-    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return peak.item() / 2**30
+    return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2**30
 
 
-def live_text_encoders() -> list[str]:
-    """Class names of every transformers model alive in this process (the text encoders are the only ones)."""
-    import warnings
-
+def live_objects() -> dict[str, int]:
+    """What a run builds and must release: DeepSpeed engines, optimizers, text encoders, and the bytes of every
+    tensor alive in the process (the CPU's view of memory: the smoke has no allocator statistics)."""
+    from deepspeed import DeepSpeedEngine
     from transformers import PreTrainedModel
 
     gc.collect()
-    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        return sorted(type(o).__name__ for o in gc.get_objects() if isinstance(o, PreTrainedModel))
+    counts = {"engines": 0, "optimizers": 0, "text_encoders": 0}
+    storages: dict[int, int] = {}
+    for o in gc.get_objects():
+        kind = type(o)  # not isinstance: that dereferences weak proxies, which torch.compile leaves dead ones of
+        if issubclass(kind, torch.Tensor):
+            if o.device.type != "meta":
+                storage = o.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif issubclass(kind, DeepSpeedEngine):
+            counts["engines"] += 1
+        elif issubclass(kind, torch.optim.Optimizer):
+            counts["optimizers"] += 1
+        elif issubclass(kind, PreTrainedModel):
+            counts["text_encoders"] += 1
+    return {**counts, "tensor_bytes": sum(storages.values())}
 
 
 class CycleClock:
-    """train's on_cycle hook: times each cycle between device-synchronised marks, counts the FLOPs of the last
-    warm-up cycle, and notes which text encoders are alive while the trainer runs."""
+    """train's on_cycle hook: times each cycle between device-synchronised marks, notes the memory held between
+    cycles and the text encoders alive while the trainer runs; optionally profiles one cycle after the timed
+    ones, or raises a simulated out-of-memory error after the first cycle."""
 
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device = warmup, device
+    def __init__(self, warmup: int, steps: int, device: torch.device, profile: bool = False, fail: bool = False):
+        self.warmup, self.steps, self.device, self.profile, self.fail = warmup, steps, device, profile, fail
         self.seconds: list[float] = []
-        self.flops = 0
-        self.counter: FlopCounterMode | None = None
+        self.warmup_seconds: list[float] = []  # the first includes building the engines (and compiling)
+        self.held_gib = float("nan")
         self.text_encoders: list[str] | None = None
-        self.mark = 0.0
+        self.profiler = None
+        self.profile_summary: dict | None = None
+        self.mark = time.perf_counter()
 
-    def start(self) -> None:
-        if self.warmup == 1:  # the counted cycle is the first: count from the start of train
-            self._count()
-
-    def _count(self) -> None:
-        self.counter = FlopCounterMode(display=False)
-        self.counter.__enter__()
-
-    def __call__(self, progress: Progress, metrics: dict) -> None:
+    def __call__(self, progress, metrics: dict) -> None:
         synchronize(self.device)
         now = time.perf_counter()
         step = progress.generator_updates
-        if step > self.warmup:
+        if self.fail:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by --simulate-oom)")
+        print(f"[bench] cycle {step}: {now - self.mark:.2f} s", flush=True)
+        if step <= self.warmup:
+            self.warmup_seconds.append(now - self.mark)
+        elif step <= self.warmup + self.steps:
             self.seconds.append(now - self.mark)
-        if step == self.warmup:
-            self.counter.__exit__(None, None, None)
-            self.flops, self.counter = self.counter.get_total_flops(), None
+            self.held_gib = gib(self.device)
         if self.text_encoders is None:
-            self.text_encoders = live_text_encoders()
-        if step == self.warmup - 1:
-            self._count()
+            self.text_encoders = text_encoders()
+        try:  # a profiler that fails costs the profile, not the run
+            if self.profiler is not None:  # the profiled cycle just ended
+                self.profiler.__exit__(None, None, None)
+                self.profile_summary = profile_summary(self.profiler, now - self.mark)
+                self.profiler = None
+            if self.profile and step == self.warmup + self.steps:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CUDA])
+                self.profiler.__enter__()
+        except Exception as err:  # noqa: BLE001
+            self.profiler, self.profile_summary = None, {"error": f"{type(err).__name__}: {err}"[:300]}
         self.mark = time.perf_counter()
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
+
+def text_encoders() -> list[str]:
+    from transformers import PreTrainedModel
+
+    return sorted(type(o).__name__ for o in gc.get_objects() if issubclass(type(o), PreTrainedModel))
+
+
+KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90" in their names
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitk")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("communication", ("nccl",)),
+    ("copy", ("memcpy", "memset")),
+)
+
+
+def profile_summary(prof, wall_s: float) -> dict:
+    """GPU time of one profiled cycle by kernel kind (matmul, attention, optimizer, communication, copies, the
+    rest: elementwise and reductions), the busiest kernels, and the share of the cycle's wall time the GPU was busy."""
+    kinds: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if not us:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
+        kernels.append((us / 1e6, event.count, kind, event.key[:120]))
+    busy = sum(kinds.values())
+    kernels.sort(reverse=True)
+    return {"wall_s": wall_s, "kernel_s": busy, "busy_share": busy / wall_s,
+            "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"s": s, "calls": n, "kind": k, "name": name} for s, n, k, name in kernels[:30]]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +321,9 @@ def reference_source(adapter, teacher, prompts: list[str], device):
     """The reference script's data path: every batch's prompts encoded in the loop, and on generator
     batches the K-step guided teacher rollout from fresh noise (compute_anchors encodes the empty prompt
     too)."""
+    from workers.anchors import compute_anchors
+    from workers.batches import PromptBatch, TrainingData
+
     def source(config, ctx, progress):
         assert progress.generator_updates == 0, "benchmarks never resume"
         batch_size = config.distributed.batch_size_per_worker
@@ -232,6 +348,10 @@ def reference_source(adapter, teacher, prompts: list[str], device):
 def inline_anchor_source(reader, adapter, teacher, negative, device):
     """Rows and embeddings from reader (the store), but each generator batch's anchor recomputed by the
     teacher's K guided steps from its eps: the precompute effect alone."""
+    from models.flow import sampling_sigmas
+    from models.rollout import teacher_anchor
+    from workers.batches import TrainingData
+
     def source(config, ctx, progress):
         t = config.teacher
         sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
@@ -248,32 +368,21 @@ def inline_anchor_source(reader, adapter, teacher, negative, device):
     return source
 
 
-def prefetching(reader, device, depth: int):
-    if depth <= 0:
-        return reader
-
-    def source(config, ctx, progress):
-        data = reader(config, ctx, progress)
-        return TrainingData(prefetched(data.anchors, device, depth), prefetched(data.prompts, device, depth),
-                            data.rows_available)
-    return source
-
-
 # ----------------------------------------------------------------------------------------------------
-# Precompute: the trajectory store ours and inline read, and its throughput
+# Precompute: the trajectory store the runs read, and its throughput (a child process)
 
 
-def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype, rank: int, world: int):
-    """Anchors and embeddings for --precompute-rows rows into a store under <out>/store (shards split over
+def precompute(config, args, adapter, teacher, prompts, device, rank: int, world: int):
+    """Anchors and embeddings for every row the runs consume into a store under <out>/store (shards split over
     ranks), timed per shard; the bound is --precompute-batch rows per K guided teacher passes."""
-    import shutil
-
+    from models.flow import sampling_sigmas
+    from models.rollout import teacher_anchor
+    from workers.anchors import compute_anchors
     from workers.schema import batch_to_table
     from workers.store import StoreSpec, filesystem, finished_shards, open_store, shards_needed, write_manifest, \
         write_negative, write_shard
 
-    # At least --precompute-rows, and every anchor row the timed run consumes (no row twice, as in distill)
-    num_shards = max(-(-args.precompute_rows // args.precompute_batch), shards_needed(config, len(prompts), world))
+    num_shards = max(2, shards_needed(config, len(prompts), world))
     spec = StoreSpec({"family": "sd3", "model": "random-weights", "resolution": args.resolution, "layers": args.layers,
                       "anchor_step": args.anchor_step, "smoke": args.smoke}, prompts, 0, args.precompute_batch,
                      num_shards)
@@ -325,7 +434,7 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
         "write_share": sum(write_s[timed]) / sum(shard_s),
     }
     result["efficiency"] = result["anchors_per_s_per_gpu"] / result["bound_anchors_per_s_per_gpu"]
-    return store, result
+    return str(root), result
 
 
 def _barrier() -> None:
@@ -333,102 +442,280 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------
-# The modes
+def text_adapter_for(args, adapter, device, dtype):
+    from models.sd3 import SD3Adapter
+
+    text = random_sd3.text_pipeline(args.smoke, device, dtype)
+    return SD3Adapter(adapter.resolution, adapter.latent_channels, adapter.vae_scale_factor, adapter.scheduler,
+                      text_pipeline=text)
 
 
-def run_mode(mode: str, config: RunConfig, args, teacher_pair, source, negative, device, peak_flops: float) -> dict:
-    """One mode through workers.train.train; its figures, or the error that stopped it (out of memory)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    clock = CycleClock(args.warmup, device)
-    ctx = LocalContext(Path(args.out) / "runs" / mode, resume=False)
-    result: dict = {"mode": mode, "compile": config.distributed.compile}
-    try:
-        clock.start()
-        train(config, ctx, source, negative, teacher=teacher_pair, on_cycle=clock, save=False)
-    except torch.cuda.OutOfMemoryError as err:
-        result["error"] = f"out of memory: {str(err).splitlines()[0]}"
-    finally:
-        if clock.counter is not None:
-            clock.counter.__exit__(None, None, None)
-    result["peak_memory_gib"] = peak_memory_gib(device)
-    if "error" in result:
-        return result
-    cycle_s = statistics.median(clock.seconds)
-    rows = args.batch * (args.critic_updates + 1)
-    result.update(cycle_s=cycle_s, cycle_s_all=clock.seconds, samples_per_s_per_gpu=rows / cycle_s,
-                  flops_per_cycle=clock.flops, tflops_per_s_per_gpu=clock.flops / cycle_s / 1e12,
-                  mfu=clock.flops / cycle_s / peak_flops, text_encoders_in_trainer=clock.text_encoders,
-                  # FLOPs as executed: with gradient checkpointing they include the recomputed forward passes
-                  recompute_counted=config.generator.gradient_checkpointing or config.critic.gradient_checkpointing)
-    return result
-
-
-def teacher_forward_flops(adapter, teacher, cond, batch: int, device, dtype) -> int:
-    """FLOPs of one teacher forward pass at batch rows (the unit the anchor rollout costs 2 K of)."""
-    x = torch.zeros(batch, *adapter.latent_shape, device=device, dtype=dtype)
-    t = torch.ones(batch, device=device, dtype=dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        adapter.velocity(teacher, x, t, cond.expand(batch).to(device, dtype))
-    return counter.get_total_flops()
-
-
-def benchmark(args: argparse.Namespace) -> dict:
-    use_gpu = torch.cuda.is_available() and not args.smoke
-    init_distributed(use_gpu)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = LocalContext(Path(args.out)).device(use_gpu)
+def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict:
+    """The store every run reads, the matmul peak, and the FLOPs of the reference's prompt encoding (counted on
+    the real encoders, outside any measured run)."""
     dtype = torch.bfloat16
     peak_flops = matmul_peak(device)
     prompts = random_sd3.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
-    text = random_sd3.text_pipeline(args.smoke, device, dtype)
-    from models.sd3 import SD3Adapter
+    text_adapter = text_adapter_for(args, adapter, device, dtype)
+    # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each).
+    config = run_config(args, use_gpu, world)
+    store_root, result = precompute(config, args, text_adapter, teacher, prompts, device, rank, world)
+    with torch.no_grad():
+        text_flops = {n: cycle_flops.count(lambda: text_adapter.encode_prompts(prompts[:n] if n > 1 else [""]))
+                      for n in (1, args.batch)}
+    return {"store": store_root, "matmul_peak_flops": peak_flops, "precompute": result,
+            "text_flops": {str(k): v for k, v in text_flops.items()},
+            "device": torch.cuda.get_device_name(device) if use_gpu else "cpu", "torch": torch.__version__}
 
-    text_adapter = SD3Adapter(adapter.resolution, adapter.latent_channels, adapter.vae_scale_factor,
-                              adapter.scheduler, text_pipeline=text)
-    eager = run_config(args, use_gpu, world, compile=False)
-    tuned = run_config(args, use_gpu, world, compile=args.compile)
-    store, precompute_result = precompute(eager, args, text_adapter, teacher, prompts, device, dtype, rank, world)
-    negative = store.negative()
-    modes: dict[str, dict] = {}
-    if "reference" in args.modes:
-        modes["reference"] = run_mode("reference", eager, args, (text_adapter, teacher),
-                                      reference_source(text_adapter, teacher, prompts, device), None,
-                                      device, peak_flops)
-    del text, text_adapter  # from here on no text encoder exists in this process
-    reader = prefetching(store_source(store), device, args.prefetch)
-    if "inline" in args.modes:
-        modes["inline"] = run_mode("inline", tuned, args, (adapter, teacher),
-                                   inline_anchor_source(reader, adapter, teacher, negative, device),
-                                   negative, device, peak_flops)
-    if "ours" in args.modes:
-        modes["ours"] = run_mode("ours", tuned, args, (adapter, teacher), reader, negative, device, peak_flops)
 
-    # ours_vs_X: measured throughput of ours over X's; flops_X_over_ours: the ideal of that ratio from FLOPs.
-    ratios = {}
-    ours = modes.get("ours", {})
+# ----------------------------------------------------------------------------------------------------
+# One run (a child process)
+
+
+def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, store_root: str) -> dict:
+    from workers.context import LocalContext
+    from workers.store import filesystem, open_store
+    from workers.train import store_source, train
+
+    dtype = torch.bfloat16
+    profiled = args.profile and run.label == "ours"
+    config = run_config(args, use_gpu, world, run.overrides, cycles=args.warmup + args.steps + int(profiled))
+    store = open_store(*filesystem(config, store_root))
+    prompts = random_sd3.prompts(NUM_PROMPTS)
+    adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
+    before = live_objects()
+    start_gib = gib(device)
+    result: dict = {"label": run.label, "mode": run.mode, "overrides": list(run.overrides), "source": run.source}
+
+    # The teacher pair train gets, its data source and the empty prompt's conditioning, as the mode has them
+    text_adapter = None
+    if run.mode == "reference":
+        text_adapter = text_adapter_for(args, adapter, device, dtype)
+        pair, negative = (text_adapter, teacher), text_adapter.negative_conditioning(1)
+        source = reference_source(text_adapter, teacher, prompts, device)
+    else:
+        pair, negative = (adapter, teacher), store.negative()
+        source = store_source(store)
+        if run.mode == "inline":
+            source = inline_anchor_source(source, adapter, teacher, negative, device)
+    clock = CycleClock(args.warmup, args.steps, device, profile=profiled, fail=run.label == SIMULATED_OOM)
+    ctx = LocalContext(Path(args.out) / "runs" / run.label, resume=False)
+    try:
+        train(config, ctx, source, negative, teacher=pair, on_cycle=clock, save=False)
+    except torch.cuda.OutOfMemoryError as err:
+        result["error"] = f"out of memory: {str(err).splitlines()[0][:200]}"
+    finally:
+        clock.close()
+    result["peak_memory_gib"] = gib(device, peak=True)
+    if "error" not in result:
+        result.update(cycle_s_all=clock.seconds, warmup_s_all=clock.warmup_seconds, held_memory_gib=clock.held_gib,
+                      text_encoders_in_trainer=clock.text_encoders, profile=clock.profile_summary)
+        if args.verify_flops:  # whole cycles counted, outside the measured run
+            result["counted_flops"] = {
+                name: cycle_flops.count(lambda: train(
+                    run_config(args, use_gpu, world, (*run.overrides, *extra), cycles=1),
+                    LocalContext(Path(args.out) / "runs" / f"{run.label}-counted", resume=False), source, negative,
+                    teacher=pair, save=False))
+                for name, extra in (("hardware", ()), ("model", ("generator.gradient_checkpointing=false",
+                                                                   "critic.gradient_checkpointing=false")))}
+    # Everything the run built goes before the process ends: the check that nothing outlives a run.
+    del clock, pair, source, negative, text_adapter
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    after = live_objects()
+    result["released"] = {"engines": after["engines"], "optimizers": after["optimizers"],
+                          "text_encoders": after["text_encoders"],
+                          "tensor_bytes_left": after["tensor_bytes"] - before["tensor_bytes"],
+                          "gpu_gib_left": gib(device) - start_gib}
+    return result
+
+
+def child_main(args: argparse.Namespace) -> int:
+    from workers.context import LocalContext
+    from workers.engines import init_distributed
+
+    use_gpu = torch.cuda.is_available() and not args.smoke
+    init_distributed(use_gpu)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = LocalContext(Path(args.out)).device(use_gpu)
+    parts = Path(args.out) / "parts"
+    if args.child == "precompute":
+        result = precompute_child(args, device, use_gpu, rank, world)
+    else:
+        run = next(r for r in args.runs if r.label == args.child)
+        store = json.loads((parts / "precompute.rank0.json").read_text())["store"]
+        result = run_child(args, run, device, use_gpu, rank, world, store)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / f"{args.child}.rank{rank}.json").write_text(json.dumps(result, indent=1))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parent: runs every child, counts the FLOPs, writes the report
+
+
+def launch(args: argparse.Namespace, argv: list[str], label: str, source: str, timeout: float | None) -> dict:
+    """Run one child (under torchrun for --gpus > 1); its rank results merged, or why there are none."""
+    parts = Path(args.out) / "parts"
+    for stale in parts.glob(f"{label}.rank*.json"):
+        stale.unlink()
+    cwd = ROOT
+    if source:  # the earlier tree's workers/models/orchestrator with this benchmark: a scratch copy of both
+        cwd = Path(args.out).resolve() / "base-tree"
+        shutil.rmtree(cwd, ignore_errors=True)
+        shutil.copytree(source, cwd, ignore=shutil.ignore_patterns("benchmarks", "__pycache__", ".git", "outputs"))
+        shutil.copytree(ROOT / "benchmarks", cwd / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    python = [sys.executable, "-c", CHILD]
+    if args.gpus > 1:
+        python = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+                  "--no-python", *python]
+    out = str(Path(args.out).resolve())
+    cmd = [*python, *strip_out(argv), "--out", out, "--child", label]
+    log = Path(args.out) / "logs" / f"{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    seconds = time.perf_counter() - start
+    ranks = [json.loads(p.read_text()) for p in sorted(parts.glob(f"{label}.rank*.json"))]
+    if code == 0 and len(ranks) == args.gpus:
+        merged = dict(ranks[0])
+        if "peak_memory_gib" in merged:
+            merged["peak_memory_gib"] = max(r["peak_memory_gib"] for r in ranks)
+            merged["held_memory_gib"] = max(r.get("held_memory_gib", float("nan")) for r in ranks)
+        errors = [r["error"] for r in ranks if "error" in r]
+        if errors:
+            merged["error"] = errors[0]
+        merged["process_s"] = seconds
+        return merged
+    tail = log.read_text()[-1500:].strip().splitlines()[-1:] if log.exists() else []
+    why = "timed out" if code is None else f"exit code {code}"
+    return {"label": label, "error": f"{why} after {seconds:.0f} s ({tail[0][:200] if tail else 'no output'}); "
+                                     f"log: {log}", "process_s": seconds}
+
+
+def strip_out(argv: list[str]) -> list[str]:
+    """argv without --out: the children get an absolute one (a run from --base works in another directory)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return kept
+
+
+def figures(args, result: dict, label: str, m: dict) -> dict:
+    """Cycle time, throughput, FLOPs, MFU and HFU of a finished run."""
+    if "error" in m or not m.get("cycle_s_all"):
+        return m
+    config = run_config(args, not args.smoke, args.gpus, m.get("overrides", ()))
+    shape = cycle_shape(config)
+    passes = cycle_flops.PassFlops.from_json(result["model"]["pass_flops"])
+    model = cycle_flops.cycle_flops(m["mode"], shape, passes, (False, False))
+    hardware = cycle_flops.cycle_flops(m["mode"], shape, passes, (config.generator.gradient_checkpointing,
+                                                                    config.critic.gradient_checkpointing))
+    cycle_s = statistics.median(m["cycle_s_all"])
+    peak = result["matmul_peak_flops"]
+    m.update(cycle_s=cycle_s, samples_per_s_per_gpu=args.batch * (args.critic_updates + 1) / cycle_s,
+             model_flops_per_cycle=model, hardware_flops_per_cycle=hardware,
+             model_tflops_per_s_per_gpu=model / cycle_s / 1e12, mfu=model / cycle_s / peak,
+             hfu=hardware / cycle_s / peak)
+    if "counted_flops" in m:
+        m["flops_check"] = {"model": [model, m["counted_flops"]["model"]],
+                            "hardware": [hardware, m["counted_flops"]["hardware"]]}
+    return m
+
+
+def count_passes(args) -> cycle_flops.PassFlops:
+    """Per-pass FLOPs of the transformer on the meta device (no memory, no GPU time)."""
+    from diffusers import SD3Transformer2DModel
+
+    from models import sd3
+
+    transformer = random_sd3.transformer_config(args.smoke, args.layers)
+    adapter = sd3.SD3Adapter(args.resolution, transformer["in_channels"], sd3.SD3_VAE_SCALE_FACTOR, scheduler=None)
+    shape = cycle_shape(run_config(args, False, 1))
+    return cycle_flops.network_passes(adapter, lambda: SD3Transformer2DModel(**transformer),
+                                      sd3.conditioning_shapes(transformer), cycle_flops.forward_batches(shape),
+                                      shape.batch, torch.bfloat16)
+
+
+def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def left() -> float | None:
+        return None if not args.deadline else args.deadline - (time.perf_counter() - start)
+
+    result: dict = {"benchmark": "gpu_cycle", "date": time.strftime("%Y-%m-%d"),
+                    "command": "python -m benchmarks.gpu_cycle " + " ".join(argv), "world_size": args.gpus,
+                    "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "scaling", "child")},
+                    "runs": {}}
+    result["settings"]["runs"] = [r.__dict__ for r in args.runs]
+    # The store and the encoders' FLOPs in a child, while this process counts the transformer's passes.
+    counted: dict = {}
+    counting = threading.Thread(target=lambda: counted.update(passes=count_passes(args)))
+    counting.start()
+    pre = launch(args, argv, "precompute", "", left())
+    counting.join()
+    passes = counted["passes"]
+    if "error" in pre:
+        result["precompute_error"] = pre["error"]
+        write_report(out, result)
+        return result
+    passes.text = {int(k): v for k, v in pre["text_flops"].items()}
+    from models.sd3 import conditioning_shapes
+
+    transformer = random_sd3.transformer_config(args.smoke, args.layers)
+    result.update(device=pre["device"], torch=pre["torch"], matmul_peak_flops=pre["matmul_peak_flops"],
+                  precompute=pre["precompute"],
+                  model={"transformer": transformer, "latent_shape": [16, args.resolution // 8, args.resolution // 8],
+                         "conditioning": {k: list(v) for k, v in conditioning_shapes(transformer).items()},
+                         "pass_flops": passes.to_json()})
+    for run in args.runs:
+        remaining = left()
+        if remaining is not None and remaining < 60:
+            result["runs"][run.label] = {"label": run.label, "mode": run.mode, "overrides": list(run.overrides),
+                                         "error": f"not run: {remaining:.0f} s left of --deadline {args.deadline:.0f}"}
+            continue
+        m = launch(args, argv, run.label, run.source, remaining)
+        m.setdefault("mode", run.mode)
+        m.setdefault("overrides", list(run.overrides))
+        result["runs"][run.label] = figures(args, result, run.label, m)
+        result["ratios"] = ratios(result["runs"])
+        write_report(out, result)
+    result["ratios"] = ratios(result["runs"])
+    write_report(out, result)
+    return result
+
+
+def ratios(runs: dict) -> dict:
+    """Each finished run's throughput over the reference's and over inline's (where they finished)."""
+    out = {}
     for other in ("reference", "inline"):
-        theirs = modes.get(other, {})
-        if "cycle_s" in ours and "cycle_s" in theirs:
-            ratios[f"ours_vs_{other}"] = ours["samples_per_s_per_gpu"] / theirs["samples_per_s_per_gpu"]
-            ratios[f"flops_{other}_over_ours"] = theirs["flops_per_cycle"] / ours["flops_per_cycle"]
-    return {
-        "benchmark": "gpu_cycle", "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(device) if use_gpu else "cpu", "world_size": world,
-        "torch": torch.__version__, "matmul_peak_tflops": peak_flops / 1e12,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("modes", "scaling")},
-        "model": {"transformer": random_sd3.transformer_config(args.smoke, args.layers),
-                  "parameters": sum(p.numel() for p in teacher.parameters()),
-                  "latent_shape": list(adapter.latent_shape),
-                  "conditioning": {k: list(v.shape[1:]) for k, v in negative.tensors.items()},
-                  "teacher_forward_flops_per_row": teacher_forward_flops(adapter, teacher, negative, 1, device,
-                                                                         dtype)},
-        "precompute": precompute_result, "modes": modes, "ratios": ratios,
-    }
+        theirs = runs.get(other, {}).get("samples_per_s_per_gpu")
+        if theirs:
+            out.update({f"{label}_vs_{other}": m["samples_per_s_per_gpu"] / theirs for label, m in runs.items()
+                        if label != other and m.get("samples_per_s_per_gpu")})
+    return out
+
+
+def write_report(out: Path, result: dict) -> None:
+    (out / "gpu_cycle.json").write_text(json.dumps(result, indent=1))
+    (out / "gpu_cycle.md").write_text(markdown(result))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,62 +728,74 @@ def _fmt(value, spec: str = ".3g", missing: str = "n/a") -> str:
     return format(value, spec)
 
 
+def _pct(value) -> str:
+    return _fmt(None if value is None else value * 100, ".1f") + ("%" if value is not None and value == value else "")
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"{result['device']} x {result['world_size']}, {result['date']}, torch {result['torch']}; "
-        f"bf16 matmul peak {_fmt(result['matmul_peak_tflops'], '.0f')} TFLOP/s; batch {s['batch']} per GPU, "
-        f"{s['critic_updates']} critic updates per generator update, K = {s['anchor_step']}, "
-        f"{s['resolution']} px, ZeRO-{s['zero_stage']}, compile {s['compile']}, "
-        f"checkpointing {s['gradient_checkpointing']}, prefetch {s['prefetch']}; "
-        f"median of {s['steps']} cycles after {s['warmup']}.",
+        f"{result.get('device', '?')} x {result['world_size']}, {result['date']}, torch {result.get('torch', '?')}; "
+        f"bf16 matmul peak {_fmt(result.get('matmul_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s; "
+        f"batch {s['batch']} per GPU, {s['critic_updates']} critic updates per generator update, "
+        f"K = {s['anchor_step']}, {s['resolution']} px, ZeRO-{s['zero_stage']}, "
+        f"checkpointing {s['gradient_checkpointing']}; median of {s['steps']} cycles after {s['warmup']}; "
+        f"every run in a process of its own.",
         "",
-        f"| mode | cycle s | samples/s per GPU | TFLOP per cycle | TFLOP/s per GPU | "
-        f"{'HFU (recompute counted)' if s['gradient_checkpointing'] else 'MFU'} | peak GiB | ours is |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | cycle s | samples/s per GPU | model TFLOP per cycle | MFU | HFU (recompute counted) | peak GiB | "
+        "held GiB | x reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in result["modes"].items():
+    if "precompute_error" in result:
+        return "\n".join(lines[:1] + ["", f"precompute failed: {result['precompute_error']}"]) + "\n"
+    for label, m in result["runs"].items():
+        name = label + (f" ({', '.join(m['overrides'])})" if m.get("overrides") and label not in MODES else "")
         if "error" in m:
-            lines.append(f"| {name} | {m['error']} | | | | | {_fmt(m['peak_memory_gib'], '.1f')} | |")
+            lines.append(f"| {name} | {m['error']} | | | | | {_fmt(m.get('peak_memory_gib'), '.1f')} | | |")
             continue
-        ratio = 1.0 if name == "ours" else result["ratios"].get(f"ours_vs_{name}")
+        ratio = 1.0 if label == "reference" else result.get("ratios", {}).get(f"{label}_vs_reference")
         lines.append(f"| {name} | {m['cycle_s']:.3g} | {m['samples_per_s_per_gpu']:.3g} | "
-                     f"{m['flops_per_cycle'] / 1e12:.4g} | {_fmt(m['tflops_per_s_per_gpu'])} | "
-                     f"{_fmt(m['mfu'] * 100, '.1f')}{'%' if m['mfu'] == m['mfu'] else ''} | "
-                     f"{_fmt(m['peak_memory_gib'], '.1f')} | {_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
+                     f"{m['model_flops_per_cycle'] / 1e12:.4g} | {_pct(m['mfu'])} | {_pct(m['hfu'])} | "
+                     f"{_fmt(m['peak_memory_gib'], '.1f')} | {_fmt(m.get('held_memory_gib'), '.1f')} | "
+                     f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
     p = result["precompute"]
     lines += ["", f"Precompute: {p['anchors_per_s_per_gpu']:.3g} anchors/s per GPU (batch {p['batch']}, writing "
                   f"{p['write_share'] * 100:.0f}% of the time); the teacher's K guided passes alone bound it at "
                   f"{p['bound_anchors_per_s_per_gpu']:.3g} ({p['efficiency'] * 100:.0f}% of the bound)."]
+    for label, m in result["runs"].items():
+        prof = m.get("profile")
+        if prof and "error" not in prof:
+            kinds = ", ".join(f"{k} {v:.2f} s" for k, v in prof["by_kind_s"].items())
+            lines += ["", f"Profile of one {label} cycle ({prof['wall_s']:.2f} s wall, GPU busy "
+                          f"{prof['busy_share'] * 100:.0f}%): {kinds}."]
     return "\n".join(lines) + "\n"
 
 
 def scaling(one: Path, two: Path) -> str:
-    """1 -> N GPU scaling efficiency per mode: per-GPU throughput on N over per-GPU throughput on 1."""
+    """1 -> N GPU scaling efficiency per run: per-GPU throughput on N over per-GPU throughput on 1."""
     a, b = (json.loads((Path(p) / "gpu_cycle.json").read_text()) for p in (one, two))
-    lines = [f"| mode | {a['world_size']} GPU samples/s per GPU | {b['world_size']} GPU samples/s per GPU | "
+    lines = [f"| run | {a['world_size']} GPU samples/s per GPU | {b['world_size']} GPU samples/s per GPU | "
              "scaling efficiency |", "|---|---|---|---|"]
-    for mode in MODES:
-        x, y = (r["modes"].get(mode, {}).get("samples_per_s_per_gpu") for r in (a, b))
+    for label in a["runs"]:
+        x, y = (r["runs"].get(label, {}).get("samples_per_s_per_gpu") for r in (a, b))
         if x and y:
-            lines.append(f"| {mode} | {x:.3g} | {y:.3g} | {y / x * 100:.0f}% |")
+            lines.append(f"| {label} | {x:.3g} | {y:.3g} | {y / x * 100:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.scaling:
         print(scaling(*args.scaling), end="")
         return 0
-    result = benchmark(args)
-    if torch.distributed.get_rank() == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_cycle.json").write_text(json.dumps(result, indent=1))
-        (out / "gpu_cycle.md").write_text(markdown(result))
-        print(markdown(result), end="")
-        print(f"\n[bench] {out / 'gpu_cycle.json'} and {out / 'gpu_cycle.md'}")
-    torch.distributed.destroy_process_group()
+    if args.child:
+        return child_main(args)
+    if "RANK" in os.environ:
+        raise SystemExit("run the benchmark itself without torchrun: --gpus N starts each run under torchrun")
+    result = parent_main(args, argv)
+    print(markdown(result), end="")
+    print(f"\n[bench] {Path(args.out) / 'gpu_cycle.json'} and {Path(args.out) / 'gpu_cycle.md'}")
     return 0
 
 

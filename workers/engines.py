@@ -62,14 +62,35 @@ def deepspeed_config(config: RunConfig, optim: OptimConfig) -> dict:
     }
 
 
+# ZeRO-1/2 step one parameter group at a time, each through a float32 copy of its whole gradient: groups of at
+# most this many elements keep that copy near 1 GB instead of 9 GB for SD3.5-Medium's 2.2 B parameters. The
+# groups share every setting, so the update is the same (the clipping norm sums its parts in another order).
+OPTIMIZER_GROUP_NUMEL = 2**28
+
+
+def parameter_groups(params: list[nn.Parameter], max_numel: int | None = None) -> list[dict]:
+    """params in order, cut into consecutive groups of at most max_numel (default OPTIMIZER_GROUP_NUMEL)
+    elements; a larger parameter makes a group of its own."""
+    max_numel = max_numel or OPTIMIZER_GROUP_NUMEL
+    groups: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if groups[-1] and size + p.numel() > max_numel:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel()
+    return [{"params": group} for group in groups if group]
+
+
 def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
     """A DeepSpeed engine around net with a client AdamW from optim."""
     import deepspeed
 
     params = [p for p in net.parameters() if p.requires_grad]
     fused = {"fused": True} if config.distributed.use_gpu else {}
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
-                                  **fused)
+    optimizer = torch.optim.AdamW(parameter_groups(params), lr=optim.lr, betas=tuple(optim.betas),
+                                  weight_decay=optim.weight_decay, **fused)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
     return engine
 

@@ -10,6 +10,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -73,13 +74,13 @@ def train(config: RunConfig, ctx: WorkerContext, source: DataSource | None = Non
     For benchmarks: teacher, an (adapter, network) pair already frozen on this rank's device and dtype,
     replaces loading config.teacher (a network built in code, no download); on_cycle(progress, metrics)
     runs after every critic/generator cycle; save=False writes no checkpoints and exports nothing."""
-    with distributed(config.distributed.use_gpu):
-        return _train(config, ctx, source, negative, mlflow_run, teacher, on_cycle, save)
+    with distributed(config.distributed.use_gpu), ExitStack() as cleanup:
+        return _train(config, ctx, source, negative, mlflow_run, teacher, on_cycle, save, cleanup)
 
 
 def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, negative: Conditioning | None,
            mlflow_run: tuple[str, str] | None, teacher: tuple[TeacherAdapter, nn.Module] | None,
-           on_cycle: Callable[[Progress, dict], None] | None, save: bool) -> Progress:
+           on_cycle: Callable[[Progress, dict], None] | None, save: bool, cleanup: ExitStack) -> Progress:
     dist, schedule = config.distributed, config.schedule
     device = ctx.device(dist.use_gpu)
     if device.type == "cuda":  # the run owns its process's current device: NCCL and the allocator use it
@@ -93,6 +94,10 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
                              config.generator.optim, config)
     critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"), config.critic.optim, config)
+    # DeepSpeed's gradient hooks hold each engine through autograd's C++ nodes, where Python's collector cannot see
+    # the cycle: without destroy() every train() call would leave both engines and their optimizer state behind.
+    for engine in (generator, critic):
+        cleanup.callback(engine.destroy)
     if dist.compile:  # deep copies drop compiled code (Module.__getstate__), so compile after copying
         for net in (teacher, generator.module, critic.module):
             compile_network(net)
