@@ -217,8 +217,8 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
         f"# Fidelity: {config.name}\n\n{table}\n\nMean ± standard deviation over training seeds; every model is "
         f"evaluated on the same {config.evaluation.seeds_per_prompt} held-out seeds per prompt. Gap recovered: "
         f"(diversity - DMD's) / (teacher's - DMD's), each seed paired with DMD's same seed. Picked: the most "
-        f"diverse setting whose mean {family_module(family).QUALITY[0]} is at most {config.sweep.quality_drop_from_dmd:g} below "
-        f"of DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
+        f"diverse setting whose mean {family_module(family).QUALITY[0]} is at most {config.sweep.quality_drop_from_dmd:g} "
+        f"worse than DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
         + (f"Samples (first training seed of each setting; one row per prompt, one column per held-out seed):\n\n"
            f"![samples]({grid.name})\n" if grid else ""))
     return table, out_dir / "fidelity.md"
