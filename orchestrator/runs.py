@@ -132,13 +132,14 @@ def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, call
     from workers.ray_worker import train_fn_per_worker
 
     dist = config.distributed
+    mlflow = (tracked.uri, tracked.run_id) if tracked else None
     # Each rank streams its own shards straight from Parquet (store.batches). A Ray Dataset with
     # streaming_split made the small-model loop many times slower here (a coordinator round trip per
     # batch) and its read tasks can starve when training holds the CPUs.
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": asdict(config), "store": store, "quiet": not VERBOSE,
-                           "mlflow_run": (tracked.uri, tracked.run_id) if tracked else None},
+        train_loop_config={"config": asdict(config), "store": store, "quiet": not VERBOSE, "mlflow_run": mlflow,
+                           "live": live_evaluator(config, run_dir, mlflow)},
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                                      resources_per_worker={"CPU": dist.cpus_per_worker}),
         run_config=RayRunConfig(name=CHECKPOINTS, storage_path=str(run_dir), callbacks=callbacks or [],
@@ -164,14 +165,31 @@ def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, call
     return Distilled(run_dir, generator_dir, dict(result.metrics or {}), tracked.run_id if tracked else "")
 
 
+def live_evaluator(config: RunConfig, run_dir: Path, mlflow_run: tuple[str, str] | None):
+    """The Ray actor that scores generator snapshots beside training (evaluation.every > 0), or None."""
+    if not config.evaluation.every:
+        return None
+    import ray
+
+    from workers.live_eval import Evaluator
+
+    ev = config.evaluation
+    device = "cuda" if ev.gpus else "cpu"
+    return ray.remote(num_cpus=ev.cpus, num_gpus=ev.gpus or None)(Evaluator).remote(
+        asdict(config), str(run_dir), mlflow_run, device)
+
+
 def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -> Distilled:
     """The same train function in this process (or as one rank under torchrun); metrics go to
-    run_dir/metrics.jsonl. resume: continue from run_dir's last checkpoint if it has one."""
+    run_dir/metrics.jsonl, and with evaluation.every > 0 live evaluations to run_dir/live_eval.jsonl (from
+    a background process). resume: continue from run_dir's last checkpoint if it has one."""
     from workers.context import LocalContext
+    from workers.live_eval import LiveEvaluation
     from workers.train import store_source, train
 
     ctx = LocalContext(run_dir, resume=resume)
-    progress = train(config, ctx, store_source(store), store.negative())
+    live = LiveEvaluation.in_process(config, run_dir) if config.evaluation.every and ctx.rank == 0 else None
+    progress = train(config, ctx, store_source(store), store.negative(), live=live)
     generator_dir = run_dir / GENERATOR_DIR
     if ctx.rank == 0:
         final = run_dir / CHECKPOINTS / checkpoint_name(progress.generator_updates) / GENERATOR_DIR

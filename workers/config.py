@@ -212,6 +212,12 @@ class EvalConfig:
     seeds_per_prompt: int = 9  # R
     seed_offset: int = 1_000_000  # held-out seeds start here, far from the training seeds
     batch_size: int = 256
+    # Evaluation beside training (workers/live_eval.py): a generator snapshot every `every` generator updates
+    # (0: off) goes to an evaluator of its own, a Ray actor with these resources (0 CPUs: it shares the
+    # node's) or, without Ray, a background process; training does not wait for it.
+    every: int = 0
+    cpus: float = 0.0
+    gpus: float = 0.0
     # The paper's image metrics, each computed only when its weights are given as a local path
     # (models/image_metrics.py): DINO / CLIP image models (diversity), PickScore, ImageReward.
     dino_path: str = ""
@@ -224,6 +230,9 @@ class EvalConfig:
                f"must be >= 2 (diversity compares seeds pairwise), got {self.seeds_per_prompt}")
         _check(self.seed_offset >= 0, "seed_offset", f"must be >= 0, got {self.seed_offset}")
         _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.every >= 0, "every", f"must be >= 0 (0: no evaluation during training), got {self.every}")
+        for key in ("cpus", "gpus"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

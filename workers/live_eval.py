@@ -93,8 +93,13 @@ class LiveEvaluation:
             self._submit(step, state)
 
     def newest(self) -> dict[str, float]:
+        """The most recent finished result as live_* metrics, with live_generator_update: the update of its
+        snapshot (training has moved on since)."""
         self.results.extend(self._poll(block=False))
-        return dict(self.results[-1]) if self.results else {}
+        if not self.results:
+            return {}
+        newest = dict(self.results[-1])
+        return {PREFIX + "generator_update": newest.pop("generator_update"), **newest}
 
     def close(self) -> list[dict]:
         self.results.extend(self._close())
@@ -104,12 +109,16 @@ class LiveEvaluation:
 
     @staticmethod
     def in_process(config: RunConfig, run_dir: Path, evaluator_cls=Evaluator) -> LiveEvaluation:
-        """A background process (spawned: CUDA cannot be forked) with its own Evaluator."""
+        """A background process (spawned: CUDA cannot be forked) with its own Evaluator, ready (its model
+        loaded) when this returns."""
         context = multiprocessing.get_context("spawn")
         todo, done = context.Queue(), context.Queue()
         process = context.Process(target=_serve, args=(evaluator_cls, asdict(config), str(run_dir), todo, done),
                                   name="dpdmd-live-eval", daemon=True)
         process.start()
+        ready = done.get(timeout=600)
+        if isinstance(ready, BaseException):
+            raise ready
         pending = [0]
 
         def submit(step, state):
@@ -167,7 +176,12 @@ class LiveEvaluation:
 def _serve(evaluator_cls, config: dict, run_dir: str, todo, done) -> None:
     """The background process: score snapshots until told to stop (None)."""
     torch.set_num_threads(1)
-    evaluator = evaluator_cls(config, run_dir)
+    try:
+        evaluator = evaluator_cls(config, run_dir)
+    except BaseException as err:
+        done.put(err)
+        return
+    done.put("ready")
     while (item := todo.get()) is not None:
         try:
             done.put(evaluator.evaluate(*item))

@@ -11,6 +11,7 @@ import ray.train
 from workers.config import RunConfig
 from workers.configure import build
 from workers.context import WorkerContext
+from workers.live_eval import LiveEvaluation
 from workers.train import store_source, train
 
 
@@ -43,5 +44,6 @@ def train_fn_per_worker(loop_config: dict) -> None:
     if loop_config.get("quiet"):
         logging.getLogger().setLevel(logging.WARNING)
     config = build(RunConfig, loop_config["config"])
-    store = loop_config["store"]
-    train(config, RayTrainContext(), store_source(store), store.negative(), loop_config.get("mlflow_run"))
+    store, ctx, actor = loop_config["store"], RayTrainContext(), loop_config.get("live")
+    live = LiveEvaluation.ray_actor(actor) if actor is not None and ctx.rank == 0 else None
+    train(config, ctx, store_source(store), store.negative(), loop_config.get("mlflow_run"), live=live)

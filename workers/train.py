@@ -25,6 +25,7 @@ from workers.context import WorkerContext, checkpoint_name
 from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
+from workers.live_eval import LiveEvaluation, snapshot_generator
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
 
@@ -62,7 +63,8 @@ def store_source(store) -> DataSource:
 def train(config: RunConfig, ctx: WorkerContext, source: DataSource | None = None,
           negative: Conditioning | None = None, mlflow_run: tuple[str, str] | None = None,
           teacher: tuple[TeacherAdapter, nn.Module] | None = None,
-          on_cycle: Callable[[Progress, dict], None] | None = None, save: bool = True) -> Progress:
+          on_cycle: Callable[[Progress, dict], None] | None = None, save: bool = True,
+          live: LiveEvaluation | None = None) -> Progress:
     """Run (or resume) distillation to schedule.num_generator_updates. The final checkpoint also holds
     the exported generator (GENERATOR_DIR), ready for the sample command.
 
@@ -73,14 +75,19 @@ def train(config: RunConfig, ctx: WorkerContext, source: DataSource | None = Non
 
     For benchmarks: teacher, an (adapter, network) pair already frozen on this rank's device and dtype,
     replaces loading config.teacher (a network built in code, no download); on_cycle(progress, metrics)
-    runs after every critic/generator cycle; save=False writes no checkpoints and exports nothing."""
+    runs after every critic/generator cycle; save=False writes no checkpoints and exports nothing.
+
+    live (rank 0): evaluation beside training (workers/live_eval.py): every evaluation.every generator
+    updates a snapshot of the generator goes to it and training goes on; the newest finished result rides
+    along in the next reports (live_* metrics), for Tune's schedulers and stoppers."""
     with distributed(config.distributed.use_gpu), ExitStack() as cleanup:
-        return _train(config, ctx, source, negative, mlflow_run, teacher, on_cycle, save, cleanup)
+        return _train(config, ctx, source, negative, mlflow_run, teacher, on_cycle, save, live, cleanup)
 
 
 def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, negative: Conditioning | None,
            mlflow_run: tuple[str, str] | None, teacher: tuple[TeacherAdapter, nn.Module] | None,
-           on_cycle: Callable[[Progress, dict], None] | None, save: bool, cleanup: ExitStack) -> Progress:
+           on_cycle: Callable[[Progress, dict], None] | None, save: bool, live: LiveEvaluation | None,
+           cleanup: ExitStack) -> Progress:
     dist, schedule = config.distributed, config.schedule
     device = ctx.device(dist.use_gpu)
     if device.type == "cuda":  # the run owns its process's current device: NCCL and the allocator use it
@@ -141,6 +148,12 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             metrics["anchor_passes"] = progress.rows_consumed / data.rows_available
 
         step = progress.generator_updates
+        if config.evaluation.every and step % config.evaluation.every == 0:
+            snapshot = snapshot_generator(generator, config, ctx.rank)  # every rank: ZeRO-3 gathers collectively
+            if live is not None:
+                live.submit(step, snapshot)
+        if live is not None:
+            metrics.update(live.newest())
         cycle_s = time.perf_counter() - start
         metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
                         for k in ("loss_critic",)})
@@ -165,6 +178,8 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             ctx.report(metrics, directory)
         elif step % schedule.log_every == 0:
             ctx.report(metrics)
+    if live is not None:
+        live.close()  # the snapshots still being scored: their results land in MLflow and live_eval.jsonl
     logger.close()
     return progress
 
