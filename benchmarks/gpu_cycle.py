@@ -269,7 +269,7 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
     import shutil
 
     from workers.schema import batch_to_table
-    from workers.store import StoreSpec, filesystem, finished_shards, open_store, shards_needed, write_manifest, \
+    from workers.store import StoreSpec, filesystem, open_store, shards_needed, verified_shards, write_manifest, \
         write_negative, write_shard
 
     # At least --precompute-rows, and every anchor row the timed run consumes (no row twice, as in distill)
@@ -298,7 +298,7 @@ def precompute(config: RunConfig, args, adapter, teacher, prompts, device, dtype
         rows.append(len(seeds))
     _barrier()
     if rank == 0:
-        write_manifest(fs, path, spec, finished_shards(fs, path))
+        write_manifest(fs, path, spec, verified_shards(fs, path, spec)[0])
     _barrier()
     store = open_store(fs, path)
 

@@ -16,6 +16,7 @@ from orchestrator import recipe as recipes
 from orchestrator.cluster import ensure_ray
 from orchestrator.precompute import precompute
 from workers.config import ConfigError, RunConfig
+from workers.store import StoreError
 from workers.tracking import mlflow_run
 from workers.train import GENERATOR_DIR
 
@@ -89,7 +90,16 @@ def _fit(config: RunConfig, run_dir: Path, tracked, callbacks: list) -> DistillR
                                 failure_config=FailureConfig(max_failures=dist.max_failures)),
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        # A damaged trajectory store is the user's to repair: its error (file, store, command) goes to the
+        # caller as it is, not inside the workers' tracebacks. Ray Train v2 keeps each rank's exception in
+        # worker_failures; older versions (pyproject allows ray >= 2.40) do not have it.
+        damage = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, StoreError)]
+        if damage:
+            raise damage[0] from None
+        raise
     generator_dir = run_dir / GENERATOR_DIR
     with result.checkpoint.as_directory() as checkpoint:
         shutil.copytree(Path(checkpoint) / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)

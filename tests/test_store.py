@@ -109,8 +109,10 @@ def test_an_incomplete_store_is_refused(tmp_path):
     config = tiny_config(tmp_path)
     store, _ = precompute(config, use_ray=False, progress=False)
     Path(store.root, "manifest.json").unlink()
-    with pytest.raises(StoreError, match="dpdmd precompute"):
+    with pytest.raises(StoreError, match="manifest.json is missing .*`dpdmd repair-store "):
         open_store(store.fs, store.root)
+    with pytest.raises(StoreError, match="no complete trajectory store .*dpdmd precompute"):  # nothing there
+        open_store(store.fs, str(tmp_path / "elsewhere"))
 
 
 def test_killed_precompute_leaves_a_consistent_store_and_a_rerun_completes_it(tmp_path):
