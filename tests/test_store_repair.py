@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -20,6 +22,8 @@ from orchestrator import cli
 from orchestrator.precompute import precompute
 from workers.schema import encode_tensor
 from workers.store import StoreError, open_store, table_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +119,11 @@ def test_a_changed_shard_is_refused_at_its_first_read_and_the_named_command_repa
     assert f"{store.root}/shard-00003.parquet" in err and "sha256" in err and "Traceback" not in err
     assert not list((out / "runs").glob("*/generator"))  # nothing trained on it, nothing exported
 
-    _run_named_command(err)
+    # exactly the command named, as a user runs it: a new process, the Ray actor pool
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *_named_command(err)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shard-00003.parquet does not match its sha256" in proc.stdout and "1 new shards" in proc.stdout
     _assert_sound(store.root)
     assert [s["sha256"] for s in open_store(store.fs, store.root).shards] == before  # recomputed exactly
 
