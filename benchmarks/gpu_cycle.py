@@ -379,7 +379,7 @@ def precompute(config, args, adapter, teacher, prompts, device, rank: int, world
     from models.rollout import teacher_anchor
     from workers.anchors import compute_anchors
     from workers.schema import batch_to_table
-    from workers.store import StoreSpec, filesystem, finished_shards, open_store, shards_needed, write_manifest, \
+    from workers.store import StoreSpec, filesystem, open_store, shards_needed, verified_shards, write_manifest, \
         write_negative, write_shard
 
     num_shards = max(2, shards_needed(config, len(prompts), world))
@@ -407,7 +407,7 @@ def precompute(config, args, adapter, teacher, prompts, device, rank: int, world
         rows.append(len(seeds))
     _barrier()
     if rank == 0:
-        write_manifest(fs, path, spec, finished_shards(fs, path))
+        write_manifest(fs, path, spec, verified_shards(fs, path, spec)[0])
     _barrier()
     store = open_store(fs, path)
 

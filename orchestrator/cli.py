@@ -4,6 +4,7 @@
     dpdmd config --recipe toy2d loss.diversity_weight=0.1 # print the resolved, validated config
     dpdmd train-teacher --recipe toy2d                    # train an embedded family's teacher
     dpdmd precompute --recipe toy2d                       # teacher anchors into the trajectory store
+    dpdmd repair-store outputs/trajectories/toy2d-<hash>  # recompute the shards of a store that fail checks
     dpdmd distill --recipe toy2d                          # DP-DMD on Ray Train + DeepSpeed
     dpdmd sweep --recipe toy2d sweep.space=default        # Ray Tune over lambda and K, Pareto front
     dpdmd fidelity --recipe shapes sweep.space=fidelity   # teacher vs DMD vs DP-DMD over training seeds
@@ -123,6 +124,14 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair_store(args: argparse.Namespace) -> int:
+    from orchestrator.precompute import repair_store
+
+    _, summary = repair_store(args.store, args.overrides, use_ray=not args.no_ray)
+    print(summary)
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from orchestrator.distill import run_distill, run_local
     from orchestrator.runs import finished, resume_config
@@ -195,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="compute in this process instead of a Ray actor pool")
     p.set_defaults(func=cmd_precompute)
 
+    p = sub.add_parser("repair-store", help="verify every shard of a trajectory store and recompute the ones that "
+                                            "fail, with the config the store keeps (the command store errors name)")
+    p.add_argument("store", help="the store's directory or s3:// URL, as the error names it")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides on the store's config, e.g. trajectories.num_actors=4")
+    p.add_argument("--no-ray", action="store_true", help="compute in this process instead of a Ray actor pool")
+    p.set_defaults(func=cmd_repair_store)
+
     p = sub.add_parser("distill", help="distil a few-step generator on Ray Train with DeepSpeed engines")
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--no-ray", action="store_true",
@@ -252,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpdmd: config error: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as err:
+        print(f"dpdmd: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from workers.store import StoreError  # imported only here: the store module loads torch and pyarrow
+
+        if not isinstance(err, StoreError):
+            raise
         print(f"dpdmd: {err}", file=sys.stderr)
         return 2
 

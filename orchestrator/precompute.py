@@ -1,20 +1,28 @@
 """`dpdmd precompute`: teacher anchors and prompt embeddings for every (prompt, seed) into a Parquet store,
 computed by a pool of Ray actors (Ray Data map_batches with AnchorWriter), each loading the teacher once.
+`dpdmd repair-store`: the same for the shards of an existing store that fail verification.
 
     dpdmd precompute --recipe toy2d trajectories.num_actors=2
+    dpdmd repair-store outputs/trajectories/toy2d-0123456789abcdef     # the command a damaged store names
 """
 
 from __future__ import annotations
 
+import posixpath
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import pyarrow.parquet as pq
+import yaml
 from tqdm.auto import tqdm
 
+from orchestrator import recipe as recipes
 from workers.config import RunConfig
 from workers.evaluate import training_prompts
 from workers.precompute import AnchorWriter
-from workers.store import Store, filesystem, finished_shards, open_store, store_spec, store_url, write_manifest
+from workers.store import (CONFIG, MANIFEST, NEGATIVE, ShardInfo, Store, StoreError, StoreSpec, filesystem, location,
+                           open_store, read_config, read_manifest, shard_name, store_spec, store_url, verified_shards,
+                           write_config, write_manifest)
 from workers.teacher import teacher_dir
 
 
@@ -26,6 +34,7 @@ class PrecomputeSummary:
     shards_written: int
     bytes_written: int
     seconds: float
+    shards_verified: int = 0  # read whole and checked (a rebuilt manifest, a repair)
 
     @property
     def rows_per_s(self) -> float:
@@ -35,29 +44,85 @@ class PrecomputeSummary:
         if self.reused:
             return f"trajectory store {self.url}: already complete ({self.rows} rows), nothing to do"
         return (f"trajectory store {self.url}: {self.rows} rows in {self.shards_written} new shards, "
-                f"{self.bytes_written / 2**20:.1f} MiB written in {self.seconds:.1f} s "
-                f"({self.rows_per_s:.0f} rows/s)")
+                f"{self.bytes_written / 2**20:.1f} MiB written in {self.seconds:.1f} s ({self.rows_per_s:.0f} rows/s)"
+                + (f"; {self.shards_verified} shards read whole and verified" if self.shards_verified else ""))
 
 
 def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True,
                world_size: int | None = None) -> tuple[Store, PrecomputeSummary]:
-    """Fill the store for config (or find it big enough) and return it opened and verified.
+    """Fill the store for config (or find it big enough) and return it opened.
 
     The store holds every anchor row a run of world_size ranks (default distributed.num_workers) consumes,
     so that no generator update sees a row twice; an existing store of the same settings that is too small
-    is extended, its shards kept."""
-    start = time.time()
+    is extended, its shards kept. A damaged store (see fill_store) is repaired on the way."""
     spec = store_spec(config, training_prompts(config), teacher_dir(config), world_size)
+    return fill_store(config, spec, use_ray, progress)
+
+
+def repair_store(url: str, overrides: list[str], use_ray: bool = True,
+                 progress: bool = True) -> tuple[Store, PrecomputeSummary]:
+    """`dpdmd repair-store URL [key=value ...]`: verify every shard of the store at url in full and recompute
+    the ones that fail, with the config the store keeps (config.yaml) plus overrides, where the store is now."""
+    fs, root = filesystem(recipes.resolve(None, overrides), url)  # overrides may name an S3 endpoint
+    if not fs.exists(root):
+        raise StoreError(f"no trajectory store at {url}: give the path or URL a store error names")
+    text = read_config(fs, root)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        raise StoreError(f"{location(fs, posixpath.join(root, CONFIG))} is not a config: delete it and run "
+                         "`dpdmd precompute` with the recipe and overrides that created the store")
+    parent = posixpath.dirname(url.rstrip("/"))
+    config = recipes.resolve_mapping(data, [*overrides, f"storage.trajectory_root={parent}"])
+    spec = store_spec(config, training_prompts(config), teacher_dir(config))
+    if spec.key != posixpath.basename(url.rstrip("/")):
+        raise StoreError(f"the config in {location(fs, posixpath.join(root, CONFIG))} now gives the store {spec.key}, "
+                         f"not {posixpath.basename(url.rstrip('/'))}: the teacher's weights or the prompts changed "
+                         "since the store was written, or an override changes the rows, so they cannot be "
+                         "recomputed; run `dpdmd precompute` with the current settings (it writes a new store)")
+    return fill_store(config, spec, use_ray, progress, repair=True)
+
+
+def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progress: bool = True,
+               repair: bool = False) -> tuple[Store, PrecomputeSummary]:
+    """Write the shards of spec that the store lacks, then its manifest.
+
+    Shards a sound manifest lists are kept as they are (each is checked at its first read). Every other
+    shard found is read whole and verified (verified_shards: sha256 against its sidecar, its rows against
+    their identity, finite values) and recomputed when it fails: so a rebuilt manifest never accepts a
+    changed shard. repair verifies every shard; a store whose manifest is damaged or lists missing or
+    truncated shards is repaired the same way, keeping its size."""
+    start = time.time()
     url = store_url(config, spec)
     fs, root = filesystem(config, url)
-    if fs.exists(f"{root}/manifest.json"):
-        store = open_store(fs, root)
-        if len(store.shards) >= spec.num_shards:
-            return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
-        print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
+    write_config(fs, root, recipes.dump(config))
+    listed: dict[int, ShardInfo] = {}
+    if not repair and fs.exists(posixpath.join(root, MANIFEST)):
+        try:
+            store = open_store(fs, root)
+        except StoreError as err:
+            print(f"{err}\n[precompute] verifying every shard of {url} and recomputing the ones that fail")
+            repair = True
+        else:
+            if len(store.shards) >= spec.num_shards:
+                return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
+            print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
+            listed = {s["index"]: ShardInfo(**s) for s in store.shards}
 
-    done = finished_shards(fs, root)
+    done, problems = verified_shards(fs, root, spec, skip=listed, progress=progress)
+    verified = len(done) + len(problems)
+    done.update(listed)
+    if repair:  # a repair keeps every shard the store had
+        spec = replace(spec, num_shards=max(spec.num_shards, _listed_count(fs, root), *(i + 1 for i in problems),
+                                            *(i + 1 for i in done)))
+    for index, problem in sorted(problems.items()):
+        if index < spec.num_shards:
+            print(f"[precompute] {location(fs, posixpath.join(root, shard_name(index)))} {problem}: recomputing it")
     todo = [i for i in range(spec.num_shards) if i not in done]
+    if repair and not todo and not _readable(fs, posixpath.join(root, NEGATIVE)):
+        AnchorWriter(config, spec, url)  # it writes the negative conditioning as it starts
     bar = tqdm(total=spec.num_rows, initial=sum(s.rows for i, s in done.items() if i < spec.num_shards), unit="row",
                desc="precompute anchors", disable=not progress)
     written = 0
@@ -68,12 +133,26 @@ def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True,
     bar.close()
     write_manifest(fs, root, spec, done)
     store = open_store(fs, root)
-    return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start)
+    return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start, verified)
 
 
-def _shard_info(row: dict):
-    from workers.store import ShardInfo
+def _listed_count(fs, root: str) -> int:
+    """How many shards the manifest lists, when it can still be read."""
+    try:
+        return len(read_manifest(fs, root)["shards"])
+    except (StoreError, FileNotFoundError):
+        return 0
 
+
+def _readable(fs, path: str) -> bool:
+    try:
+        pq.read_table(path, filesystem=fs)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _shard_info(row: dict) -> ShardInfo:
     return ShardInfo(**{k: row[k] for k in ("index", "name", "rows", "sha256", "bytes")})
 
 

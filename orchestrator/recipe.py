@@ -73,7 +73,12 @@ PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("storag
 def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The validated RunConfig for a recipe plus overrides, local paths made absolute (URLs such as
     s3://... are kept). Raises ConfigError naming the bad key."""
-    config = build(RunConfig, apply_overrides(load_recipe(recipe), overrides or []))
+    return resolve_mapping(load_recipe(recipe), overrides)
+
+
+def resolve_mapping(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """resolve() for a recipe already read, such as the config.yaml a trajectory store keeps."""
+    config = build(RunConfig, apply_overrides(data, overrides or []))
     for section, key in PATH_KEYS:
         value = getattr(getattr(config, section), key)
         if (section, key) == ("teacher", "path") and value and teacher_location(value) == "hub":

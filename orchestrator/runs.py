@@ -124,12 +124,13 @@ class Distilled:
 def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, callbacks: list | None = None) -> Distilled:
     """Ray Train workers run workers.train.train over the store; checkpoints land in run_dir/checkpoints
     (so that the same run directory resumes, and no other run's checkpoints are ever picked up)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig, TrainingFailedError
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.cluster import VERBOSE
     from workers.ray_worker import train_fn_per_worker
+    from workers.store import StoreError
 
     dist = config.distributed
     mlflow = (tracked.uri, tracked.run_id) if tracked else None
@@ -154,6 +155,13 @@ def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, call
         result = trainer.fit()
     except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run and then exits: a stop all the same
         raise KeyboardInterrupt from None
+    except TrainingFailedError as err:
+        # A damaged trajectory store is the user's to repair: its error (file, store, command) goes to the
+        # caller as it is, not inside the workers' tracebacks (Ray Train keeps each rank's exception).
+        damage = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, StoreError)]
+        if damage:
+            raise damage[0] from None
+        raise
     if result.error:
         raise result.error
     last = result.checkpoint and Path(result.checkpoint.path).name

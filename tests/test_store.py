@@ -40,7 +40,7 @@ def test_rows_ids_and_manifest(out):
         for pid, prompt in zip(t.column("prompt_id").to_pylist(), t.column("prompt").to_pylist()):
             assert prompt == f"class {pid}"
     fp = store.manifest["fingerprint"]
-    assert fp["anchor_step"] == 5 and fp["guidance_scale"] == 2.0 and fp["shift"] == 1.0
+    assert fp["anchor_step"] == 20 and fp["guidance_scale"] == 2.0 and fp["shift"] == 1.0  # the toy2d recipe
     assert len(fp["weights_sha256"]) == 64
     assert store.negative().tensors["class_ids"].tolist() == [4]  # the null class
 
@@ -109,8 +109,10 @@ def test_an_incomplete_store_is_refused(tmp_path):
     config = tiny_config(tmp_path)
     store, _ = precompute(config, use_ray=False, progress=False)
     Path(store.root, "manifest.json").unlink()
-    with pytest.raises(StoreError, match="dpdmd precompute"):
+    with pytest.raises(StoreError, match="manifest.json is missing .*`dpdmd repair-store "):
         open_store(store.fs, store.root)
+    with pytest.raises(StoreError, match="no complete trajectory store .*dpdmd precompute"):  # nothing there
+        open_store(store.fs, str(tmp_path / "elsewhere"))
 
 
 def test_killed_precompute_leaves_a_consistent_store_and_a_rerun_completes_it(tmp_path):

@@ -24,6 +24,11 @@ SCHEMA_VERSION = 2  # 2: anchors always float32; stores keyed without their size
 ID_COLUMNS = {"prompt_id": pa.int64(), "prompt": pa.string(), "seed": pa.int64(), "t_anchor": pa.float32()}
 COND_PREFIX = "cond."
 
+# The largest magnitude a stored float may have. The losses square differences of anchors in float32, whose
+# largest value is 3.4e38: a value past about 1e19 turns a loss non-finite though torch.isfinite passes it.
+# Anchors, noise and embeddings of every family are O(1) to O(1e3) (SDXL's time ids hold pixel sizes).
+MAX_ABS = 1e18
+
 # torch dtype name -> (arrow value type, numpy dtype used to carry the bits)
 _DTYPES = {
     "float32": (pa.float32(), np.float32),
@@ -51,6 +56,30 @@ class TensorSpec:
     @staticmethod
     def from_json(data: dict) -> TensorSpec:
         return TensorSpec(tuple(data["shape"]), data["dtype"])
+
+
+def tensor_specs(schema: pa.Schema) -> dict[str, TensorSpec]:
+    """The tensor columns of a table or Parquet file, from their field metadata."""
+    return {f.name: TensorSpec.from_json(json.loads(f.metadata[b"tensor"]))
+            for f in schema if f.metadata and b"tensor" in f.metadata}
+
+
+def unsafe_columns(table: pa.Table) -> list[str]:
+    """The float columns holding a NaN, an infinity or a value beyond MAX_ABS (bfloat16 decoded first)."""
+    specs = tensor_specs(table.schema)
+    bad = []
+    for field in table.schema:
+        if field.name in specs and specs[field.name].dtype in ("float32", "float16", "bfloat16"):
+            values = decode_tensor(table.column(field.name), specs[field.name])
+        elif field.name not in specs and pa.types.is_floating(field.type):
+            values = torch.tensor(table.column(field.name).to_numpy())  # one number a row: a copy costs nothing
+        else:
+            continue
+        if values.numel():
+            low, high = torch.aminmax(values)  # one pass in the column's own dtype; a NaN makes both NaN
+            if not (-MAX_ABS <= float(low) and float(high) <= MAX_ABS):
+                bad.append(field.name)
+    return bad
 
 
 def _dtype_name(t: torch.Tensor) -> str:

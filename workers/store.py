@@ -3,7 +3,8 @@
 Content-addressed: the store's directory is named by a hash of everything its rows depend on (teacher
 weights and settings, K, prompt set, seeds), so equal settings share one store and any change gets a new
 one. Shards appear atomically; the manifest, written last, lists every shard with its row count and
-sha256, and readers read only what a complete manifest lists.
+sha256, and readers read only what a complete manifest lists. Each shard is checked against its sha256
+the first time a process reads it; `dpdmd repair-store URL` recomputes the shards that fail.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,17 +26,28 @@ import torch
 
 from models.adapter import Conditioning
 from models.families import family_module
+from models.sampling import seeded_noise
 from workers.config import RunConfig
 from workers.batches import AnchorBatch, PromptBatch
-from workers.schema import COND_PREFIX, SCHEMA_VERSION, TensorSpec, decode_tensor, table_to_batch
+from workers.schema import (COND_PREFIX, SCHEMA_VERSION, TensorSpec, decode_tensor, table_to_batch, tensor_specs,
+                            unsafe_columns)
 
 MANIFEST = "manifest.json"
 NEGATIVE = "negative.parquet"
+CONFIG = "config.yaml"  # the resolved config that created the store, so that a repair needs the store alone
 SIDECARS = "_shards"
+
+# (shard URL, sha256) of every shard this process has hashed and checked: later epochs, the prompt stream
+# and other Store objects over the same store read it without hashing it again.
+_VERIFIED: set[tuple[str, str, str]] = set()
 
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete, or does not match its manifest."""
+
+
+class ShardDamage(ValueError):
+    """What is wrong with one shard (the caller names the file and the fix)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,6 +64,28 @@ def filesystem(config: RunConfig, url: str) -> tuple[fsspec.AbstractFileSystem, 
 
 def trajectory_root(config: RunConfig) -> str:
     return config.storage.trajectory_root or str(Path(config.storage.output_dir) / "trajectories")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def location(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path inside a store as users write it: a local path, or s3://bucket/key."""
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def repair_command(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The one command that repairs the store at root. An S3-compatible store also names its endpoint,
+    which the config kept in the store cannot give before the store is reached."""
+    endpoint = fs.storage_options.get("client_kwargs", {}).get("endpoint_url")
+    return f"dpdmd repair-store {location(fs, root)}" + (f" storage.s3_endpoint_url={endpoint}" if endpoint else "")
+
+
+def damaged(fs: fsspec.AbstractFileSystem, root: str, problem: str) -> StoreError:
+    """problem names the file; the error adds the store and the command that repairs it."""
+    return StoreError(f"{problem}: the trajectory store {location(fs, root)} is damaged; repair it with "
+                      f"`{repair_command(fs, root)}` (it recomputes only the shards that fail verification)")
 
 
 def weights_digest(teacher_dir: Path) -> str:
@@ -164,7 +199,7 @@ def shard_name(index: int) -> str:
 
 def _put_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Local: write a temp file and rename it. Object stores: one PUT, which is atomic by itself."""
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if _is_local(fs):
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         fs.pipe_file(tmp, data)
@@ -180,7 +215,13 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def write_shard(fs: fsspec.AbstractFileSystem, root: str, index: int, table: pa.Table) -> ShardInfo:
-    """Write one shard, then its sidecar (rows, sha256): a shard without a sidecar is not counted done."""
+    """Write one shard, then its sidecar (rows, sha256): a shard without a sidecar is not counted done.
+    Non-finite anchors are refused here, where the teacher that made them is the cause, not at a read."""
+    bad = unsafe_columns(table)
+    if bad:
+        raise StoreError(f"the teacher produced non-finite or overflowing values (|x| > 1e18) in {bad} for "
+                         f"{location(fs, posixpath.join(root, shard_name(index)))}; nothing was written. Check "
+                         "the teacher's weights, or run it in teacher.dtype=fp32")
     data = table_bytes(table)
     info = ShardInfo(index, shard_name(index), table.num_rows, hashlib.sha256(data).hexdigest(), len(data))
     _put_atomically(fs, posixpath.join(root, info.name), data)
@@ -188,18 +229,80 @@ def write_shard(fs: fsspec.AbstractFileSystem, root: str, index: int, table: pa.
     return info
 
 
-def finished_shards(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, ShardInfo]:
-    """Shards already written (a re-run skips them): sidecar present and the file's size matching it."""
-    done: dict[int, ShardInfo] = {}
-    sidecar_dir = posixpath.join(root, SIDECARS)
-    if not fs.exists(sidecar_dir):
-        return done
-    sizes = {posixpath.basename(p): fs.size(p) for p in fs.glob(posixpath.join(root, "shard-*.parquet"))}
-    for path in fs.glob(posixpath.join(sidecar_dir, "*.json")):
-        info = ShardInfo(**json.loads(fs.cat_file(path)))
-        if sizes.get(info.name) == info.bytes:
-            done[info.index] = info
-    return done
+def checked_table(data: bytes, sha256: str, rows: int) -> pa.Table:
+    """A shard's table parsed from bytes already read, after checking them against their sha256; its row
+    count and float values (finite, within MAX_ABS) are checked too. Raises ShardDamage."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardDamage("does not match its sha256 (changed or overwritten since it was written)")
+    try:
+        table = pq.read_table(pa.py_buffer(data))
+    except (OSError, pa.ArrowException) as err:
+        raise ShardDamage(f"cannot be parsed ({err})") from None
+    if table.num_rows != rows:
+        raise ShardDamage(f"holds {table.num_rows} rows, not {rows}")
+    bad = unsafe_columns(table)
+    if bad:
+        raise ShardDamage(f"holds non-finite or overflowing values (|x| > 1e18) in {bad}")
+    return table
+
+
+def check_identity(table: pa.Table, spec: StoreSpec, index: int) -> None:
+    """The rows are the ones shard index holds by construction: prompt ids and seeds as row_ids numbers
+    them, their prompts' texts, and eps the seeded noise of each seed. Raises ShardDamage."""
+    try:
+        batch = table_to_batch(table, tensor_specs(table.schema))
+    except (ValueError, KeyError) as err:
+        raise ShardDamage(f"lacks columns this schema needs ({err})") from None
+    prompt_ids, seeds = spec.shard_rows(index)
+    if not (torch.equal(batch.prompt_ids, prompt_ids) and torch.equal(batch.seeds, seeds)
+            and table.column("prompt").to_pylist() == [spec.prompts[i] for i in prompt_ids.tolist()]):
+        raise ShardDamage("holds other rows than its own (prompt_id, seed or prompt differ from its position)")
+    if not torch.equal(batch.eps, seeded_noise(seeds.tolist(), tuple(batch.eps.shape[1:]))):
+        raise ShardDamage("holds eps other than the seeded noise of its rows' seeds")
+
+
+def shard_index(name: str) -> int | None:
+    match = re.fullmatch(r"shard-(\d+)\.parquet", name)
+    return int(match.group(1)) if match else None
+
+
+def verified_shards(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, skip=(),
+                    progress: bool = False) -> tuple[dict[int, ShardInfo], dict[int, str]]:
+    """The shards already written whose contents check out, read in full: bytes against their sidecar's
+    sha256, rows against the identity their position gives them, values finite. Returns (good, problems):
+    problems maps each other shard found (file or sidecar) to what is wrong with it. skip: indices not read."""
+    from tqdm.auto import tqdm
+
+    names = {posixpath.basename(p) for p in fs.glob(posixpath.join(root, "shard-*.parquet"))}
+    names |= {posixpath.basename(p).removesuffix(".json")
+              for p in fs.glob(posixpath.join(root, SIDECARS, "shard-*.parquet.json"))}
+    indices = sorted(i for i in map(shard_index, names) if i is not None and i not in skip)
+    good: dict[int, ShardInfo] = {}
+    problems: dict[int, str] = {}
+    for index in tqdm(indices, desc="verify shards", unit="shard", disable=not progress):
+        try:
+            good[index] = _verify_written(fs, root, spec, index)
+        except ShardDamage as err:
+            problems[index] = str(err)
+    return good, problems
+
+
+def _verify_written(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, index: int) -> ShardInfo:
+    name = shard_name(index)
+    try:
+        info = ShardInfo(**json.loads(fs.cat_file(posixpath.join(root, SIDECARS, f"{name}.json"))))
+    except FileNotFoundError:
+        raise ShardDamage("has no sidecar (its write was cut short)") from None
+    except (ValueError, TypeError) as err:
+        raise ShardDamage(f"has an unreadable sidecar ({err})") from None
+    if (info.index, info.name) != (index, name):
+        raise ShardDamage(f"has the sidecar of {info.name}")
+    try:
+        data = fs.cat_file(posixpath.join(root, name))
+    except FileNotFoundError:
+        raise ShardDamage("is missing") from None
+    check_identity(checked_table(data, info.sha256, spec.rows_per_shard), spec, index)
+    return info
 
 
 def write_negative(fs: fsspec.AbstractFileSystem, root: str, negative: Conditioning) -> None:
@@ -216,9 +319,25 @@ def write_negative(fs: fsspec.AbstractFileSystem, root: str, negative: Condition
 
 def column_specs(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, TensorSpec]:
     """The tensor columns of a Parquet file, from their field metadata."""
-    schema = pq.read_schema(path, filesystem=fs)
-    return {f.name: TensorSpec.from_json(json.loads(f.metadata[b"tensor"]))
-            for f in schema if f.metadata and b"tensor" in f.metadata}
+    return tensor_specs(pq.read_schema(path, filesystem=fs))
+
+
+def write_config(fs: fsspec.AbstractFileSystem, root: str, text: str) -> None:
+    """Keep the config that creates a store next to its manifest (once: any config that gives this store
+    recomputes the same rows), so that `dpdmd repair-store` works from the store alone."""
+    path = posixpath.join(root, CONFIG)
+    if not fs.exists(path):
+        _put_atomically(fs, path, text.encode())
+
+
+def read_config(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    try:
+        return fs.cat_file(posixpath.join(root, CONFIG)).decode()
+    except FileNotFoundError:
+        raise StoreError(f"{location(fs, posixpath.join(root, CONFIG))} does not exist, so the settings that "
+                         f"created the store at {location(fs, root)} are unknown (a store written before stores kept "
+                         "them): run `dpdmd precompute` with the recipe and overrides that created it, which records "
+                         "them there, then this command again") from None
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, shards: dict[int, ShardInfo]) -> dict:
@@ -270,31 +389,60 @@ class Store:
         return posixpath.join(self.root, shard["name"])
 
     def verify(self, checksums: bool = False) -> None:
-        """Every shard the manifest lists exists with its size (and, with checksums, its sha256)."""
+        """Every shard the manifest lists exists with its size: cheap, so done on every open. With checksums,
+        every shard is also read whole and checked as at its first read, which hashes the whole store."""
         for shard in self.shards:
             path = self.shard_path(shard)
             if not self.fs.exists(path):
-                raise StoreError(f"shard {shard['name']} is missing from the store at {self.root}; "
-                                 "re-run `dpdmd precompute` with the same settings to rewrite it")
-            if self.fs.size(path) != shard["bytes"] or (
-                    checksums and hashlib.sha256(self.fs.cat_file(path)).hexdigest() != shard["sha256"]):
-                raise StoreError(f"shard {shard['name']} in the store at {self.root} does not match its manifest "
-                                 "(corrupt or overwritten); delete it and re-run `dpdmd precompute`")
+                raise damaged(self.fs, self.root, f"{location(self.fs, path)} is missing")
+            if (size := self.fs.size(path)) != shard["bytes"]:
+                raise damaged(self.fs, self.root, f"{location(self.fs, path)} holds {size} bytes, its manifest "
+                                                  f"says {shard['bytes']} (truncated or overwritten)")
+        for shard in self.shards if checksums else ():
+            self.check_shard(shard)
+
+    def check_shard(self, shard: dict) -> pa.Table:
+        """Read a shard whole and check it against the manifest (sha256, rows, finite values), then record it
+        as verified in this process. The check adds about 2 s per GB on one core (BENCHMARKS.md), so it runs
+        once per shard and process, on the bytes the first read fetches anyway, never on open."""
+        path = self.shard_path(shard)
+        try:
+            table = checked_table(self.fs.cat_file(path), shard["sha256"], shard["rows"])
+        except FileNotFoundError:
+            raise damaged(self.fs, self.root, f"{location(self.fs, path)} is missing") from None
+        except ShardDamage as err:
+            raise damaged(self.fs, self.root, f"{location(self.fs, path)} {err}") from None
+        _VERIFIED.add(self._verified_key(shard))
+        return table
+
+    def _verified_key(self, shard: dict) -> tuple[str, str, str]:
+        """What a check vouches for: this file, of this filesystem (an S3 endpoint too), with this checksum."""
+        options = json.dumps(self.fs.storage_options, sort_keys=True, default=str)
+        return options, location(self.fs, self.shard_path(shard)), shard["sha256"]
 
     def read_shard(self, shard: dict, columns: list[str] | None = None) -> pa.Table:
+        """A shard's rows (only columns, when given); its first read in this process checks it (check_shard)."""
+        path = self.shard_path(shard)
+        if self._verified_key(shard) not in _VERIFIED:
+            table = self.check_shard(shard)
+            return table if columns is None else table.select(columns)
         try:
-            table = pq.read_table(self.shard_path(shard), filesystem=self.fs, columns=columns)
-        except (OSError, pa.ArrowException) as err:
-            raise StoreError(f"shard {shard['name']} in the store at {self.root} cannot be read ({err}); "
-                             "delete it and re-run `dpdmd precompute`") from None
+            table = pq.read_table(path, filesystem=self.fs, columns=columns)
+        except (OSError, pa.ArrowException) as err:  # changed after its first read
+            raise damaged(self.fs, self.root, f"{location(self.fs, path)} cannot be read ({err})") from None
         if table.num_rows != shard["rows"]:
-            raise StoreError(f"shard {shard['name']} holds {table.num_rows} rows, the manifest says {shard['rows']}")
+            raise damaged(self.fs, self.root, f"{location(self.fs, path)} holds {table.num_rows} rows, its "
+                                              f"manifest says {shard['rows']}")
         return table
 
     def negative(self) -> Conditioning:
-        table = pq.read_table(posixpath.join(self.root, NEGATIVE), filesystem=self.fs)
-        return Conditioning({n: decode_tensor(table.column(n), TensorSpec.from_json(s))
-                             for n, s in self.manifest["negative_columns"].items()})
+        path = posixpath.join(self.root, NEGATIVE)
+        try:
+            table = pq.read_table(path, filesystem=self.fs)
+            return Conditioning({n: decode_tensor(table.column(n), TensorSpec.from_json(s))
+                                 for n, s in self.manifest["negative_columns"].items()})
+        except (OSError, KeyError, pa.ArrowException) as err:
+            raise damaged(self.fs, self.root, f"{location(self.fs, path)} cannot be read ({err})") from None
 
     def rank_shards(self, rank: int, world_size: int) -> list[dict]:
         """The shards rank reads: rank::world_size (a store of fewer shards than ranks: one each, shared)."""
@@ -363,17 +511,44 @@ class Store:
             epoch += 1
 
 
-def open_store(fs: fsspec.AbstractFileSystem, root: str, verify: bool = True) -> Store:
-    """Open a complete store; an incomplete or corrupt one raises StoreError naming what to do."""
+# The manifest's keys and their types; a manifest without them was cut short or edited.
+_MANIFEST_KEYS = {"fingerprint": dict, "prompts": list, "num_rows": int, "rows_per_shard": int, "columns": dict,
+                  "negative_columns": dict, "shards": list}
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str) -> dict:
+    """The manifest, checked for what readers need; a garbage, empty or partial one raises StoreError."""
     path = posixpath.join(root, MANIFEST)
-    if not fs.exists(path):
-        raise StoreError(f"no complete trajectory store at {root}: run `dpdmd precompute` with the same "
-                         "recipe and overrides first")
-    manifest = json.loads(fs.cat_file(path))
+    url = location(fs, path)
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except ValueError as err:  # not JSON, or not text
+        raise damaged(fs, root, f"{url} is not a manifest ({err})") from None
+    if not isinstance(manifest, dict):
+        raise damaged(fs, root, f"{url} is not a manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"the store at {root} has schema version {manifest.get('schema_version')}, this code "
-                         f"reads version {SCHEMA_VERSION}; re-run `dpdmd precompute`")
-    store = Store(fs, root, manifest)
+        raise damaged(fs, root, f"{url} has schema version {manifest.get('schema_version')}, this code reads "
+                                f"version {SCHEMA_VERSION}")
+    missing = [k for k, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(k), kind)]
+    fields = set(ShardInfo.__dataclass_fields__)
+    if not missing and not all(isinstance(s, dict) and fields <= s.keys() and s["index"] == i
+                               for i, s in enumerate(manifest["shards"])):
+        missing = ["shards"]
+    if missing or not manifest["shards"]:
+        raise damaged(fs, root, f"{url} lacks {missing or ['shards']} or holds them malformed (cut short or edited)")
+    return manifest
+
+
+def open_store(fs: fsspec.AbstractFileSystem, root: str, verify: bool = True) -> Store:
+    """Open a complete store; an incomplete or damaged one raises StoreError naming the file and the fix.
+    verify checks that every shard exists with its size; contents are checked at each shard's first read."""
+    if not fs.exists(posixpath.join(root, MANIFEST)):
+        if fs.exists(posixpath.join(root, CONFIG)):
+            raise damaged(fs, root, f"{location(fs, posixpath.join(root, MANIFEST))} is missing (a precompute was "
+                                    "cut short, or it was deleted)")
+        raise StoreError(f"no complete trajectory store at {location(fs, root)}: run `dpdmd precompute` with the "
+                         "same recipe and overrides first")
+    store = Store(fs, root, read_manifest(fs, root))
     if verify:
         store.verify()
     return store
