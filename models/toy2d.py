@@ -24,6 +24,7 @@ FAMILY = "toy2d"
 DIVERSITY = ("mode_kl", -1)
 QUALITY = ("off_mode_rate", -1)
 FIDELITY_COLUMNS = ("mode_kl", "live_modes", "off_mode_rate", "pairwise_distance")
+COLLAPSE = "live_modes"  # what a sweep's collapse guard compares with the teacher's (higher is better)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from workers.context import WorkerContext, checkpoint_name
 from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
+from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
@@ -167,7 +168,7 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             elapsed = time.perf_counter() - began
             ctx.log(metrics, schedule.num_generator_updates, elapsed,
                     elapsed / (step - first) * (schedule.num_generator_updates - step))
-            logger.log(metrics, step)
+            logger.log({k: v for k, v in metrics.items() if not k.startswith(LIVE)}, step)  # the evaluator logs those
         if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
             directory = ctx.checkpoint_staging_dir(checkpoint_name(step))
             generator.save_checkpoint(str(directory), tag="generator")
