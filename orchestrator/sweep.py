@@ -400,7 +400,7 @@ def collapse_guard(metric: str, floor: float, patience: int):
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             value, step = result.get(f"live_{metric}"), result.get("live_generator_update")
-            if value is None or self._seen.get(trial_id) == step:  # each evaluation counts once
+            if value is None or value != value or self._seen.get(trial_id) == step:  # each evaluation counts once
                 return trial_id in self.reasons
             self._seen[trial_id] = step
             self._strikes[trial_id] = self._strikes.get(trial_id, 0) + 1 if value < floor else 0
@@ -431,11 +431,11 @@ def _record_stop(config: RunConfig, run_dir: Path, reason: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from workers.tracking import tracking_uri
+    from workers.tracking import STOP_REASON, tracking_uri
 
     client = MlflowClient(tracking_uri(config))
     run_id = json.loads(record.read_text())["run_id"]
-    client.set_tag(run_id, "dpdmd.stop_reason", reason)
+    client.set_tag(run_id, STOP_REASON, reason)
     client.set_terminated(run_id, "KILLED")
 
 

@@ -154,6 +154,9 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             if live is not None:
                 live.submit(step, snapshot)
         if live is not None:
+            # Tune's schedulers refuse a report without their metric: until the first evaluation is back, NaN
+            if config.sweep.metric.startswith(LIVE):
+                metrics[config.sweep.metric] = float("nan")
             metrics.update(live.newest())
         cycle_s = time.perf_counter() - start
         metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
