@@ -530,15 +530,15 @@ def plot_curves(curves: dict[str, list[dict]], family: str, path: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    metrics = (family_module(family).DIVERSITY, family_module(family).QUALITY)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, (name, records) in enumerate(sorted(curves.items())):
         steps = [r["generator_update"] for r in records]
-        for ax, metric in zip(axes, (d_name, q_name)):
+        for ax, (metric, _) in zip(axes, metrics):
             ax.plot(steps, [r[f"live_{metric}"] for r in records], "o-", ms=3, color=f"C{i % 10}", label=name)
-    for ax, metric in zip(axes, (d_name, q_name)):
+    for ax, (metric, sign) in zip(axes, metrics):
         ax.set_xlabel("generator update")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} ({'higher' if sign > 0 else 'lower'} is better)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
