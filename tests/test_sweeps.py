@@ -23,6 +23,8 @@ def out(tmp_path_factory):
 
 
 def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, out):
+    """Also: training reports reach Tune while the trial runs, ASHA on the live objective accepts the reports
+    made before the first evaluation, and the evaluations land in MLflow as step metrics."""
     from mlflow.tracking import MlflowClient
 
     config = tiny_config(out, *SHARED, "schedule.num_generator_updates=40", "evaluation.every=4",
@@ -33,6 +35,10 @@ def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, o
     # a learning rate that wrecks the generator within a few updates
     result = run_sweep(config, to_dict(config), space={"generator.optim.lr": {"grid": [0.5]}, "seed": {"grid": [0]}})
     (stopped,) = result.stopped
+    # Ray Train's reports reached Tune while the trial ran (the guard and ASHA act on nothing else)
+    reported = [json.loads(line) for path in (result.sweep_dir / "tune").glob("*/result.json")
+                for line in path.read_text().splitlines()]
+    assert len(reported) >= 4 and all("loss_dmd" in r for r in reported)
     assert stopped["reason"].startswith("collapse guard: live live_modes below")
     assert stopped["generator_update"] < 40
     run = json.loads((result.sweep_dir / "lr=0.5-seed=0" / "mlflow.json").read_text())["run_id"]
