@@ -8,7 +8,7 @@ workers.train.train does with its own config: the same data streams and position
 same RNG in the same order, the same losses (models/losses.py, applied per trial), gradient clipping as
 DeepSpeed ZeRO does it and AdamW, in float32 (tests/test_trials.py compares the losses with train's). What
 differs is how it is run: no host sync per update (finiteness and metrics stay on the device and are read
-every log interval), and CUDA graphs of whole updates where the device is a GPU (graphs=True).
+every log interval).
 
     from workers.trials import train_trials
     results = train_trials(configs, run_dirs, store)          # one Progress (or error) per trial
@@ -402,7 +402,8 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
     config = configs[0]
     device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(config.seed)
-    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=False)
+    every = config.evaluation.every
+    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(every))
     trials = [Trial(c, LocalContext(d), torch.Generator().manual_seed(c.seed * 100_003), Progress())
               for c, d in zip(configs, run_dirs)]
     batch = TrialBatch(configs, adapter, net, store.negative(), device)
@@ -457,6 +458,8 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
             sums, count = {}, 0
         if checkpoint:
             _save(trials, batch, step)
+        if every and step % every == 0:
+            _evaluate(trials, batch, adapter, step, device)
     if stopped_early and save and trials[0].progress.generator_updates > first:
         step = trials[0].progress.generator_updates
         if sums:
@@ -505,6 +508,26 @@ def _read(trials: list[Trial], batch: TrialBatch, means: dict[str, torch.Tensor]
     rate = cycles * len(trials) / elapsed if elapsed > 0 else math.nan
     print(f"[trials] generator update {step}/{total}, {len(trials)} trials, {rate:.2f} trial cycles/s | {shown}"
           + (" ..." if len(trials) > 4 else ""), flush=True)
+
+
+def _evaluate(trials: list[Trial], batch: TrialBatch, adapter, step: int, device: torch.device) -> None:
+    """evaluation.every: each trial's generator on the held-out prompts and seeds, as the final evaluation
+    scores it, into its live_eval.jsonl (the record evaluation beside training writes: live_<metric>)."""
+    import json
+
+    from workers.evaluate import evaluate, generator_sampler
+    from workers.live_eval import PREFIX, RESULTS
+
+    for index, trial in enumerate(trials):
+        if trial.error is not None:
+            continue
+        net = batch.generator.trial_module(index).eval()
+        metrics = evaluate(trial.config, adapter, net, generator_sampler(trial.config, adapter), device=device).metrics
+        record = {"generator_update": step, **{PREFIX + k: float(v) for k, v in metrics.items()}}
+        Path(trial.ctx.run_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(trial.ctx.run_dir) / RESULTS).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        trial.metrics.update(record)
 
 
 def _save(trials: list[Trial], batch: TrialBatch, step: int) -> None:
