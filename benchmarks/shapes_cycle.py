@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/bench/shapes")
     p.add_argument("--cycles", type=int, default=10, help="timed cycles per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed cycles first")
-    p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together")
+    p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together (N, or N:sdpa for the "
+                                                      "network's fused attention run once per trial)")
     p.add_argument("--alone", default="bf16,fp32", help="comma list of precisions for a trial trained alone by train")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
@@ -99,7 +100,13 @@ def summarise(prof, wall_s: float) -> dict:
                                                        "cudaEventSynchronize", "aten::_local_scalar_dense", "aten::item")}
     launches = sum(v for k, v in names.items() if k in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                           "cuLaunchKernelEx", "cudaGraphLaunch"))
-    return {"wall_s": wall_s, "kernels": len(kernels), "launch_calls": launches, "gpu_busy_s": busy_us / 1e6,
+    top = []
+    try:
+        averages = sorted(prof.key_averages(), key=lambda a: -getattr(a, "self_device_time_total", 0))[:15]
+        top = [(a.key[:90], a.count, getattr(a, "self_device_time_total", 0) / 1e6) for a in averages]
+    except Exception:  # noqa: BLE001
+        pass
+    return {"top_device_time_s": top, "wall_s": wall_s, "kernels": len(kernels), "launch_calls": launches, "gpu_busy_s": busy_us / 1e6,
             "busy_share": busy_us / 1e6 / wall_s if wall_s else float("nan"), "host_syncs": syncs,
             "aten_ops": sum(v for k, v in names.items() if k.startswith("aten::"))}
 
@@ -129,9 +136,11 @@ def measure_alone(args, precision: str, device) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
 
-def measure_together(args, n: int, device) -> dict:
+def measure_together(args, what: str, device) -> dict:
     from workers.trials import train_trials
 
+    n, _, attention = what.partition(":")
+    n, attention = int(n), attention or "classic"
     total = args.warmup + args.cycles + 1
     configs = [base_config(args, "fp32", total, seed=i % 3, weight=(0.0, 0.05, 0.2, 0.5)[i // 3 % 4]) for i in range(n)]
     store = store_for(args, configs[0])
@@ -139,8 +148,8 @@ def measure_together(args, n: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dirs = [Path(args.out) / f"together-{n}" / str(i) for i in range(n)]
-    train_trials(configs, dirs, store, on_cycle=lambda step, metrics: clock(step), save=False)
-    return {"variant": f"{n} together, fp32", "trials": n, "cycle_s": clock.cycle_s,
+    train_trials(configs, dirs, store, on_cycle=lambda step, metrics: clock(step), save=False, attention=attention)
+    return {"variant": f"{n} together, fp32, {attention} attention", "trials": n, "cycle_s": clock.cycle_s,
             "trial_cycles_per_s": n / clock.cycle_s, "profile": clock.summary,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "command": "python -m benchmarks.shapes_cycle " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": []}
-    plans = [("alone", p) for p in args.alone.split(",") if p] + [("together", int(n)) for n in args.trials.split(",") if n]
+    plans = [("alone", p) for p in args.alone.split(",") if p] + [("together", n) for n in args.trials.split(",") if n]
     for kind, what in plans:
         try:
             m = measure_alone(args, what, device) if kind == "alone" else measure_together(args, what, device)

@@ -86,14 +86,34 @@ def _flat(data: dict, prefix: str = "") -> dict:
 class StackedNetwork(nn.Module):
     """num_trials networks of one architecture, their parameters stacked on a leading dim, called like one of
     them on a batch whose rows are trial-major (trial 0's rows, then trial 1's, ...): every tensor argument
-    with that batch as its first dim is split by trial and the network runs under vmap, once for all."""
+    with that batch as its first dim is split by trial and the network runs under vmap, once for all.
 
-    def __init__(self, template: nn.Module, num_trials: int):
+    The parameters live in one flat (num_trials, P) tensor (`flat`, the leaf the optimizer steps), each named
+    parameter a view of it: one optimizer update is a handful of kernels, not a handful per parameter.
+    attention="classic": attention as matrix products (diffusers' AttnProcessor), which vmap batches; fused
+    scaled-dot-product attention has no batching rule and would run once per trial."""
+
+    def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic"):
         super().__init__()
+        if attention == "classic" and hasattr(template, "set_attn_processor"):
+            from diffusers.models.attention_processor import AttnProcessor
+
+            template.set_attn_processor(AttnProcessor())
         self.num_trials = num_trials
         self._template = [template]  # a plain list: its parameters are replaced, never trained or registered
-        self.params = {name: p.detach().unsqueeze(0).repeat(num_trials, *([1] * p.ndim)).requires_grad_(True)
-                       for name, p in template.named_parameters()}
+        named = list(template.named_parameters())
+        self.layout = [(name, p.shape, p.numel()) for name, p in named]
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+        self.flat = flat.unsqueeze(0).repeat(num_trials, 1).requires_grad_(True)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Each named parameter, (num_trials, *shape): views of flat."""
+        out, offset = {}, 0
+        for name, shape, numel in self.layout:
+            out[name] = self.flat[:, offset:offset + numel].view(self.num_trials, *shape)
+            offset += numel
+        return out
 
     def forward(self, *args, **kwargs):
         n, template = self.num_trials, self._template[0]
@@ -121,9 +141,10 @@ class StackedNetwork(nn.Module):
     def trial_module(self, index: int) -> nn.Module:
         """Trial index's network as a module of its own (a copy of the template with its parameters)."""
         net = copy.deepcopy(self._template[0])
+        params = self.params
         with torch.no_grad():
             for name, p in net.named_parameters():
-                p.copy_(self.params[name][index])
+                p.copy_(params[name][index])
         return net
 
 
@@ -232,13 +253,13 @@ class TrialBatch:
     """The trials' networks, optimizers and the two updates, for all trials at once."""
 
     def __init__(self, configs: list[RunConfig], adapter, teacher: nn.Module, negative: Conditioning,
-                 device: torch.device):
+                 device: torch.device, attention: str = "classic"):
         check_batchable(configs)
         self.configs, self.adapter, self.teacher, self.device = configs, adapter, teacher, device
         self.num_trials = n = len(configs)
         config = configs[0]
-        self.generator = StackedNetwork(copy_for_training(teacher), n)
-        self.critic = StackedNetwork(copy_for_training(teacher), n)
+        self.generator = StackedNetwork(copy_for_training(teacher), n, attention)
+        self.critic = StackedNetwork(copy_for_training(teacher), n, attention)
         self.generator_optim = self._optimizer(self.generator, config.generator.optim)
         self.critic_optim = self._optimizer(self.critic, config.critic.optim)
         self.negative = negative.to(device)
@@ -253,7 +274,7 @@ class TrialBatch:
         self.skipped = torch.zeros(n, device=device)
 
     def _optimizer(self, net: StackedNetwork, optim) -> StackedAdamW:
-        return StackedAdamW(net.params, optim.lr, tuple(optim.betas), optim.weight_decay, optim.grad_clip)
+        return StackedAdamW({"flat": net.flat}, optim.lr, tuple(optim.betas), optim.weight_decay, optim.grad_clip)
 
     # -- the two updates, all trials at once -----------------------------------------------------------
 
@@ -389,12 +410,26 @@ class TrialsResult:
 
 def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=None,
                  deadline: float | None = None, on_cycle: Callable[[int, dict], None] | None = None,
-                 save: bool = True) -> TrialsResult:
+                 save: bool = True, attention: str = "classic") -> TrialsResult:
     """Train the trials (configs, one run directory each) together to schedule.num_generator_updates over the
     trajectory store, continuing from the newest update all of them checkpointed; export each trial's generator
     into its run directory (workers.train.GENERATOR_DIR). deadline: a time.time() after which the trials
     checkpoint and stop (a job with a time limit; run again to continue). teacher: an (adapter, network) pair
-    instead of loading configs[0].teacher (tests). on_cycle(generator_updates, metrics) after every cycle."""
+    instead of loading configs[0].teacher (tests). on_cycle(generator_updates, metrics) after every cycle.
+    attention: "classic" (vmap-batched matrix products) or "sdpa" (the network's own, once per trial).
+
+    On a GPU, cuDNN picks its convolution algorithms by timing them (cudnn.benchmark) while the trials train:
+    every call has one of a few fixed shapes, and vmap runs the trials' convolutions as grouped ones, for
+    which the default heuristics choose poorly. The setting is restored afterwards."""
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        return _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention) -> TrialsResult:
     from workers.teacher import load_teacher
     from workers.train import GENERATOR_DIR, export_generator, store_source
 
@@ -406,7 +441,7 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
     adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(every))
     trials = [Trial(c, LocalContext(d), torch.Generator().manual_seed(c.seed * 100_003), Progress())
               for c, d in zip(configs, run_dirs)]
-    batch = TrialBatch(configs, adapter, net, store.negative(), device)
+    batch = TrialBatch(configs, adapter, net, store.negative(), device, attention)
     _resume(trials, batch, device)
     source = store_source(store)
     for trial in trials:
