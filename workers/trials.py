@@ -418,15 +418,18 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
     instead of loading configs[0].teacher (tests). on_cycle(generator_updates, metrics) after every cycle.
     attention: "classic" (vmap-batched matrix products) or "sdpa" (the network's own, once per trial).
 
-    On a GPU, cuDNN picks its convolution algorithms by timing them (cudnn.benchmark) while the trials train:
-    every call has one of a few fixed shapes, and vmap runs the trials' convolutions as grouped ones, for
-    which the default heuristics choose poorly. The setting is restored afterwards."""
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    On a GPU, while the trials train: cuDNN picks its convolution algorithms by timing them (cudnn.benchmark;
+    every call has one of a few fixed shapes, and vmap runs the trials' convolutions as grouped ones), and
+    matrix products use TF32 like PyTorch's convolutions already do (vmap turns every linear layer and the
+    attention into batched products, which in plain fp32 took a third of the GPU's time; measured in
+    BENCHMARKS.md). Storage, accumulation, anchors and flow times stay fp32. Both settings are restored
+    afterwards."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention)
     finally:
-        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention) -> TrialsResult:
