@@ -133,31 +133,18 @@ def test_stacked_adamw_is_torch_adamw_per_trial_and_a_masked_trial_stays_put():
     assert optim.step_count.tolist() == [3, 3, 2]
 
 
-def _fake_group(config_dicts, run_dirs, threads, deadline):
-    """A group runner: trial seed 1 is 'stopped at the time limit' the first time, the others finish."""
-    out = []
-    for config, run_dir in zip(config_dicts, run_dirs):
-        marker = Path(run_dir).parent / f"stopped-{Path(run_dir).name}"
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        if config["seed"] == 1 and not marker.exists():
-            marker.touch()
-            out.append(None)
-        else:
-            out.append({"attribute_spread": 0.2 + config["loss"]["diversity_weight"] / 10 + config["seed"] / 100})
-    return out
-
-
 def test_fidelity_groups_trials_and_a_time_limit_leaves_the_rest_for_the_next_run(tmp_path):
     from orchestrator.fidelity import run_local_trials
+    from tests.fake_runners import fake_group
     from workers.config import RunConfig
     from workers.configure import to_dict
 
     base = to_dict(RunConfig())
     space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}
-    assert run_local_trials(base, space, tmp_path, jobs=1, runner=_fake_group, together=4) is None
+    assert run_local_trials(base, space, tmp_path, jobs=1, runner=fake_group, together=4) is None
     assert len(list(tmp_path.glob("*/result.json"))) == 2  # seed 1 of both settings stopped
     first = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
-    rows = run_local_trials(base, space, tmp_path, jobs=1, runner=_fake_group, together=4)
+    rows = run_local_trials(base, space, tmp_path, jobs=1, runner=fake_group, together=4)
     assert len(rows) == 4 and all(p.stat().st_mtime_ns == t for p, t in first.items())
     row = next(r for r in rows if r["params"] == {"loss.diversity_weight": 0.5, "seed": 1})
     assert row["eval_attribute_spread"] == pytest.approx(0.26)
