@@ -167,8 +167,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
     config = recipes.resolve(args.recipe, args.overrides)
-    if args.together < 1:
-        raise ConfigError("--together", f"must be >= 1, got {args.together}")
+    if args.together < 1 or (args.together > 1 and not args.no_ray):
+        raise ConfigError("--together", f"takes N >= 1 trials per process, with --no-ray (Ray Tune runs a trial per "
+                                        f"worker group), got {args.together}")
     if args.time_limit is not None and (args.together == 1 or not args.no_ray):
         raise ConfigError("--time-limit", "stops trials trained together (--no-ray --together N, N >= 2); without "
                                           "them, stop the command and continue with --out")

@@ -9,9 +9,12 @@ whose quality is at most sweep.quality_drop_from_dmd below DMD's) is marked.
     dpdmd fidelity --recipe shapes sweep.space=fidelity                      # Ray Tune trials on a cluster
     dpdmd fidelity --recipe shapes sweep.space=fidelity --no-ray --jobs 6 \\
         distributed.use_gpu=true trajectories.gpus_per_actor=1               # one GPU machine, no Ray
+    dpdmd fidelity --recipe shapes sweep.space=fidelity --no-ray --together 12 --time-limit 9 \\
+        distributed.use_gpu=true distributed.precision=fp32 trajectories.gpus_per_actor=1   # one batched process
 
 Without Ray, trials run as separate processes (`--jobs` at a time) of the same train function that
-Ray Train workers run, and their metrics land in JSON instead of MLflow.
+Ray Train workers run, or (`--together N`) up to N trials per process as one batched computation of the
+same steps (workers/trials.py); their metrics land in JSON instead of MLflow.
 """
 
 from __future__ import annotations

@@ -155,3 +155,24 @@ def test_the_time_limit_is_for_trials_trained_together(capsys):
 
     assert main(["fidelity", "--no-ray", "--recipe", "shapes", "--time-limit", "5"]) == 2
     assert "--time-limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_a_nonfinite_loss_stops_its_trial_only_or_skips_its_step(tmp_path, teacher_path, on_nonfinite):
+    from workers.trials import Trial, TrialBatch, _read
+    from workers.distill import Progress
+
+    cs = configs(tmp_path, teacher_path, f"schedule.on_nonfinite={on_nonfinite}")
+    adapter, net = shapes.new_teacher(width=8, seed=0)
+    batch = TrialBatch(cs, adapter, net, adapter.negative_conditioning(1), torch.device("cpu"))
+    for update, flags in ((3, [True, False]), (4, [True, False])):
+        finite = {"dmd.loss": torch.tensor(flags), "div.loss": torch.tensor([True, True])}
+        assert batch._vote(finite, torch.tensor(update)).tolist() == flags
+    trials = [Trial(c, LocalContext(tmp_path / f"t{i}"), torch.Generator(), Progress()) for i, c in enumerate(cs)]
+    _read(trials, batch, {"loss_dmd": torch.tensor([0.1, float("nan")])}, 4, 1.0, 4)
+    if on_nonfinite == "raise":
+        assert batch.active.tolist() == [True, False] and trials[0].error is None
+        assert "generator update 3" in str(trials[1].error) and trials[1].error.terms == ["dmd.loss"]
+    else:
+        assert batch.active.tolist() == [True, True] and trials[1].error is None
+        assert [t.progress.skipped_steps for t in trials] == [0, 2]

@@ -6,7 +6,8 @@ parameters are stacked on a leading trial dim and every network call runs all tr
 torch.func.vmap (StackedNetwork); the frozen teacher sees all trials' rows as one batch. Each trial does what
 workers.train.train does with its own config: the same data streams and positions, the same noise from the
 same RNG in the same order, the same losses (models/losses.py, applied per trial), gradient clipping as
-DeepSpeed ZeRO does it and AdamW, in float32 (tests/test_trials.py compares the losses with train's). What
+DeepSpeed ZeRO does it and AdamW, in float32 (on a GPU with TF32 matrix products, see train_trials;
+tests/test_trials.py compares the losses with train's on the CPU). What
 differs is how it is run: no host sync per update (finiteness and metrics stay on the device and are read
 every log interval).
 
