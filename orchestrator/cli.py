@@ -167,8 +167,15 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
     config = recipes.resolve(args.recipe, args.overrides)
+    if args.together < 1 or (args.together > 1 and not args.no_ray):
+        raise ConfigError("--together", f"takes N >= 1 trials per process, with --no-ray (Ray Tune runs a trial per "
+                                        f"worker group), got {args.together}")
+    if args.time_limit is not None and (args.together == 1 or not args.no_ray):
+        raise ConfigError("--time-limit", "stops trials trained together (--no-ray --together N, N >= 2); without "
+                                          "them, stop the command and continue with --out")
     run_fidelity(config, to_dict(config), use_ray=not args.no_ray, jobs=args.jobs,
-                 out_dir=Path(args.out) if args.out else None)
+                 out_dir=Path(args.out) if args.out else None, together=args.together,
+                 time_limit_s=args.time_limit * 60 if args.time_limit is not None else None)
     return 0
 
 
@@ -235,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="with --no-ray: trials at a time (default 1)")
     p.add_argument("--out", default=None, help="the table's directory (default: a new run directory); with "
                                                "--no-ray, giving an earlier run's directory runs only its unfinished trials")
+    p.add_argument("--together", type=int, default=1, metavar="N",
+                   help="with --no-ray: train up to N trials per process as one batched computation (small "
+                        "embedded teachers, fp32; default 1: a process per trial)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="with --together: trials still training after MINUTES checkpoint and stop; the same "
+                        "command with --out DIR continues them")
     p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("evaluate", help="diversity and quality of the teacher (or a generator) on held-out seeds")

@@ -9,9 +9,12 @@ whose quality is at most sweep.quality_drop_from_dmd below DMD's) is marked.
     dpdmd fidelity --recipe shapes sweep.space=fidelity                      # Ray Tune trials on a cluster
     dpdmd fidelity --recipe shapes sweep.space=fidelity --no-ray --jobs 6 \\
         distributed.use_gpu=true trajectories.gpus_per_actor=1               # one GPU machine, no Ray
+    dpdmd fidelity --recipe shapes sweep.space=fidelity --no-ray --together 12 --time-limit 9 \\
+        distributed.use_gpu=true distributed.precision=fp32 trajectories.gpus_per_actor=1   # one batched process
 
 Without Ray, trials run as separate processes (`--jobs` at a time) of the same train function that
-Ray Train workers run, and their metrics land in JSON instead of MLflow.
+Ray Train workers run, or (`--together N`) up to N trials per process as one batched computation of the
+same steps (workers/trials.py); their metrics land in JSON instead of MLflow.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
         setting = {"name": setting_name(group["params"], default_weight), "params": group["params"],
                    "seeds": sorted(per_seed), "per_seed": per_seed, "run_dirs": group["run_dirs"],
                    "mean": {c: statistics.fmean(m[c] for m in per_seed.values()) for c in columns},
-                   "std": {c: statistics.stdev([m[c] for m in per_seed.values()]) if len(per_seed) > 1 else 0.0
+                   "std": {c: _stdev([m[c] for m in per_seed.values()])
                            for c in columns}}
         settings.append(setting)
     settings.sort(key=lambda s: (s["params"].get("loss.diversity_weight", default_weight) != 0,
@@ -105,7 +108,7 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
             gaps = [gap_recovered(m[metric], dmd_seeds[s][metric], teacher[metric])
                     for s, m in setting["per_seed"].items() if s in dmd_seeds]
             setting["gaps"][metric] = (statistics.fmean(gaps) if gaps else math.nan,
-                                       statistics.stdev(gaps) if len(gaps) > 1 else 0.0)
+                                       _stdev(gaps))
         setting["gap_recovered"] = setting["gaps"][d_name]
     picked = -1
     if dmd >= 0:
@@ -113,6 +116,13 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
         eligible = [i for i, s in enumerate(settings) if i != dmd and q_sign * s["mean"][q_name] >= floor]
         picked = max(eligible, key=lambda i: d_sign * settings[i]["mean"][d_name], default=-1)
     return {"settings": settings, "dmd": dmd, "picked": picked}
+
+
+def _stdev(values: list[float]) -> float:
+    """The sample standard deviation; 0 for one value, NaN where a value is NaN (no adherent samples, say)."""
+    if len(values) < 2:
+        return 0.0
+    return math.nan if any(math.isnan(v) for v in values) else statistics.stdev(values)
 
 
 def _cell(mean: float, std: float, seeds: int) -> str:
@@ -198,6 +208,46 @@ def plot_fidelity(result: dict, teacher: dict[str, float], family: str, path: Pa
     return path
 
 
+def plot_curves(rows: list[dict], module, config: RunConfig, path: Path) -> Path | None:
+    """fidelity_curve.png: each setting's diversity and quality against generator updates, from the trials'
+    evaluations during training (evaluation.every; live_eval.jsonl), the mean over seeds; None without them."""
+    from workers.live_eval import PREFIX, RESULTS
+
+    (d_name, _), (q_name, _) = module.DIVERSITY, module.QUALITY
+    curves: dict[str, dict[int, list[dict]]] = {}
+    for row in rows:
+        found = Path(row.get("run_dir") or "") / RESULTS
+        if not row.get("run_dir") or not found.is_file():
+            continue
+        params = {k: v for k, v in row["params"].items() if k != SEED_KEY}
+        name = setting_name(params, config.loss.diversity_weight)
+        for line in found.read_text().splitlines():
+            record = json.loads(line)
+            curves.setdefault(name, {}).setdefault(record["generator_update"], []).append(record)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    for i, (name, by_step) in enumerate(sorted(curves.items())):
+        steps = sorted(by_step)
+        for ax, metric in zip(axes, (d_name, q_name)):
+            values = [statistics.fmean(r[PREFIX + metric] for r in by_step[s]) for s in steps]
+            ax.plot(steps, values, "o-", color=f"C{i % 10}", ms=3,
+                    label=f"{name} ({len(by_step[steps[-1]])} seeds)")
+    for ax, metric in zip(axes, (d_name, q_name)):
+        ax.set_xlabel("generator updates")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfig, out_dir: Path,
                    seconds: float | None = None, cut: dict[str, float] | None = None) -> tuple[str, Path]:
     """fidelity.md (the table and its verdict), fidelity.json (every number), fidelity_per_seed.csv,
@@ -258,10 +308,17 @@ def check_space(space: dict[str, dict]) -> None:
 
 
 def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int = 1,
-                 out_dir: Path | None = None, space: dict[str, dict] | None = None, kind: str = "fidelity") -> Path:
+                 out_dir: Path | None = None, space: dict[str, dict] | None = None, kind: str = "fidelity",
+                 together: int = 1, time_limit_s: float | None = None) -> Path:
     """Evaluate the teacher, run every (setting, seed) trial of space (default: sweep.space), write the table;
-    returns its directory. out_dir: an earlier table's directory continues it (its finished trials are kept).
-    With Ray the trials are Tune trials under one MLflow parent run, which also gets the table."""
+    returns its directory. out_dir: an earlier table's directory continues it (its finished trials are kept,
+    stopped ones continue from their last checkpoints). With Ray the trials are Tune trials under one MLflow
+    parent run, which also gets the table.
+
+    Without Ray: together > 1 trains up to that many trials per process as one batched computation
+    (workers/trials.py: small embedded teachers, fp32); time_limit_s (with together > 1) makes trials still
+    training at that many seconds after the start checkpoint and stop, and the command end without a table:
+    the same command with --out continues."""
     from orchestrator.precompute import precompute
     from orchestrator.runs import make_run_dir, summary
     from workers.context import clock
@@ -276,9 +333,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
         train_teacher(config, device=_device(config))
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)
-    print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {config.generator.num_steps}) "
-          f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
-    teacher, cut = evaluate_teacher(config, out_dir)
+    teacher, cut = evaluate_teacher(config, out_dir, tag)
     written: dict = {}
 
     def write(rows: list[dict], parent=None) -> None:
@@ -304,8 +359,19 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
             if store.root not in stores:
                 print(store_summary)
             stores.add(store.root)
-        write(run_local_trials(base, space, out_dir / "trials", jobs))
-        tracking = {}
+        deadline = start + time_limit_s if time_limit_s else None
+        rows = run_local_trials(base, space, out_dir / "trials", jobs, together=together, deadline=deadline)
+        if rows is None:
+            print(f"{tag} stopped at the time limit after {clock(time.time() - start)}: continue with the same "
+                  f"command and --out {out_dir}")
+            return out_dir
+        write(rows)
+        curve = plot_curves(rows, family_module(config.teacher.family), config, out_dir / "fidelity_curve.png")
+        tracking = {"training curves": curve} if curve else {}
+        if curve:
+            with (out_dir / "fidelity.md").open("a") as f:
+                f.write(f"\nDuring training (every {config.evaluation.every} generator updates, the same held-out "
+                        f"prompts and seeds, mean over training seeds):\n\n![curves]({curve.name})\n")
     print(f"\n{written['table']}\n")
     print(summary(f"{tag} done in {clock(time.time() - start)}", {
         "run directory": out_dir, "report": written["report"], "pictures": out_dir / "fidelity_samples.png",
@@ -313,17 +379,24 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     return out_dir
 
 
-def evaluate_teacher(config: RunConfig, out_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") -> tuple[dict[str, float], dict[str, float]]:
     """The teacher's metrics with its own sampler, and cut to the generator's number of Euler steps (what a
-    distilled generator has to beat); samples and pictures of the first into out_dir."""
+    distilled generator has to beat); samples and pictures of the first into out_dir. A continued table reads
+    them back from teacher_metrics.json."""
     from models.sampling import Sampler
     from workers.evaluate import evaluate, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
+    n = config.generator.num_steps
+    saved = out_dir / "teacher_metrics.json"
+    if saved.is_file() and (out_dir / "teacher_samples.npz").is_file():
+        data = json.loads(saved.read_text())
+        return data["teacher"], data[f"teacher_{n}_steps"]
+    print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {n}) "
+          f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
     device = _device(config)
     adapter, net = load_teacher(config, device, vae=True)
     result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
-    n = config.generator.num_steps
     cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),
                                                  config.teacher.guidance_scale), device=device).metrics
     save_samples(result, out_dir / "teacher_samples.npz")
@@ -341,13 +414,18 @@ def _device(config: RunConfig):
 
 
 def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs: int,
-                     runner: Callable[[dict, str, int], dict] | None = None) -> list[dict]:
-    """Every grid point as a separate process, jobs at a time; a trial that already finished (its
-    result.json exists) is not run again, so a rerun after a failure picks up where it stopped."""
+                     runner: Callable[[dict, str, int], dict] | None = None, together: int = 1,
+                     deadline: float | None = None) -> list[dict] | None:
+    """Every grid point in a process of its own, jobs at a time, or with together > 1 in groups of up to
+    `together` trials trained as one batched computation per process (workers/trials.py); a trial that
+    already finished (its result.json exists) is not run again, and one that was stopped continues from its
+    last checkpoint, so a rerun after a failure or a time limit picks up where it stopped.
+
+    deadline (a time.time(), groups only): trials still training then checkpoint and stop; returns None when
+    any trial is unfinished (run again to continue), else every trial's row."""
     import concurrent.futures as futures
     import multiprocessing
 
-    runner = runner or run_local_trial
     points = grid_points(space)
     rows, todo = [], []
     for params in points:
@@ -357,31 +435,84 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
             rows.append(json.loads(done.read_text()))
         else:
             todo.append((params, run_dir))
-    print(f"[fidelity] {len(points)} trials, {len(rows)} already done, {len(todo)} to run, {jobs} at a time")
-    failures = []
+    groups = [todo[i:i + together] for i in range(0, len(todo), together)]
+    print(f"[fidelity] {len(points)} trials, {len(rows)} already done, {len(todo)} to run, "
+          + (f"{len(groups)} process(es) of up to {together} trials trained together, " if together > 1 else "")
+          + f"{jobs} at a time")
+    failures, unfinished = [], 0
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        pending = {pool.submit(runner, to_dict(trial_config(base, params, **{"tracking.run_name": run_dir.name})),
-                               str(run_dir), threads): (params, run_dir)
-                   for params, run_dir in todo}
+
+        def config_of(params, run_dir):
+            return to_dict(trial_config(base, params, **{"tracking.run_name": run_dir.name}))
+        if together > 1:
+            pending = {pool.submit(runner or run_trial_group, [config_of(*t) for t in group],
+                                   [str(t[1]) for t in group], threads, deadline): group for group in groups}
+        else:
+            pending = {pool.submit(runner or run_local_trial, config_of(*t), str(t[1]), threads): [t] for t in todo}
         for future in futures.as_completed(pending):
-            params, run_dir = pending[future]
+            group = pending[future]
             try:
-                metrics = future.result()
-            except Exception as err:  # one failed trial does not lose the others
-                failures.append(f"{run_dir.name}: {err!r}")
-                print(f"[fidelity] trial {run_dir.name} failed: {err!r}")
-                continue
-            row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
-            (run_dir / "result.json").write_text(json.dumps(row, indent=1))
-            rows.append(row)
-            print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
+                results = future.result()
+                results = results if together > 1 else [results]
+            except Exception as err:  # one failed process does not lose the others
+                results = [err] * len(group)
+            for (params, run_dir), metrics in zip(group, results):
+                if metrics is None:
+                    unfinished += 1
+                    continue
+                if isinstance(metrics, Exception):
+                    failures.append(f"{run_dir.name}: {metrics!r}")
+                    print(f"[fidelity] trial {run_dir.name} failed: {metrics!r}")
+                    continue
+                row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
+                (run_dir / "result.json").write_text(json.dumps(row, indent=1))
+                rows.append(row)
+                print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(points)} trials failed (the finished ones are kept; rerun the "
                            f"same command with --out {trials_dir.parent} to run only the rest):\n  "
                            + "\n  ".join(failures))
+    if unfinished:
+        print(f"[fidelity] {unfinished} of {len(points)} trials stopped at the time limit, checkpointed; rerun the "
+              f"same command with --out {trials_dir.parent} to continue them")
+        return None
     return rows
+
+
+def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int = 1,
+                    deadline: float | None = None) -> list[dict | Exception | None]:
+    """Trials trained together in this process (workers/trials.py), continuing from their last checkpoints,
+    then each exported and evaluated; per trial its metrics, its error, or None when the deadline stopped it."""
+    import torch
+
+    from orchestrator.precompute import precompute
+    from orchestrator.runs import evaluate_generator
+    from workers.configure import build
+    from workers.context import CHECKPOINTS
+    from workers.train import GENERATOR_DIR
+    from workers.trials import train_trials
+
+    configs = [build(RunConfig, d) for d in config_dicts]
+    dirs = [Path(d) for d in run_dirs]
+    for config, run_dir in zip(configs, dirs):
+        recipes.save(config, run_dir)
+    torch.set_num_threads(threads)
+    store, _ = precompute(configs[0], use_ray=False, progress=False)
+    result = train_trials(configs, dirs, store, deadline=deadline)
+    out: list[dict | Exception | None] = []
+    for config, run_dir, error, finished in zip(configs, dirs, result.errors, result.finished):
+        if error is not None or not finished:
+            out.append(error)
+            continue
+        try:
+            out.append(evaluate_generator(config, run_dir / GENERATOR_DIR, run_dir, run_dir.name).metrics)
+        except Exception as err:  # noqa: BLE001  (reported as this trial's failure)
+            out.append(err)
+            continue
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
+    return out
 
 
 def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[str, float]:

@@ -1,0 +1,178 @@
+"""Trials trained together (workers/trials.py) are the same computation as workers.train.train per trial, and a
+stopped group continues from its checkpoints."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import shapes
+from orchestrator.precompute import precompute
+from orchestrator.recipe import resolve
+from workers.config import ConfigError
+from workers.context import LocalContext
+from workers.train import GENERATOR_DIR, store_source, train
+from workers.trials import StackedAdamW, check_batchable, train_trials, trial_checkpoints
+
+TINY = ["distributed.batch_size_per_worker=2", "schedule.critic_updates_per_generator=2", "generator.num_steps=2",
+        "schedule.checkpoint_every=1", "schedule.log_every=1", "trajectories.batch_size=8",
+        "trajectories.rows_per_shard=8", "teacher.num_steps=6", "loss.anchor_step=2",
+        "generator.optim.lr=1e-3", "critic.optim.lr=1e-3", "evaluation.seeds_per_prompt=2"]
+TRIALS = [(0, 0.0), (1, 0.5)]  # (seed, lambda)
+UPDATES = 2
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("shapes-teacher")
+    shapes.save_teacher(*shapes.new_teacher(width=8, seed=0), path)
+    return path
+
+
+def configs(tmp_path: Path, teacher_path: Path, *overrides: str):
+    return [resolve("shapes", [f"teacher.path={teacher_path}", f"storage.output_dir={tmp_path}", *TINY,
+                               f"schedule.num_generator_updates={UPDATES}", f"seed={seed}",
+                               f"loss.diversity_weight={weight}", *overrides])
+            for seed, weight in TRIALS]
+
+
+def _record(into: list):
+    return lambda step, metrics: into.append({k: [float(x) for x in v] for k, v in metrics.items()})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_path):
+    """Two trials run by train one at a time, and together, stopped by a deadline after update 1 and run again."""
+    import workers.trials as trials_module
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("trials")
+    cs = configs(tmp, teacher_path)
+    store, _ = precompute(cs[0], use_ray=False, progress=False)
+    alone = []
+    for i, config in enumerate(cs):
+        seen: list[dict] = []
+        train(config, LocalContext(tmp / f"alone{i}"), store_source(store), store.negative(),
+              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=(i == 0))
+        alone.append(seen)
+    dirs, first, clock = [tmp / "stopped0", tmp / "stopped1"], [], {"now": 0.0}
+
+    def stop_after_one(step, metrics):  # the deadline passes during update 1
+        first.append({k: [float(x) for x in v] for k, v in metrics.items()})
+        clock["now"] = 2.0
+    real_time = trials_module.time.time
+    trials_module.time.time = lambda: clock["now"]
+    try:
+        stopped = train_trials(cs, dirs, store, deadline=1.0, on_cycle=stop_after_one)
+    finally:
+        trials_module.time.time = real_time
+    checkpoints = sorted(trial_checkpoints(dirs[0]))
+    rest: list[dict] = []
+    resumed = train_trials(cs, dirs, store, on_cycle=_record(rest))
+    return dict(tmp=tmp, alone=alone, together=first + rest, stopped=stopped, resumed=resumed, dirs=dirs,
+                checkpoints=checkpoints)
+
+
+def test_trials_together_match_train_run_one_at_a_time(runs):
+    together, alone, tmp = runs["together"], runs["alone"], runs["tmp"]
+    assert runs["resumed"].finished == [True, True] and runs["resumed"].errors == [None, None]
+    for i in range(len(TRIALS)):
+        for cycle in range(UPDATES):
+            for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator", "dmd_normaliser"):
+                assert together[cycle][key][i] == pytest.approx(alone[i][cycle][key], rel=1e-4, abs=1e-6), (i, cycle, key)
+    # the exported generator of trial 0 is train's, update for update
+    from safetensors.torch import load_file
+    ours = load_file(runs["dirs"][0] / GENERATOR_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(next((tmp / "alone0").glob(f"checkpoints/*/{GENERATOR_DIR}/unet/*.safetensors")))
+    start = dict(shapes.new_teacher(width=8, seed=0)[1].named_parameters())
+    moved = sum((theirs[k] - start[k].detach()).pow(2).sum() for k in ours).sqrt()
+    apart = sum((ours[k] - theirs[k]).pow(2).sum() for k in ours).sqrt()
+    assert apart < 1e-2 * moved  # AdamW turns rounding in near-zero gradients into whole steps: compare updates
+    assert runs["resumed"].progress[1].rows_consumed == UPDATES * 2
+
+
+def test_a_group_stopped_at_its_deadline_checkpoints_and_continues(runs):
+    assert runs["stopped"].finished == [False, False]
+    assert runs["checkpoints"] == [1]  # written when the deadline passed
+    assert runs["resumed"].progress[0].resumes == 1
+    report = [json.loads(line) for line in (runs["dirs"][1] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generator_update"] for r in report] == [1, 2] and report[-1]["resumes"] == 1
+
+
+def test_only_seed_and_lambda_may_differ_and_only_in_fp32(tmp_path, teacher_path):
+    a, b = configs(tmp_path, teacher_path)
+    check_batchable([a, b])
+    other = configs(tmp_path, teacher_path, "generator.num_steps=4")[0]
+    with pytest.raises(ConfigError, match="generator.num_steps.*4 against 2"):
+        check_batchable([a, other])
+    with pytest.raises(ConfigError, match="fp32"):
+        check_batchable(configs(tmp_path, teacher_path, "distributed.precision=bf16"))
+
+
+def test_stacked_adamw_is_torch_adamw_per_trial_and_a_masked_trial_stays_put():
+    torch.manual_seed(0)
+    weights = torch.randn(3, 5, 4)
+    stacked = {"w": weights.clone().requires_grad_(True)}
+    optim = StackedAdamW(stacked, lr=0.1, betas=(0.9, 0.99), weight_decay=0.01, grad_clip=1.0)
+    singles = [weights[i].clone().requires_grad_(True) for i in range(3)]
+    torch_optims = [torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.99), weight_decay=0.01) for w in singles]
+    for step in range(3):
+        grads = torch.randn(3, 5, 4) * (step + 1)
+        stacked["w"].grad = grads.clone()
+        mask = torch.tensor([True, True, step != 1])  # trial 2 skips update 2
+        optim.step(mask)
+        for i in range(3):
+            if mask[i]:
+                g = grads[i].clone()
+                g /= max(1.0, (g.norm().item() + 1e-6) / 1.0)  # ZeRO's clipping
+                singles[i].grad = g
+                torch_optims[i].step()
+    for i in range(3):
+        torch.testing.assert_close(stacked["w"][i].detach(), singles[i].detach(), rtol=1e-5, atol=1e-6)
+    assert optim.step_count.tolist() == [3, 3, 2]
+
+
+def test_fidelity_groups_trials_and_a_time_limit_leaves_the_rest_for_the_next_run(tmp_path):
+    from orchestrator.fidelity import run_local_trials
+    from tests.fake_runners import fake_group
+    from workers.config import RunConfig
+    from workers.configure import to_dict
+
+    base = to_dict(RunConfig())
+    space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}
+    assert run_local_trials(base, space, tmp_path, jobs=1, runner=fake_group, together=4) is None
+    assert len(list(tmp_path.glob("*/result.json"))) == 2  # seed 1 of both settings stopped
+    first = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
+    rows = run_local_trials(base, space, tmp_path, jobs=1, runner=fake_group, together=4)
+    assert len(rows) == 4 and all(p.stat().st_mtime_ns == t for p, t in first.items())
+    row = next(r for r in rows if r["params"] == {"loss.diversity_weight": 0.5, "seed": 1})
+    assert row["eval_attribute_spread"] == pytest.approx(0.26)
+
+
+def test_the_time_limit_is_for_trials_trained_together(capsys):
+    from orchestrator.cli import main
+
+    assert main(["fidelity", "--no-ray", "--recipe", "shapes", "--time-limit", "5"]) == 2
+    assert "--time-limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_a_nonfinite_loss_stops_its_trial_only_or_skips_its_step(tmp_path, teacher_path, on_nonfinite):
+    from workers.trials import Trial, TrialBatch, _read
+    from workers.distill import Progress
+
+    cs = configs(tmp_path, teacher_path, f"schedule.on_nonfinite={on_nonfinite}")
+    adapter, net = shapes.new_teacher(width=8, seed=0)
+    batch = TrialBatch(cs, adapter, net, adapter.negative_conditioning(1), torch.device("cpu"))
+    for update, flags in ((3, [True, False]), (4, [True, False])):
+        finite = {"dmd.loss": torch.tensor(flags), "div.loss": torch.tensor([True, True])}
+        assert batch._vote(finite, torch.tensor(update)).tolist() == flags
+    trials = [Trial(c, LocalContext(tmp_path / f"t{i}"), torch.Generator(), Progress()) for i, c in enumerate(cs)]
+    _read(trials, batch, {"loss_dmd": torch.tensor([0.1, float("nan")])}, 4, 1.0, 4)
+    if on_nonfinite == "raise":
+        assert batch.active.tolist() == [True, False] and trials[0].error is None
+        assert "generator update 3" in str(trials[1].error) and trials[1].error.terms == ["dmd.loss"]
+    else:
+        assert batch.active.tolist() == [True, True] and trials[1].error is None
+        assert [t.progress.skipped_steps for t in trials] == [0, 2]

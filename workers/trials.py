@@ -1,0 +1,605 @@
+"""Several trials of one teacher trained together in one process, as one batched computation: the fidelity
+table's small-model trials without a process, a DeepSpeed engine and a stream of kernel launches per trial.
+
+The trials differ only in their training seed and lambda (loss.diversity_weight). Their generator and critic
+parameters are stacked on a leading trial dim and every network call runs all trials at once through
+torch.func.vmap (StackedNetwork); the frozen teacher sees all trials' rows as one batch. Each trial does what
+workers.train.train does with its own config: the same data streams and positions, the same noise from the
+same RNG in the same order, the same losses (models/losses.py, applied per trial), gradient clipping as
+DeepSpeed ZeRO does it and AdamW, in float32 (on a GPU with TF32 matrix products, see train_trials;
+tests/test_trials.py compares the losses with train's on the CPU). What
+differs is how it is run: no host sync per update (finiteness and metrics stay on the device and are read
+every log interval).
+
+    from workers.trials import train_trials
+    results = train_trials(configs, run_dirs, store)          # one Progress (or error) per trial
+
+A trial whose loss goes non-finite under schedule.on_nonfinite=raise stops (its updates are no longer
+applied) and is reported as failed; the others go on. Checkpoints (checkpoints/step-N/trial.pt, progress.json,
+the RNG) are written for every trial at the same update, so a stopped group continues from the newest update
+all its trials saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from models.adapter import Conditioning
+from models.flow import interpolate, sample_sigmas, x0_from_velocity
+from models.losses import NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss, dmd_loss
+from models.rollout import generator_rollout
+from workers.batches import TrainingData
+from workers.config import ConfigError, RunConfig
+from workers.configure import to_dict
+from workers.context import CHECKPOINTS, LocalContext, checkpoint_name
+from workers.distill import Progress, copy_for_training, read_progress, write_progress
+
+TRIAL_STATE = "trial.pt"
+# What may differ between the trials of one batch: everything else is one computation.
+PER_TRIAL_KEYS = ("seed", "loss.diversity_weight", "tracking.run_name")
+
+
+def check_batchable(configs: list[RunConfig]) -> None:
+    """Refuse, naming the key and the fix, trials that cannot share one batched computation."""
+    if not configs:
+        raise ValueError("no trials to train")
+    first = _flat(to_dict(configs[0]))
+    for config in configs[1:]:
+        for key, value in _flat(to_dict(config)).items():
+            if key not in PER_TRIAL_KEYS and first.get(key) != value:
+                raise ConfigError(key, f"trials trained together may differ only in {', '.join(PER_TRIAL_KEYS)}; "
+                                       f"this one has {value!r} against {first.get(key)!r}: run them separately")
+    config = configs[0]
+    if config.distributed.num_workers != 1:
+        raise ConfigError("distributed.num_workers", "trials trained together run in one process; set it to 1")
+    if config.distributed.precision != "fp32":
+        raise ConfigError("distributed.precision", "trials trained together train in fp32 (the same computation "
+                                                   "as train's fp32); set distributed.precision=fp32")
+    if config.teacher.family in ("sd3", "sdxl") or config.generator.gradient_checkpointing:
+        raise ConfigError("teacher.family", "training trials together is for the small embedded teachers; run "
+                                            "large teachers one trial at a time")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks and optimizer over stacked trials
+
+
+class StackedNetwork(nn.Module):
+    """num_trials networks of one architecture, their parameters stacked on a leading dim, called like one of
+    them on a batch whose rows are trial-major (trial 0's rows, then trial 1's, ...): every tensor argument
+    with that batch as its first dim is split by trial and the network runs under vmap, once for all.
+
+    The parameters live in one flat (num_trials, P) tensor (`flat`, the leaf the optimizer steps), each named
+    parameter a view of it: one optimizer update is a handful of kernels, not a handful per parameter.
+    attention="classic": attention as matrix products (diffusers' AttnProcessor), which vmap batches; fused
+    scaled-dot-product attention has no batching rule and would run once per trial."""
+
+    def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic"):
+        super().__init__()
+        if attention == "classic" and hasattr(template, "set_attn_processor"):
+            from diffusers.models.attention_processor import AttnProcessor
+
+            template.set_attn_processor(AttnProcessor())
+        self.num_trials = num_trials
+        self._template = [template]  # a plain list: its parameters are replaced, never trained or registered
+        named = list(template.named_parameters())
+        self.layout = [(name, p.shape, p.numel()) for name, p in named]
+        flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+        self.flat = flat.unsqueeze(0).repeat(num_trials, 1).requires_grad_(True)
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Each named parameter, (num_trials, *shape): views of flat."""
+        out, offset = {}, 0
+        for name, shape, numel in self.layout:
+            out[name] = self.flat[:, offset:offset + numel].view(self.num_trials, *shape)
+            offset += numel
+        return out
+
+    def forward(self, *args, **kwargs):
+        n, template = self.num_trials, self._template[0]
+        batch = args[0].shape[0]
+        if batch % n:
+            raise ValueError(f"a batch of {batch} rows does not split into {n} trials")
+
+        def split(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value.reshape(n, batch // n, *value.shape[1:])
+            return value
+
+        names = list(kwargs)
+        tensors = [split(a) for a in (*args, *kwargs.values())]
+        dims = [0 if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == batch else None
+                for a in (*args, *kwargs.values())]
+
+        def one(params, *values):
+            out = functional_call(template, params, values[:len(args)], dict(zip(names, values[len(args):])))
+            return out.sample if hasattr(out, "sample") else out
+
+        out = vmap(one, in_dims=(0, *dims))(self.params, *tensors)
+        return SimpleNamespace(sample=out.reshape(batch, *out.shape[2:]))
+
+    def trial_module(self, index: int) -> nn.Module:
+        """Trial index's network as a module of its own (a copy of the template with its parameters)."""
+        net = copy.deepcopy(self._template[0])
+        params = self.params
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(params[name][index])
+        return net
+
+
+class StackedAdamW:
+    """AdamW (torch's update, step by step) for stacked trial parameters, each trial with its own step count,
+    after DeepSpeed ZeRO's gradient clipping per trial (gradients divided by max(1, (norm + 1e-6) / clip), norm
+    over all of the trial's gradients). A trial whose mask is False (a non-finite loss, a finished or failed
+    trial) keeps its parameters, moments and step count."""
+
+    def __init__(self, params: dict[str, torch.Tensor], lr: float, betas: tuple[float, float], weight_decay: float,
+                 grad_clip: float, eps: float = 1e-8):
+        self.params = list(params.values())
+        self.names = list(params)
+        self.lr, (self.beta1, self.beta2), self.weight_decay, self.grad_clip, self.eps = lr, betas, weight_decay, grad_clip, eps
+        n = self.params[0].shape[0]
+        self.step_count = torch.zeros(n, device=self.params[0].device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, mask: torch.Tensor) -> torch.Tensor:
+        """One update of the trials where mask (N,) is True; returns each trial's gradient norm (N,)."""
+        grads = [p.grad for p in self.params]
+        norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        mask = mask & torch.isfinite(norm)  # ZeRO skips an update whose gradient norm overflowed
+        if self.grad_clip > 0:
+            scale = 1.0 / torch.clamp((norm + 1e-6) / self.grad_clip, min=1.0)
+            grads = [g * _trial_view(scale, g) for g in grads]
+        step = self.step_count + mask.float()
+        bias1 = 1 - self.beta1 ** step
+        bias2_sqrt = (1 - self.beta2 ** step).sqrt()
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            keep = _trial_view(mask, p)
+            new_p = p * (1 - self.lr * self.weight_decay)
+            new_m = m.lerp(g, 1 - self.beta1)
+            new_v = v * self.beta2 + (1 - self.beta2) * g * g
+            denom = new_v.sqrt() / _trial_view(bias2_sqrt, p) + self.eps
+            new_p = new_p - _trial_view(self.lr / bias1, p) * new_m / denom
+            p.copy_(torch.where(keep, new_p, p))
+            m.copy_(torch.where(keep, new_m, m))
+            v.copy_(torch.where(keep, new_v, v))
+        self.step_count.copy_(step)
+        for p in self.params:
+            p.grad = None
+        return norm
+
+    def trial_state(self, index: int) -> dict:
+        return {"step": self.step_count[index].clone(), "exp_avg": [m[index].clone() for m in self.exp_avg],
+                "exp_avg_sq": [v[index].clone() for v in self.exp_avg_sq]}
+
+    def load_trial_state(self, index: int, state: dict) -> None:
+        with torch.no_grad():
+            self.step_count[index] = state["step"]
+            for m, v, sm, sv in zip(self.exp_avg, self.exp_avg_sq, state["exp_avg"], state["exp_avg_sq"]):
+                m[index].copy_(sm)
+                v[index].copy_(sv)
+
+
+def _trial_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) per-trial values broadcastable against a stacked (N, ...) tensor."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def per_trial(loss_fn: Callable, num_trials: int, *tensors: torch.Tensor, **kwargs):
+    """A models.losses function on each trial's rows of trial-major (N * B, ...) tensors, under vmap:
+    (loss (N,), metrics {name: (N,)}, finite {watched name: (N,) bool})."""
+    def one(*rows):
+        out = loss_fn(*rows, **kwargs)
+        return out.loss, out.metrics, {k: torch.isfinite(v.detach()).all() for k, v in out.watched.items()}
+    return vmap(one)(*(t.reshape(num_trials, -1, *t.shape[1:]) for t in tensors))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trials' cycle
+
+
+@dataclass
+class Trial:
+    """One trial's own state: config, run directory, data streams, RNG, where it stands."""
+
+    config: RunConfig
+    ctx: LocalContext
+    rng: torch.Generator
+    progress: Progress
+    data: TrainingData | None = None
+    error: Exception | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class CycleInputs:
+    """One cycle's inputs for all trials, trial-major, on the device."""
+
+    critic_eps: torch.Tensor  # (N * C * B, ...) noise of the generator samples the critic updates use
+    critic_cond: Conditioning  # (N * C * B, ...) their prompts
+    critic_t: list[torch.Tensor]  # C x (N * B,)
+    critic_eps2: list[torch.Tensor]  # C x (N * B, ...)
+    cond: Conditioning  # (N * B, ...) the generator update's prompts
+    eps: torch.Tensor  # (N * B, ...) its anchor rows' noise
+    v_target: torch.Tensor  # (N * B, ...) its anchor target (eps - z_K) / (1 - t_K)
+    t: torch.Tensor  # (N * B,)
+    eps2: torch.Tensor  # (N * B, ...)
+
+
+class TrialBatch:
+    """The trials' networks, optimizers and the two updates, for all trials at once."""
+
+    def __init__(self, configs: list[RunConfig], adapter, teacher: nn.Module, negative: Conditioning,
+                 device: torch.device, attention: str = "classic"):
+        check_batchable(configs)
+        self.configs, self.adapter, self.teacher, self.device = configs, adapter, teacher, device
+        self.num_trials = n = len(configs)
+        config = configs[0]
+        self.generator = StackedNetwork(copy_for_training(teacher), n, attention)
+        self.critic = StackedNetwork(copy_for_training(teacher), n, attention)
+        self.generator_optim = self._optimizer(self.generator, config.generator.optim)
+        self.critic_optim = self._optimizer(self.critic, config.critic.optim)
+        self.negative = negative.to(device)
+        self.generator_sigmas = adapter.sampling_sigmas(config.generator.num_steps, config.generator_shift,
+                                                        "generator").to(device)
+        self.loss_sigmas = adapter.training_sigmas(config.teacher.shift)
+        self.weights = torch.tensor([c.loss.diversity_weight for c in configs], device=device)
+        self.active = torch.ones(n, dtype=torch.bool, device=device)  # trials whose updates are applied
+        # Per trial: the first generator update (1-based) whose loss was non-finite under "raise", 0 if none.
+        self.failed_at = torch.zeros(n, dtype=torch.long, device=device)
+        self.failed_terms: dict[str, torch.Tensor] = {}
+        self.skipped = torch.zeros(n, device=device)
+
+    def _optimizer(self, net: StackedNetwork, optim) -> StackedAdamW:
+        return StackedAdamW({"flat": net.flat}, optim.lr, tuple(optim.betas), optim.weight_decay, optim.grad_clip)
+
+    # -- the two updates, all trials at once -----------------------------------------------------------
+
+    @torch.no_grad()
+    def generator_samples(self, eps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        velocity = lambda x_t, t: self.adapter.velocity(self.generator, x_t, t, cond)  # noqa: E731
+        return generator_rollout(velocity, eps, self.generator_sigmas).x_gen
+
+    def critic_step(self, x_gen: torch.Tensor, t: torch.Tensor, eps2: torch.Tensor, cond: Conditioning,
+                    update: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_t = interpolate(x_gen, eps2, t)
+        v = self.adapter.velocity(self.critic, x_t, t, cond)
+        loss, metrics, finite = per_trial(critic_loss, self.num_trials, v, x_gen, eps2)
+        ok = self._vote(finite, update)
+        loss.sum().backward()
+        self.critic_optim.step(ok & self.active)
+        return metrics
+
+    def generator_step(self, inputs: CycleInputs, update: torch.Tensor) -> dict[str, torch.Tensor]:
+        config = self.configs[0]
+        loss_cfg = config.loss
+        velocity = lambda x_t, t: self.adapter.velocity(self.generator, x_t, t, inputs.cond)  # noqa: E731
+        rollout = generator_rollout(velocity, inputs.eps, self.generator_sigmas, loss_cfg.detach_first_step)
+        div, div_metrics, div_finite = per_trial(diversity_loss, self.num_trials, rollout.v_first, inputs.v_target)
+        t = inputs.t
+        x_t = interpolate(rollout.x_gen.detach(), inputs.eps2, t)
+        with torch.no_grad():
+            uncond = self.negative.expand(len(x_t))
+            v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, inputs.cond, uncond,
+                                                     config.teacher.guidance_scale)
+            v_critic = self.adapter.velocity(self.critic, x_t, t, inputs.cond)
+        dmd, metrics, finite = per_trial(
+            dmd_loss, self.num_trials, rollout.x_gen, x0_from_velocity(x_t, v_teacher, t),
+            x0_from_velocity(x_t, v_critic, t), x_t, normaliser=loss_cfg.normaliser)
+        # Loss 4 with each trial's lambda; lambda = 0 is DMD alone, its diversity term only logged (as in
+        # models.losses.generator_objective, whose watched terms these are).
+        plain = self.weights == 0
+        loss = torch.where(plain, dmd, dmd + self.weights * div)
+        finite = {**finite, **{k: v | plain for k, v in div_finite.items()}, "generator.loss": torch.isfinite(loss)}
+        ok = self._vote(finite, update)
+        loss.sum().backward()
+        self.generator_optim.step(ok & self.active)
+        return {**metrics, **div_metrics, "loss_generator": loss.detach()}
+
+    def _vote(self, finite: dict[str, torch.Tensor], update: torch.Tensor) -> torch.Tensor:
+        """Each trial's "every watched term is finite" flag, on the device. Under on_nonfinite=raise a trial
+        whose flag is False stops (its updates are no longer applied; it is reported at the next read);
+        under skip only this step is skipped and counted."""
+        ok = torch.stack(list(finite.values())).all(0)
+        bad = ~ok & self.active
+        if self.configs[0].schedule.on_nonfinite == "raise":
+            self.failed_at.copy_(torch.where(bad & (self.failed_at == 0), update, self.failed_at))
+            for name, flag in finite.items():
+                seen = self.failed_terms.setdefault(name, torch.zeros_like(ok))
+                seen |= bad & ~flag
+            self.active &= ok
+        else:
+            self.skipped += bad.float()
+        return ok
+
+    # -- per-trial state -------------------------------------------------------------------------------
+
+    def trial_state(self, index: int) -> dict:
+        return {"generator": {k: p[index].detach().clone() for k, p in self.generator.params.items()},
+                "critic": {k: p[index].detach().clone() for k, p in self.critic.params.items()},
+                "generator_optim": self.generator_optim.trial_state(index),
+                "critic_optim": self.critic_optim.trial_state(index), "skipped": self.skipped[index].clone()}
+
+    def load_trial_state(self, index: int, state: dict) -> None:
+        with torch.no_grad():
+            for net, key in ((self.generator, "generator"), (self.critic, "critic")):
+                for name, p in net.params.items():
+                    p[index].copy_(state[key][name])
+        self.generator_optim.load_trial_state(index, state["generator_optim"])
+        self.critic_optim.load_trial_state(index, state["critic_optim"])
+        self.skipped[index] = state["skipped"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs: each trial's data and noise, drawn exactly as workers.train.train draws them
+
+
+def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: torch.device) -> CycleInputs:
+    """One cycle's batches and noise for every trial, in train's order from each trial's streams and RNG:
+    the critic updates' prompt batches, their samples' noise in one draw, (t, eps') per critic update, then
+    the generator update's anchor batch and its (t, eps')."""
+    config = trials[0].config
+    num_critic = config.schedule.critic_updates_per_generator
+    shape = adapter.latent_shape
+    per: list[dict] = []
+    for trial in trials:
+        progress, rng = trial.progress, trial.rng
+        batch = config.distributed.batch_size_per_worker
+        prompts = [next(trial.data.prompts) for _ in range(num_critic)]
+        eps = torch.randn((num_critic * batch, *shape), generator=rng)
+        critic = [(sample_sigmas(loss_sigmas, batch, rng), torch.randn((batch, *shape), generator=rng))
+                  for _ in range(num_critic)]
+        anchors = trial.data.next_anchors(f"generator update {progress.generator_updates + 1}")
+        t, eps2 = sample_sigmas(loss_sigmas, batch, rng), torch.randn(anchors.eps.shape, generator=rng)
+        if adapter.prediction_type == "epsilon":
+            raise ValueError("training trials together supports flow (velocity) teachers only")
+        per.append({"prompts": prompts, "eps": eps, "critic": critic, "anchors": anchors, "t": t, "eps2": eps2,
+                    "v_target": anchor_velocity(anchors.eps, anchors.z, anchors.t_anchor)})
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.cat(tensors)
+        return (out.pin_memory() if device.type == "cuda" else out).to(device, non_blocking=True)
+
+    def cond(items: list[Conditioning]) -> Conditioning:
+        joined = Conditioning.cat(items)
+        return Conditioning({k: cat([v]) for k, v in joined.tensors.items()})
+
+    return CycleInputs(
+        critic_eps=cat([p["eps"] for p in per]),
+        critic_cond=cond([b.cond for p in per for b in p["prompts"]]),
+        critic_t=[cat([p["critic"][j][0] for p in per]) for j in range(num_critic)],
+        critic_eps2=[cat([p["critic"][j][1] for p in per]) for j in range(num_critic)],
+        cond=cond([p["anchors"].cond for p in per]), eps=cat([p["anchors"].eps for p in per]),
+        v_target=cat([p["v_target"] for p in per]), t=cat([p["t"] for p in per]), eps2=cat([p["eps2"] for p in per]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the trials
+
+
+@dataclass
+class TrialsResult:
+    progress: list[Progress]
+    errors: list[Exception | None]
+    finished: list[bool]  # reached schedule.num_generator_updates (False: stopped at the deadline)
+    cycles_per_s: float = 0.0  # trial cycles per second over this call, all trials together
+
+
+def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=None,
+                 deadline: float | None = None, on_cycle: Callable[[int, dict], None] | None = None,
+                 save: bool = True, attention: str = "classic") -> TrialsResult:
+    """Train the trials (configs, one run directory each) together to schedule.num_generator_updates over the
+    trajectory store, continuing from the newest update all of them checkpointed; export each trial's generator
+    into its run directory (workers.train.GENERATOR_DIR). deadline: a time.time() after which the trials
+    checkpoint and stop (a job with a time limit; run again to continue). teacher: an (adapter, network) pair
+    instead of loading configs[0].teacher (tests). on_cycle(generator_updates, metrics) after every cycle.
+    attention: "classic" (vmap-batched matrix products) or "sdpa" (the network's own, once per trial).
+
+    On a GPU, while the trials train: cuDNN picks its convolution algorithms by timing them (cudnn.benchmark;
+    every call has one of a few fixed shapes, and vmap runs the trials' convolutions as grouped ones), and
+    matrix products use TF32 like PyTorch's convolutions already do (vmap turns every linear layer and the
+    attention into batched products, which in plain fp32 took a third of the GPU's time; measured in
+    BENCHMARKS.md). Storage, accumulation, anchors and flow times stay fp32. Both settings are restored
+    afterwards."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention) -> TrialsResult:
+    from workers.teacher import load_teacher
+    from workers.train import GENERATOR_DIR, export_generator, store_source
+
+    check_batchable(configs)
+    config = configs[0]
+    device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(config.seed)
+    every = config.evaluation.every
+    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(every))
+    trials = [Trial(c, LocalContext(d), torch.Generator().manual_seed(c.seed * 100_003), Progress())
+              for c, d in zip(configs, run_dirs)]
+    batch = TrialBatch(configs, adapter, net, store.negative(), device, attention)
+    _resume(trials, batch, device)
+    source = store_source(store)
+    for trial in trials:
+        trial.data = source(trial.config, trial.ctx, trial.progress)
+
+    schedule = config.schedule
+    total = schedule.num_generator_updates
+    start, first = time.perf_counter(), trials[0].progress.generator_updates
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    stopped_early = False
+    while trials[0].progress.generator_updates < total:
+        if deadline is not None and time.time() > deadline:
+            stopped_early = True
+            break
+        step = trials[0].progress.generator_updates + 1
+        update = torch.full((), step, dtype=torch.long, device=device)
+        inputs = draw_cycle(trials, adapter, batch.loss_sigmas, device)
+        num_critic = len(inputs.critic_t)
+        x_gen = batch.generator_samples(inputs.critic_eps, inputs.critic_cond)
+        n = batch.num_trials
+        # trial-major rows (trial, critic update, row) -> one (N * B) batch per critic update
+        x_gen = x_gen.reshape(n, num_critic, -1, *x_gen.shape[1:])
+        cond = {k: v.reshape(n, num_critic, -1, *v.shape[1:]) for k, v in inputs.critic_cond.tensors.items()}
+        critic_sum = torch.zeros(n, device=device)
+        for j in range(num_critic):
+            rows = lambda v: v[:, j].reshape(-1, *v.shape[3:])  # noqa: E731
+            metrics = batch.critic_step(rows(x_gen), inputs.critic_t[j], inputs.critic_eps2[j],
+                                        Conditioning({k: rows(v) for k, v in cond.items()}), update)
+            critic_sum += metrics["loss_critic"]
+        metrics = batch.generator_step(inputs, update)
+        metrics["loss_critic"] = critic_sum / num_critic
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach()
+        count += 1
+        for trial in trials:
+            p = trial.progress
+            p.critic_updates += num_critic
+            p.prompt_rows_consumed += num_critic * config.distributed.batch_size_per_worker
+            p.generator_updates += 1
+            p.rows_consumed += config.distributed.batch_size_per_worker
+        if on_cycle is not None:
+            on_cycle(step, metrics)
+        last = step == total
+        checkpoint = save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last)
+        if step % schedule.log_every == 0 or last or checkpoint:
+            elapsed = time.perf_counter() - start
+            _read(trials, batch, {k: v / count for k, v in sums.items()}, step, elapsed, (step - first))
+            sums, count = {}, 0
+        if checkpoint:
+            _save(trials, batch, step)
+        if every and step % every == 0:
+            _evaluate(trials, batch, adapter, step, device)
+    if stopped_early and save and trials[0].progress.generator_updates > first:
+        step = trials[0].progress.generator_updates
+        if sums:
+            _read(trials, batch, {k: v / count for k, v in sums.items()}, step, time.perf_counter() - start,
+                  step - first)
+        _save(trials, batch, step)
+    done = trials[0].progress.generator_updates - first
+    elapsed = time.perf_counter() - start
+    finished = [t.progress.generator_updates >= total and t.error is None for t in trials]
+    if save:
+        for index, trial in enumerate(trials):
+            if finished[index]:
+                export_generator(trial.config, adapter, SimpleNamespace(module=batch.generator.trial_module(index)),
+                                 Path(trial.ctx.run_dir) / GENERATOR_DIR, 0)
+    return TrialsResult([t.progress for t in trials], [t.error for t in trials], finished,
+                        done * len(trials) / elapsed if elapsed > 0 else 0.0)
+
+
+def _read(trials: list[Trial], batch: TrialBatch, means: dict[str, torch.Tensor], step: int, elapsed: float,
+          cycles: int) -> None:
+    """The one host sync of a log interval: the trials' mean metrics, skipped steps and non-finite losses."""
+    values = {k: v.tolist() for k, v in means.items()}
+    failed_at, skipped = batch.failed_at.tolist(), batch.skipped.tolist()
+    terms = {k: v.tolist() for k, v in batch.failed_terms.items()}
+    total = trials[0].config.schedule.num_generator_updates
+    for index, trial in enumerate(trials):
+        trial.progress.skipped_steps = int(skipped[index])
+        if failed_at[index] and trial.error is None:
+            names = [k for k, v in terms.items() if v[index]] or ["(unknown)"]
+            trial.error = NonFiniteLossError(names, f"generator update {failed_at[index]} of {trial.ctx.run_dir.name}")
+            print(f"[trials] {trial.ctx.run_dir.name} stopped: {trial.error}", flush=True)
+        if trial.error is not None:
+            continue
+        bs = trial.config.distributed.batch_size_per_worker
+        per_trial_s = elapsed / max(cycles, 1)
+        metrics = {k: v[index] for k, v in values.items()}
+        metrics.update(generator_update=step, critic_updates=trial.progress.critic_updates,
+                       resumes=trial.progress.resumes, skipped_steps=trial.progress.skipped_steps,
+                       cycle_s=per_trial_s, trials_together=len(trials),
+                       samples_per_s=bs * (trial.config.schedule.critic_updates_per_generator + 1) / per_trial_s)
+        if trial.data is not None and trial.data.rows_available:
+            metrics["anchor_passes"] = trial.progress.rows_consumed / trial.data.rows_available
+        trial.metrics = metrics
+        trial.ctx.report(metrics)
+    shown = " ".join(f"{t.ctx.run_dir.name}: dmd={t.metrics.get('loss_dmd', math.nan):.4g}" for t in trials[:4])
+    rate = cycles * len(trials) / elapsed if elapsed > 0 else math.nan
+    print(f"[trials] generator update {step}/{total}, {len(trials)} trials, {rate:.2f} trial cycles/s | {shown}"
+          + (" ..." if len(trials) > 4 else ""), flush=True)
+
+
+def _evaluate(trials: list[Trial], batch: TrialBatch, adapter, step: int, device: torch.device) -> None:
+    """evaluation.every: each trial's generator on the held-out prompts and seeds, as the final evaluation
+    scores it, into its live_eval.jsonl (the record evaluation beside training writes: live_<metric>)."""
+    import json
+
+    from workers.evaluate import evaluate, generator_sampler
+    from workers.live_eval import PREFIX, RESULTS
+
+    for index, trial in enumerate(trials):
+        if trial.error is not None:
+            continue
+        net = batch.generator.trial_module(index).eval()
+        metrics = evaluate(trial.config, adapter, net, generator_sampler(trial.config, adapter), device=device).metrics
+        record = {"generator_update": step, **{PREFIX + k: float(v) for k, v in metrics.items()}}
+        Path(trial.ctx.run_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(trial.ctx.run_dir) / RESULTS).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        trial.metrics.update(record)
+
+
+def _save(trials: list[Trial], batch: TrialBatch, step: int) -> None:
+    for index, trial in enumerate(trials):
+        if trial.error is not None:
+            continue
+        directory = Path(trial.ctx.run_dir) / CHECKPOINTS / checkpoint_name(step)
+        directory.mkdir(parents=True, exist_ok=True)
+        trial.progress.skipped_steps = int(batch.skipped[index])
+        torch.save(batch.trial_state(index), directory / f"{TRIAL_STATE}.tmp")
+        write_progress(directory, trial.progress, trial.rng, 0)
+        (directory / f"{TRIAL_STATE}.tmp").replace(directory / TRIAL_STATE)  # last: the checkpoint is complete
+
+
+def trial_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """A trial's complete checkpoints (written by train_trials), by generator update."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINTS).glob(f"step-*/{TRIAL_STATE}"):
+        found[int(path.parent.name.split("-")[1])] = path.parent
+    return found
+
+
+def _resume(trials: list[Trial], batch: TrialBatch, device: torch.device) -> None:
+    """Continue from the newest update every trial has a complete checkpoint of (trials checkpoint together,
+    so only a stop while writing leaves them apart); none: every trial starts afresh."""
+    saved = [trial_checkpoints(t.ctx.run_dir) for t in trials]
+    common = set(saved[0]).intersection(*saved[1:]) if saved else set()
+    if not common:
+        return
+    step = max(common)
+    for index, (trial, found) in enumerate(zip(trials, saved)):
+        directory = found[step]
+        batch.load_trial_state(index, torch.load(directory / TRIAL_STATE, map_location=device, weights_only=True))
+        trial.progress = read_progress(directory, trial.rng, 0)
+        trial.progress.resumes += 1
+    print(f"[trials] {len(trials)} trials continue from generator update {step}", flush=True)
