@@ -16,8 +16,7 @@ from torch import nn
 
 from models.adapter import Conditioning, TeacherAdapter
 from models.flow import interpolate, sample_sigmas, x0_from_velocity
-from models.losses import (LossOutput, NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss,
-                           diversity_loss_x0, dmd_loss, generator_objective)
+from models.losses import LossOutput, NonFiniteLossError, critic_loss, dmd_loss, generator_objective
 from models.rollout import GeneratorRollout, generator_rollout
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
@@ -103,16 +102,9 @@ class Distiller:
         return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
 
     def _diversity(self, rollout: GeneratorRollout, x_start: torch.Tensor, batch: AnchorBatch) -> LossOutput:
-        """Loss 1 in the teacher's parameterisation (docs/method.md): the average velocity over [t_K, 1] for flow
-        teachers; for epsilon-prediction teachers, the generator's first-step x0 estimate against the
-        teacher's x0 estimate at z_K."""
-        if self.adapter.prediction_type == "epsilon":
-            if batch.x0_anchor is None:
-                raise ValueError("this epsilon-prediction teacher's diversity target needs the anchors' x0 "
-                                 "estimates (x0_anchor), which these anchor rows lack; precompute them again")
-            x0_first = x0_from_velocity(x_start, rollout.v_first, self.generator_sigmas[0])
-            return diversity_loss_x0(x0_first, batch.x0_anchor)
-        return diversity_loss(rollout.v_first, anchor_velocity(batch.eps, batch.z, batch.t_anchor))
+        """Loss 1 in the teacher's parameterisation, which the adapter knows (docs/method.md)."""
+        return self.adapter.diversity_loss(rollout.v_first, x_start, self.generator_sigmas[0], batch.eps, batch.z,
+                                           batch.t_anchor, batch.x0_anchor)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

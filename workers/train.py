@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from models.adapter import Conditioning, TeacherAdapter, cast
-from models.families import family_module
+from models.families import get_family
 from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
@@ -204,7 +204,7 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
         if rank == 0:
             export_dir.mkdir(parents=True, exist_ok=True)
             module = cast(copy.deepcopy(generator.module), torch.float32)
-            family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
+            get_family(config.teacher.family).save_teacher(adapter, module, export_dir)
             # The scheduler's set_timesteps(num_steps) visits exactly the sigmas the generator trained on;
             # they are also written out (flow times, and the scheduler's timesteps), so that any sampler can
             # be given them explicitly.
