@@ -22,10 +22,11 @@ from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
-from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
+from workers.distill import Distiller, copy_for_training
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import LiveEvaluation, snapshot_generator
+from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
 
