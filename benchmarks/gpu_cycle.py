@@ -52,11 +52,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see BENCHMARKS.md: spinning OpenMP threads on shared CPUs
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import cycle_flops, random_sd3  # noqa: E402
+from benchmarks import cycle_flops, random_sd3
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -577,8 +575,10 @@ def launch(args: argparse.Namespace, argv: list[str], label: str, source: str, t
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as f:
+        # OMP_WAIT_POLICY is read when torch loads, so it goes into the child's environment (the caller's own
+        # setting wins): spinning OpenMP threads slow small models down many times over on shared CPUs (BENCHMARKS.md).
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
