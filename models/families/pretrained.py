@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.adapter import LoadOptions, TeacherAdapter
+from models.adapter import LoadOptions, TeacherAdapter, cast
 from models.errors import ConfigError
 from models.families import NAMES, Family, get_family
 from models.metrics import pairwise_diversity
@@ -66,6 +66,31 @@ def copy_pipeline_components(source: Path | None, target: Path, skip: set[str], 
             shutil.copytree(entry, target / entry.name, dirs_exist_ok=True)
         elif entry.name == MODEL_INDEX:
             shutil.copy2(entry, target / entry.name)
+
+
+def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_class, pipeline_class, scheduler):
+    """(net, vae, text_pipeline) of a pipeline directory in options.dtype: the denoiser (the component folder
+    named denoiser, of denoiser_class); the VAE when options.vae; when options.text_encoders, the pipeline
+    without denoiser and VAE, for its encode_prompt."""
+    from diffusers import AutoencoderKL
+
+    net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
+    text_pipeline = None
+    if options.text_encoders:
+        text_pipeline = pipeline_class.from_pretrained(path, **{denoiser: None}, vae=None, scheduler=scheduler,
+                                                       torch_dtype=options.dtype)
+        text_pipeline.set_progress_bar_config(disable=True)
+    return net, vae, text_pipeline
+
+
+def random_denoiser(denoiser_class, config: dict, seed: int, dtype: torch.dtype, device: torch.device | str):
+    """A denoiser of the released architecture (config) with random weights: the real network's cost without a
+    download, for benchmarks."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = denoiser_class(**config)
+    return cast(net, dtype)
 
 
 def check_resolution(resolution: int, multiple: int, largest: int, family: str) -> None:

@@ -15,9 +15,10 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, TeacherAdapter, cast
+from models.adapter import Conditioning, LoadOptions, TeacherAdapter
 from models.errors import ConfigError
-from models.families.pretrained import check_resolution, pretrained_family, read_component_config, read_model_index
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
 from models.flow import sampling_sigmas
 
 NAME = "sd3"
@@ -158,13 +159,8 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     resolution = options.resolution or native
     max_tokens = transformer_config.get("pos_embed_max_size") or transformer_config["sample_size"] // patch
     check_resolution(resolution, vae_scale_factor * patch, max_tokens * patch * vae_scale_factor, NAME)
-    net = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=options.dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
-    text_pipeline = None
-    if options.text_encoders:
-        text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=None, vae=None, scheduler=scheduler,
-                                                                 torch_dtype=options.dtype)
-        text_pipeline.set_progress_bar_config(disable=True)
+    net, vae, text_pipeline = load_components(path, options, "transformer", SD3Transformer2DModel,
+                                              StableDiffusion3Pipeline, scheduler)
     adapter = SD3Adapter(resolution, transformer_config["in_channels"], vae_scale_factor, scheduler, path,
                          text_pipeline, vae, vae_config.get("scaling_factor", SD3_SCALING_FACTOR),
                          vae_config.get("shift_factor", SD3_SHIFT_FACTOR) or 0.0)
@@ -176,10 +172,7 @@ def random_teacher(transformer_config: dict = SD35_MEDIUM_TRANSFORMER, resolutio
                    ) -> tuple[SD3Adapter, SD3Transformer2DModel]:
     """(adapter, transformer) with random weights and no text encoders or VAE: the real network's cost without
     a download (benchmarks feed it random prompt embeddings of the shapes in conditioning_shapes)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = SD3Transformer2DModel(**transformer_config)
-    cast(net, dtype)
+    net = random_denoiser(SD3Transformer2DModel, transformer_config, seed, dtype, device)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return SD3Adapter(resolution, transformer_config["in_channels"], SD3_VAE_SCALE_FACTOR, scheduler), net
 

@@ -23,9 +23,10 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, cast, network_dtype
+from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
 from models.errors import ConfigError
-from models.families.pretrained import check_resolution, pretrained_family, read_component_config, read_model_index
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
 from models.flow import expand_t, x0_from_velocity
 from models.losses import LossOutput, diversity_loss_x0
 
@@ -285,13 +286,8 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     native = unet_config["sample_size"] * vae_scale_factor
     resolution = options.resolution or native
     check_resolution(resolution, vae_scale_factor * 2 ** (len(unet_config["down_block_types"]) - 1), 2 * native, NAME)
-    net = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=options.dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
-    text_pipeline = None
-    if options.text_encoders:
-        text_pipeline = StableDiffusionXLPipeline.from_pretrained(path, unet=None, vae=None, scheduler=scheduler,
-                                                                  torch_dtype=options.dtype)
-        text_pipeline.set_progress_bar_config(disable=True)
+    net, vae, text_pipeline = load_components(path, options, "unet", UNet2DConditionModel, StableDiffusionXLPipeline,
+                                              scheduler)
     adapter = SDXLAdapter(resolution, unet_config["in_channels"], vae_scale_factor, scheduler, path, text_pipeline,
                           vae, vae_config.get("scaling_factor", SDXL_SCALING_FACTOR), vae_config.get("latents_mean"),
                           vae_config.get("latents_std"))
@@ -303,10 +299,7 @@ def random_teacher(unet_config: dict = SDXL_BASE_UNET, resolution: int = 1024, s
                    ) -> tuple[SDXLAdapter, UNet2DConditionModel]:
     """(adapter, UNet) with random weights and no text encoders or VAE: the real network's cost without a
     download (benchmarks feed it random prompt embeddings of the shapes in conditioning_shapes)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = UNet2DConditionModel(**unet_config)
-    cast(net, dtype)
+    net = random_denoiser(UNet2DConditionModel, unet_config, seed, dtype, device)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return SDXLAdapter(resolution, unet_config["in_channels"], SDXL_VAE_SCALE_FACTOR, scheduler), net
 
