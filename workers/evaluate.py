@@ -28,16 +28,19 @@ def read_prompts(path: str) -> list[str]:
 
 
 def training_prompts(config: RunConfig) -> list[str]:
-    """trajectories.prompts, else the family's own (the paper trains on DiffusionDB prompts)."""
+    """trajectories.prompts, else the family's built-in ones (pretrained families have none; the paper trains on
+    DiffusionDB prompts)."""
     return config_prompts(config, "trajectories.prompts", config.trajectories.prompts)
 
 
 def eval_prompts(config: RunConfig) -> list[str]:
-    """evaluation.prompts, else the family's own (the paper evaluates on the Pick-a-Pic test prompts)."""
+    """evaluation.prompts, else the family's built-in ones (pretrained families have none; the paper evaluates on
+    the Pick-a-Pic test prompts)."""
     return config_prompts(config, "evaluation.prompts", config.evaluation.prompts)
 
 
 def config_prompts(config: RunConfig, key: str, path: str) -> list[str]:
+    """The prompts of the file at path (the value of key), or the family's built-in ones when path is empty."""
     if path:
         return read_prompts(path)
     found = get_family(config.teacher.family)
