@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,25 +119,95 @@ def gap_recovered(value: float, dmd: float, teacher: float) -> float:
 
 def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
     """Tune's trainable: distil with the trial's settings in the trial's own run directory (a restarted trial
-    continues from its last checkpoint there), evaluate, report the objectives."""
+    continues from its last checkpoint there), evaluate, report the objectives. Training reports reach Tune
+    while the trial runs whenever something acts on them (ASHA, PBT, the collapse guard)."""
     from ray import tune
 
     from orchestrator.distill import run_distill
 
     name = trial_name(params)
     config = trial_config(base, params, **{"tracking.run_name": name})
+    sweep = config.sweep
+    if sweep.scheduler == "pbt":
+        return _pbt_trial(config, params, parent_run_id, Path(sweep_dir))
     callbacks = []
-    if config.sweep.scheduler == "asha":
+    if sweep.scheduler != "none" or sweep.collapse_fraction:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
     result = run_distill(config, run_dir=Path(sweep_dir) / name, parent_run_id=parent_run_id, callbacks=callbacks,
                          quiet=True, evaluate=True)
+    tune.report(_final_report(config, result))
+
+
+def _final_report(config: RunConfig, result) -> dict:
+    """The trial's last report: the last training report's numbers (ASHA and PBT read them), the evaluation's,
+    and the two objectives."""
     metrics = result.evaluation.metrics
     diversity, quality = objectives(config.teacher.family, metrics)
-    training = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the last training report:
-    tune.report({**training, **{f"eval_{k}": v for k, v in metrics.items()}, "diversity": diversity,  # ASHA reads it
-                 "quality": quality, "run_dir": str(result.run_dir), "mlflow_run_id": result.run_id})
+    training = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {**training, **{f"eval_{k}": v for k, v in metrics.items()}, "diversity": diversity, "quality": quality,
+            "run_dir": str(result.run_dir), "mlflow_run_id": result.run_id}
+
+
+def _pbt_trial(config: RunConfig, params: dict, parent_run_id: str, sweep_dir: Path) -> None:
+    """A PBT trial trains in the trial's own process (one training process: Tune pauses and restarts trials,
+    and a Ray Train run started inside a trial would leave its resources behind when the trial is stopped).
+    Each training report goes to Tune with its checkpoint (both engines, optimizers, progress and RNG). When
+    PBT hands a trial a better trial's perturbed settings, Tune restarts it with that trial's checkpoint:
+    training continues from it under the new settings, in a run directory (and MLflow run) of its own, one per
+    segment."""
+    from ray import tune
+
+    from orchestrator.precompute import precompute
+    from orchestrator.runs import (GENERATOR_DIR, Distilled, evaluate_generator, live_evaluator, make_run_dir,
+                                   tracked_run)
+    from workers.context import LocalContext
+    from workers.live_eval import LiveEvaluation
+    from workers.train import store_source, train
+
+    trial_id = tune.get_context().get_trial_id()
+    segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
+    run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
+    start = tune.get_checkpoint()
+    store, _ = precompute(config, use_ray=False, progress=False)  # the sweep made it: this only opens it
+    hyper = {k: v for k, v in params.items() if k in PBT_KEYS}
+
+    class TrialContext(LocalContext):
+        """Checkpoints in the segment's run directory, each report also to Tune; the first checkpoint to
+        resume from is the one Tune hands over."""
+
+        last: dict = {}
+
+        def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+            super().report(metrics, checkpoint_dir)
+            self.last = metrics
+            if checkpoint_dir is not None:  # the report goes along: a segment handed the last checkpoint reads it
+                (checkpoint_dir / REPORT_FILE).write_text(json.dumps(metrics))
+            tune.report({**metrics, **hyper},
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+        def latest_checkpoint(self) -> Path | None:
+            return super().latest_checkpoint() or (Path(start.to_directory()) if start else None)
+
+    with tracked_run(config, run_dir, "distill", parent_run_id) as tracked:
+        mlflow = (tracked.uri, tracked.run_id)
+        actor = live_evaluator(config, run_dir, mlflow)
+        ctx = TrialContext(run_dir)
+        progress = train(config, ctx, store_source(store), store.negative(), mlflow,
+                         live=LiveEvaluation.ray_actor(actor) if actor is not None else None)
+        last = ctx.latest_checkpoint()  # this segment's, or the one handed over when nothing was left to train
+        generator_dir = run_dir / GENERATOR_DIR
+        shutil.copytree(last / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
+        metrics = ctx.last or json.loads((last / REPORT_FILE).read_text())
+        result = Distilled(run_dir, generator_dir, {**metrics, "generator_update": progress.generator_updates,
+                                                    "resumes": progress.resumes}, tracked.run_id)
+        result.evaluation = evaluate_generator(config, generator_dir, run_dir, run_dir.name, tracked)
+    tune.report({**_final_report(config, result), **hyper})
+
+
+PBT_KEYS = ("loss.diversity_weight", "critic.optim.lr")
+REPORT_FILE = "report.json"
 
 
 @dataclass
@@ -147,7 +218,8 @@ class SweepResult:
     picked: int = -1
     teacher_metrics: dict = field(default_factory=dict)
     parent_run_id: str = ""
-    stopped: list[dict] = field(default_factory=list)  # trials the early-stopping scheduler ended
+    stopped: list[dict] = field(default_factory=list)  # trials a scheduler or the collapse guard ended, with why
+    histories: dict = field(default_factory=dict)  # trial name -> its reports over time (a DataFrame)
 
 
 def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
@@ -180,31 +252,33 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     sweep = config.sweep
     with tracked_run(config, sweep_dir, "sweep") as parent, \
             stop_cleanly(sweep_dir, f"dpdmd sweep --resume {sweep_dir}"):
+        dist = config.distributed
+        # a PBT trial trains in its own process (see _pbt_trial): it holds the training worker's resources too
+        resources = ({"CPU": sweep.trial_cpus + dist.cpus_per_worker, "GPU": int(dist.use_gpu)}
+                     if sweep.scheduler == "pbt" else {"CPU": sweep.trial_cpus})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, parent_run_id=parent.run_id, sweep_dir=str(sweep_dir)),
-            {"CPU": sweep.trial_cpus})
+            resources)
         progress = trial_progress(len(grid_points(space)) * sweep.num_samples)
+        guard = None
+        if sweep.collapse_fraction:
+            metric = collapse_metric(config.teacher.family)
+            teacher = teacher_metrics if teacher_metrics and metric in teacher_metrics else _teacher_metrics(config)
+            guard = collapse_guard(metric, sweep.collapse_fraction * teacher[metric], sweep.collapse_patience)
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir / "tune"), trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            scheduler = None
-            if sweep.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
-
-                # stop_last_trials=False: a trial that reaches the last update goes on to its evaluation
-                scheduler = ASHAScheduler(metric=sweep.metric, mode="min", time_attr="generator_update",
-                                          max_t=config.schedule.num_generator_updates, grace_period=max(
-                                              1, config.schedule.num_generator_updates // 4), stop_last_trials=False)
-            dist = config.distributed
             concurrency = sweep.max_concurrent_trials or trials_that_fit(
-                ray.cluster_resources(), sweep.trial_cpus, dist.num_workers * dist.cpus_per_worker,
-                dist.num_workers if dist.use_gpu else 0)
+                ray.cluster_resources(), sweep.trial_cpus + config.evaluation.cpus,
+                dist.num_workers * dist.cpus_per_worker, dist.num_workers if dist.use_gpu else 0)
             tuner = tune.Tuner(
                 trainable, param_space=tune_param_space(space),
-                tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
+                tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=tune_scheduler(config, space),
+                                            search_alg=search_algorithm(config, space),
                                             max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[progress]),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[progress],
+                                          stop=guard, checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler == "pbt" else 2)),
             )
         print(f"[sweep] {progress.total} trials in {sweep_dir}")
         with quiet_tune():
@@ -215,31 +289,154 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
                 print(f"[sweep] a trial failed: {trial.error}")
                 continue
             if "diversity" not in (trial.metrics or {}):
-                print(f"[sweep] {trial.config} stopped early by the scheduler at generator update "
-                      f"{(trial.metrics or {}).get('generator_update')}")
-                result.stopped.append({"params": dict(trial.config), **(trial.metrics or {})})
+                trial_id = (trial.metrics or {}).get("trial_id")
+                reason = guard.reasons.get(trial_id) if guard else None
+                reason = reason or (f"stopped early by the {sweep.scheduler} scheduler at generator update "
+                                    f"{(trial.metrics or {}).get('generator_update')}")
+                print(f"[sweep] {trial_name(dict(trial.config))}: {reason}")
+                result.stopped.append({"params": dict(trial.config), "reason": reason, **(trial.metrics or {})})
+                _record_stop(config, sweep_dir / trial_name(dict(trial.config)), reason)
                 continue
             params = {k: v for k, v in trial.config.items()}
             result.rows.append({"params": params, **trial.metrics})
-        if not result.rows:
+        result.histories = {trial_name(dict(t.config)): t.metrics_dataframe for t in grid
+                            if t.metrics_dataframe is not None}
+        if not result.rows and not result.stopped:
             raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir / 'tune'}")
-        points = [(r["diversity"], r["quality"]) for r in result.rows]
-        result.front, result.picked = pareto_front(points), pick(points, sweep.quality_drop_from_best)
+        if result.rows:
+            points = [(r["diversity"], r["quality"]) for r in result.rows]
+            result.front, result.picked = pareto_front(points), pick(points, sweep.quality_drop_from_best)
         table = sweep_table(result, config.teacher.family)
         (sweep_dir / "sweep.md").write_text(table + "\n")
         (sweep_dir / "sweep.json").write_text(json.dumps(
             {"rows": result.rows, "front": result.front, "picked": result.picked}, indent=1, default=str))
-        plot = plot_pareto(result, config.teacher.family, sweep_dir / "pareto.png")
         parent.log_artifact(sweep_dir / "sweep.md")
-        parent.log_artifact(plot)
-        picked = result.rows[result.picked]
-        parent.log_metrics({f"picked_{k}": v for k, v in picked.items() if k in ("diversity", "quality")
-                            or k.startswith("eval_")})  # the objectives, not Tune's bookkeeping
+        if result.rows:
+            parent.log_artifact(plot_pareto(result, config.teacher.family, sweep_dir / "pareto.png"))
+        for picture in (plot_curves(live_curves(sweep_dir), config.teacher.family, sweep_dir / "curves.png"),
+                        plot_hyperparameters(result, sweep_dir / "pbt.png") if sweep.scheduler == "pbt" else None):
+            if picture is not None:
+                parent.log_artifact(picture)
+        if result.rows:
+            picked = result.rows[result.picked]
+            parent.log_metrics({f"picked_{k}": v for k, v in picked.items() if k in ("diversity", "quality")
+                                or k.startswith("eval_")})  # the objectives, not Tune's bookkeeping
         if on_done is not None:
             on_done(parent, result)
     if not quiet:
         print(table)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# What acts on trials while they run
+
+
+def tune_scheduler(config: RunConfig, space: dict[str, dict]):
+    """ASHA (stops trials early on sweep.metric), PBT (perturbs lambda and the critic's learning rate of the
+    space, continuing from the better trial's checkpoint), or None."""
+    sweep, schedule = config.sweep, config.schedule
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # stop_last_trials=False: a trial that reaches the last update goes on to its evaluation
+        return ASHAScheduler(metric=sweep.metric, mode=sweep.mode, time_attr="generator_update",
+                             max_t=schedule.num_generator_updates,
+                             grace_period=max(1, schedule.num_generator_updates // 4), stop_last_trials=False)
+    if sweep.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        from ray import tune
+
+        mutations = {key: values if kind in ("grid", "choice") else tune_param_space({key: space[key]})[key]
+                     for key in PBT_KEYS if key in space for kind, values in space[key].items()}
+        if not mutations:
+            raise ConfigError("sweep.scheduler", f"pbt perturbs {' or '.join(PBT_KEYS)}: put at least one of them "
+                                                 "in the search space (e.g. loss.diversity_weight: {uniform: [0, 1]})")
+        interval = sweep.pbt_interval or schedule.checkpoint_every
+        if not interval or (schedule.checkpoint_every and interval % schedule.checkpoint_every):
+            raise ConfigError("sweep.pbt_interval", f"PBT continues from checkpoints: give a multiple of "
+                                                    f"schedule.checkpoint_every ({schedule.checkpoint_every}), which "
+                                                    "must be > 0")
+        # synch: trials wait for each other at every interval. Each trial starts its own Ray Train run, and
+        # those starts are staggered: asynchronously a fast trial can finish before a slow one reports once.
+        return PopulationBasedTraining(time_attr="generator_update", metric=sweep.metric, mode=sweep.mode,
+                                       perturbation_interval=interval, hyperparam_mutations=mutations, synch=True)
+    return None
+
+
+def search_algorithm(config: RunConfig, space: dict[str, dict]):
+    """Optuna's multi-objective search on (diversity, quality), both maximised as `objectives` signs them, or
+    None (Tune's own grid and random draws)."""
+    if config.sweep.search != "optuna":
+        return None
+    grids = [k for k, spec in space.items() if next(iter(spec)) == "grid"]
+    if grids:
+        raise ConfigError("sweep.search", f"optuna draws every trial itself: give {', '.join(grids)} as choice / "
+                                          "uniform / loguniform / randint instead of grid (and sweep.num_samples "
+                                          "trials)")
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=["diversity", "quality"], mode=["max", "max"])
+
+
+def collapse_metric(family: str) -> str:
+    """The diversity metric a collapse guard compares with the teacher's: higher is better."""
+    module = family_module(family)
+    name, sign = module.DIVERSITY
+    return getattr(module, "COLLAPSE", name if sign > 0 else None)
+
+
+def collapse_guard(metric: str, floor: float, patience: int):
+    """A Tune stopper: a trial whose live `metric` is below floor in `patience` evaluations in a row is stopped,
+    its reason kept in .reasons (trial id -> text)."""
+    from ray.tune.stopper import Stopper
+
+    class CollapseGuard(Stopper):
+        def __init__(self):
+            self.reasons: dict[str, str] = {}
+            self._strikes: dict[str, int] = {}
+            self._seen: dict[str, int] = {}
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            value, step = result.get(f"live_{metric}"), result.get("live_generator_update")
+            if value is None or value != value or self._seen.get(trial_id) == step:  # each evaluation counts once
+                return trial_id in self.reasons
+            self._seen[trial_id] = step
+            self._strikes[trial_id] = self._strikes.get(trial_id, 0) + 1 if value < floor else 0
+            if self._strikes[trial_id] >= patience and trial_id not in self.reasons:
+                self.reasons[trial_id] = (f"collapse guard: live {metric} below {floor:.4g} ({value:.4g} at generator "
+                                          f"update {step}) in {patience} evaluations in a row")
+            return trial_id in self.reasons
+
+        def stop_all(self) -> bool:
+            return False
+
+    return CollapseGuard()
+
+
+def _teacher_metrics(config: RunConfig) -> dict[str, float]:
+    """The teacher's metrics on the held-out set, for a guard that needs them when no table provides them."""
+    from workers.evaluate import evaluate, teacher_sampler
+    from workers.teacher import load_teacher
+
+    adapter, net = load_teacher(config, vae=True)
+    return evaluate(config, adapter, net, teacher_sampler(config, adapter)).metrics
+
+
+def _record_stop(config: RunConfig, run_dir: Path, reason: str) -> None:
+    """A stopped trial's MLflow run: KILLED, with the reason as the tag dpdmd.stop_reason."""
+    record = run_dir / "mlflow.json"
+    if not record.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    from workers.tracking import STOP_REASON, tracking_uri
+
+    client = MlflowClient(tracking_uri(config))
+    run_id = json.loads(record.read_text())["run_id"]
+    client.set_tag(run_id, STOP_REASON, reason)
+    client.set_terminated(run_id, "KILLED")
 
 
 def trial_progress(total: int):
@@ -270,7 +467,11 @@ def trial_progress(total: int):
 
 
 def sweep_table(result: SweepResult, family: str) -> str:
+    """The trials that finished (their objectives, the Pareto front, the pick), then those stopped early and why."""
     (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    stopped = [f"- {trial_name(t['params'])}: {t['reason']}" for t in result.stopped]
+    if not result.rows:
+        return "No trial finished.\n\nStopped early:\n" + "\n".join(stopped)
     keys = sorted({k for r in result.rows for k in r["params"]})
     lines = ["| " + " | ".join([*keys, d_name, q_name, "pareto", "picked"]) + " |",
              "|" + "---|" * (len(keys) + 4)]
@@ -279,7 +480,7 @@ def sweep_table(result: SweepResult, family: str) -> str:
         cells += [f"{row['eval_' + d_name]:.4g}", f"{row['eval_' + q_name]:.4g}",
                   "yes" if i in result.front else "", "<-" if i == result.picked else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n\nStopped early:\n" + "\n".join(stopped) if stopped else "")
 
 
 def plot_pareto(result: SweepResult, family: str, path: Path) -> Path:
@@ -308,5 +509,64 @@ def plot_pareto(result: SweepResult, family: str, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def live_curves(run_dir: Path) -> dict[str, list[dict]]:
+    """Every live evaluation under run_dir, by trial directory: [{"generator_update": ..., "live_*": ...}]."""
+    curves = {}
+    for path in sorted(Path(run_dir).glob("**/live_eval.jsonl")):
+        curves[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return curves
+
+
+def plot_curves(curves: dict[str, list[dict]], family: str, path: Path) -> Path | None:
+    """Live diversity and quality against generator updates, one line per trial (None without any)."""
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, records) in enumerate(sorted(curves.items())):
+        steps = [r["generator_update"] for r in records]
+        for ax, metric in zip(axes, (d_name, q_name)):
+            ax.plot(steps, [r[f"live_{metric}"] for r in records], "o-", ms=3, color=f"C{i % 10}", label=name)
+    for ax, metric in zip(axes, (d_name, q_name)):
+        ax.set_xlabel("generator update")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_hyperparameters(result: SweepResult, path: Path) -> Path | None:
+    """PBT: each trial's lambda (and critic learning rate, if perturbed) against generator updates."""
+    keys = [k for k in PBT_KEYS if any(k in h.columns for h in result.histories.values())]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for i, (name, history) in enumerate(sorted(result.histories.items())):
+        rows = history.dropna(subset=[k for k in keys if k in history.columns] + ["generator_update"])
+        for ax, key in zip(axes[0], keys):
+            if key in rows.columns:
+                ax.step(rows["generator_update"], rows[key], where="post", color=f"C{i % 10}", label=name)
+    for ax, key in zip(axes[0], keys):
+        ax.set_xlabel("generator update")
+        ax.set_ylabel(key)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,6 +69,22 @@ def _stop(head: subprocess.Popen) -> None:
         address_file.unlink(missing_ok=True)
 
 
+def _checkout(target: Path) -> Path:
+    """The files a clean checkout has (git's tracked and not-ignored ones), as a user would submit them: a
+    developer's local build folders must not travel with the job. Without git, the tree as it is."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        return ROOT
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
 @pytest.fixture
 def head(tmp_path):
     import ray
@@ -97,11 +114,16 @@ def test_job_submit_runs_a_tiny_distillation(head, tmp_path):
     overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}",
                  "distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "trajectories.cpus_per_actor=0.5"]
     runtime_env = {"excludes": [".venv", "outputs", ".git", "*.egg-info"]}
-    proc = subprocess.run(
-        [RAY, "job", "submit", "--address", head, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
-        capture_output=True, text=True, timeout=600, env=ENV)
+    working_dir = _checkout(tmp_path / "checkout")
+    for _ in range(30):  # a fresh head's job agent registers a little after its dashboard answers
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--address", head, "--working-dir", str(working_dir),
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
+            capture_output=True, text=True, timeout=600, env=ENV)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     exported = list((tmp_path / "runs").glob("*-distill-toy2d/generator/dpdmd_generator.json"))

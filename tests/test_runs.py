@@ -54,10 +54,16 @@ def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
 
 def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict) -> tuple[subprocess.CompletedProcess,
                                                                                            Path]:
-    """Start a dpdmd command, send it SIGINT once its first checkpoint is complete; its output and run dir."""
+    """Start a dpdmd command, send it SIGINT once its first checkpoint is complete and registered (without Ray:
+    the `latest` marker; under Ray Train: its checkpoint manager's record, written a moment after the files);
+    its output and run dir."""
+    def registered() -> bool:
+        records = [*runs.glob("*/checkpoints/latest"), *runs.glob("*/checkpoints/checkpoint_manager_snapshot.json")]
+        return any("step-" in record.read_text() for record in records)
+
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/step-*/progress.json")):
+    while time.time() < deadline and not registered():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

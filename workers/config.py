@@ -293,8 +293,19 @@ class SweepConfig:
     num_samples: int = 1  # repeats of the grid (random search: number of draws)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     trial_cpus: float = 0.1  # the trial driver's own share; its training workers ask for their own
-    scheduler: Literal["none", "asha"] = "none"  # ASHA stops trials early on the training metric below
-    metric: str = "loss_dmd"  # training metric ASHA compares (lower is better)
+    search: Literal["basic", "optuna"] = "basic"  # basic: the space's grid and random draws; optuna: Optuna's
+    # multi-objective search (diversity and quality) over the space's choice / uniform / loguniform / randint keys
+    # ASHA stops trials early and PBT perturbs them (loss.diversity_weight, critic.optim.lr of the space), both on
+    # `metric`: any training metric or, with evaluation.every > 0, a live_* one (live_objective: the family's
+    # diversity plus its quality, each signed so that higher is better)
+    scheduler: Literal["none", "asha", "pbt"] = "none"
+    metric: str = "loss_dmd"
+    mode: Literal["min", "max"] = "min"
+    pbt_interval: int = 0  # generator updates between PBT perturbations; 0: schedule.checkpoint_every
+    # Collapse guard (needs evaluation.every > 0): stop a trial whose live diversity falls below this fraction of
+    # the teacher's for collapse_patience evaluations in a row; 0: off
+    collapse_fraction: float = 0.0
+    collapse_patience: int = 2
     # The setting each report picks: the most diverse one whose quality is at most this much below ...
     quality_drop_from_best: float = 0.02  # ... the best quality on the sweep's Pareto front (dpdmd sweep)
     quality_drop_from_dmd: float = 0.02  # ... DMD's mean quality (dpdmd fidelity, dpdmd demo)
@@ -306,6 +317,11 @@ class SweepConfig:
         _check(self.trial_cpus > 0, "trial_cpus", f"must be > 0 (Ray refuses 0), got {self.trial_cpus}")
         for key in ("quality_drop_from_best", "quality_drop_from_dmd"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _check(self.pbt_interval >= 0, "pbt_interval", f"must be >= 0, got {self.pbt_interval}")
+        _check(0 <= self.collapse_fraction < 1, "collapse_fraction",
+               f"must be in [0, 1) (0: off; e.g. 0.5 stops trials below half the teacher's diversity), "
+               f"got {self.collapse_fraction}")
+        _check(self.collapse_patience >= 1, "collapse_patience", f"must be >= 1, got {self.collapse_patience}")
 
 
 @dataclass
@@ -328,6 +344,15 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        live = self.sweep.metric.startswith("live_") or self.sweep.collapse_fraction > 0
+        _check(not live or self.evaluation.every > 0, "evaluation.every",
+               f"must be > 0 for sweep.metric={self.sweep.metric} or a collapse guard "
+               f"(sweep.collapse_fraction={self.sweep.collapse_fraction:g}): live metrics come from evaluation "
+               "beside training, e.g. evaluation.every=100")
+        _check(self.sweep.scheduler != "pbt" or self.distributed.num_workers == 1, "distributed.num_workers",
+               f"must be 1 with sweep.scheduler=pbt, got {self.distributed.num_workers}: a PBT trial trains in its "
+               "own process (Tune stops and restarts it at each perturbation); use asha or none for trials of "
+               "several workers")
         _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
                f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
                "the paper uses K = 5 of 30")

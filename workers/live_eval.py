@@ -40,6 +40,7 @@ class Evaluator:
         self.adapter, self.net = load_teacher(self.config, self.device, vae=True)
         self.sampler = generator_sampler(self.config, self.adapter)
         self.path = Path(run_dir) / RESULTS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.mlflow = None
         if mlflow_run is not None:
             from mlflow.tracking import MlflowClient
@@ -48,10 +49,14 @@ class Evaluator:
 
     def evaluate(self, step: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Score the snapshot taken at generator update step; returns {"generator_update": step, live_*: ...}."""
+        from models.families import family_module
         from workers.evaluate import evaluate
 
         self.net.load_state_dict(state)
         metrics = evaluate(self.config, self.adapter, self.net, self.sampler, device=self.device).metrics
+        family = family_module(self.config.teacher.family)
+        (d_name, d_sign), (q_name, q_sign) = family.DIVERSITY, family.QUALITY
+        metrics["objective"] = d_sign * metrics[d_name] + q_sign * metrics[q_name]  # one number for schedulers
         result = {"generator_update": step, **{PREFIX + k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(result) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class RayTrainContext(WorkerContext):
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
+        if checkpoint_dir is not None:  # report copied it into the run's storage: the staging copy can go
+            shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()

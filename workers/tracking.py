@@ -99,6 +99,9 @@ class TrackedRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+STOP_REASON = "dpdmd.stop_reason"  # tag: why a sweep stopped this run early
+
+
 @contextmanager
 def mlflow_run(config: RunConfig, run_name: str, kind: str, parent_run_id: str | None = None,
                run_id: str | None = None, on_open=None):
@@ -128,6 +131,9 @@ def mlflow_run(config: RunConfig, run_name: str, kind: str, parent_run_id: str |
         client.set_terminated(run_id, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        # a sweep that stopped this trial on purpose (its collapse guard, a scheduler) tags it before or after
+        # the trial's teardown reaches here: stopped, not failed
+        stopped = STOP_REASON in client.get_run(run_id).data.tags
+        client.set_terminated(run_id, "KILLED" if stopped else "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")

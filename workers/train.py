@@ -25,6 +25,7 @@ from workers.context import WorkerContext, checkpoint_name
 from workers.distill import Distiller, copy_for_training
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
+from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
 from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
@@ -154,6 +155,9 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             if live is not None:
                 live.submit(step, snapshot)
         if live is not None:
+            # Tune's schedulers refuse a report without their metric: until the first evaluation is back, NaN
+            if config.sweep.metric.startswith(LIVE):
+                metrics[config.sweep.metric] = float("nan")
             metrics.update(live.newest())
         cycle_s = time.perf_counter() - start
         metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
@@ -168,7 +172,7 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             elapsed = time.perf_counter() - began
             ctx.log(metrics, schedule.num_generator_updates, elapsed,
                     elapsed / (step - first) * (schedule.num_generator_updates - step))
-            logger.log(metrics, step)
+            logger.log({k: v for k, v in metrics.items() if not k.startswith(LIVE)}, step)  # the evaluator logs those
         if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
             directory = ctx.checkpoint_staging_dir(checkpoint_name(step))
             generator.save_checkpoint(str(directory), tag="generator")

@@ -65,6 +65,9 @@ class Family:
     shipped_teacher: Path | None = None  # a teacher trained with the family's recipe, in the repository
     pipeline_class: str | None = None
     anchor_scheduler: str = "FlowMatchEulerDiscreteScheduler"  # the teacher ODE the anchors follow (store key)
+    # The live diversity metric (higher is better) a sweep's collapse guard compares with the teacher's; None = the
+    # diversity objective when higher is better, and no guard otherwise.
+    collapse: str | None = None
 
     def __post_init__(self):
         if (self.trainer is None) == (self.pipeline_class is None):
@@ -74,6 +77,8 @@ class Family:
             object.__setattr__(self, "fidelity_columns", (self.diversity[0], self.quality[0]))
         if not self.gap_metrics:
             object.__setattr__(self, "gap_metrics", (self.diversity[0],))
+        if self.collapse is None and self.diversity[1] > 0:
+            object.__setattr__(self, "collapse", self.diversity[0])
 
 
 def get_family(name: str) -> Family:
@@ -87,10 +92,10 @@ def get_family(name: str) -> Family:
 
 
 def family_module(name: str) -> SimpleNamespace:
-    """Transitional, for the callers not yet moved to get_family (orchestrator/sweep.py, orchestrator/runs.py):
-    the family's module as they read it, with DIVERSITY, QUALITY and render taken from its Family. Remove it
-    once they call get_family."""
+    """Transitional, for the callers not yet moved to get_family (orchestrator/sweep.py, orchestrator/runs.py,
+    workers/live_eval.py): the family's module as they read it, with DIVERSITY, QUALITY, COLLAPSE and render
+    taken from its Family. Remove it once they call get_family."""
     found = get_family(name)
     module = importlib.import_module(MODULES[name])
     return SimpleNamespace(**{**vars(module), "DIVERSITY": found.diversity, "QUALITY": found.quality,
-                              "render": found.render})
+                              "render": found.render, "COLLAPSE": found.collapse})

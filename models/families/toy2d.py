@@ -266,6 +266,7 @@ FAMILY = Family(
     # The sweep's two objectives: how far the sampled mode weights are from the true ones (dropped and drained
     # modes), and how many samples land on no mode.
     diversity=("mode_kl", -1), quality=("off_mode_rate", -1),
+    collapse="live_modes",  # mode_kl is lower-is-better; the collapse guard watches the live modes instead
     fidelity_columns=("mode_kl", "live_modes", "off_mode_rate", "pairwise_distance"),
     prompts=tuple(prompts()), trainer=TeacherTrainer(new_teacher, training_batch),
     # Trained with orchestrator/recipes/toy2d.yaml: the demo's runs start from the same weights on every machine

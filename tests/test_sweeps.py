@@ -1,0 +1,70 @@
+"""Sweeps that watch diversity while they train (local Ray, toy2d): a collapsing trial is stopped by the guard
+with its reason recorded and its live evaluations in MLflow as curves, PBT perturbs lambda and continues from
+checkpoints, and Optuna's multi-objective search yields a Pareto front."""
+
+import json
+
+import pytest
+
+from helpers import tiny_config
+from orchestrator.sweep import run_sweep
+from workers.config import ConfigError
+from workers.configure import to_dict
+from workers.tracking import tracking_uri
+
+SHARED = ["distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sweeps")
+    tiny_config(path)
+    return path
+
+
+def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, out):
+    from mlflow.tracking import MlflowClient
+
+    config = tiny_config(out, *SHARED, "schedule.num_generator_updates=40", "evaluation.every=4",
+                         "schedule.log_every=1", "schedule.on_nonfinite=skip", "sweep.collapse_fraction=0.5",
+                         "sweep.collapse_patience=2", "tracking.experiment=guard-test",
+                         # ASHA on the live objective: reports before the first evaluation carry NaN for it
+                         "sweep.scheduler=asha", "sweep.metric=live_objective", "sweep.mode=max")
+    # a learning rate that wrecks the generator within a few updates
+    result = run_sweep(config, to_dict(config), space={"generator.optim.lr": {"grid": [0.5]}, "seed": {"grid": [0]}})
+    (stopped,) = result.stopped
+    assert stopped["reason"].startswith("collapse guard: live live_modes below")
+    assert stopped["generator_update"] < 40
+    run = json.loads((result.sweep_dir / "lr=0.5-seed=0" / "mlflow.json").read_text())["run_id"]
+    run = MlflowClient(tracking_uri(config)).get_run(run)
+    assert run.info.status == "KILLED" and run.data.tags["dpdmd.stop_reason"] == stopped["reason"]
+    # the evaluations beside training: step metrics in the trial's MLflow run and lines in live_eval.jsonl
+    curve = MlflowClient(tracking_uri(config)).get_metric_history(run.info.run_id, "live_live_modes")
+    steps = [m.step for m in curve]
+    assert len(steps) >= 2 and all(step % 4 == 0 for step in steps)
+    lines = (result.sweep_dir / "lr=0.5-seed=0" / "live_eval.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["generator_update"] for line in lines) == sorted(steps)
+    assert (result.sweep_dir / "curves.png").stat().st_size > 1000
+
+
+def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
+    config = tiny_config(out, *SHARED, "schedule.num_generator_updates=8", "schedule.checkpoint_every=4",
+                         "schedule.log_every=4", "sweep.scheduler=pbt", "sweep.metric=loss_generator",
+                         "tracking.experiment=pbt-test")
+    result = run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"grid": [0.0, 0.5]}})
+    assert len(result.rows) == 2 and all(r["generator_update"] == 8 for r in result.rows)
+    lambdas = {name: sorted(set(h["loss.diversity_weight"].dropna())) for name, h in result.histories.items()}
+    perturbed = [name for name, values in lambdas.items() if len(values) > 1]
+    assert perturbed, lambdas  # a trial took over the other's checkpoint with a perturbed lambda
+    assert any(r["resumes"] >= 1 for r in result.rows)  # and continued from that checkpoint
+    assert (result.sweep_dir / "pbt.png").stat().st_size > 1000
+
+
+def test_an_optuna_search_yields_a_pareto_front(ray_cluster, out):
+    config = tiny_config(out, *SHARED, "schedule.num_generator_updates=2", "sweep.search=optuna",
+                         "sweep.num_samples=3", "tracking.experiment=optuna-test")
+    result = run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"uniform": [0.0, 1.0]}})
+    assert len(result.rows) == 3 and result.front
+    assert len({r["params"]["loss.diversity_weight"] for r in result.rows}) == 3
+    with pytest.raises(ConfigError, match="sweep.search"):
+        run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"grid": [0.0, 1.0]}})
