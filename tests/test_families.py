@@ -16,6 +16,8 @@ def test_every_family_registers_one_typed_object(name):
     assert family.diversity[1] in (1, -1) and family.quality[1] in (1, -1)
     assert {family.diversity[0], family.quality[0]} <= set(family.fidelity_columns)
     assert family.diversity[0] == family.gap_metrics[0]
+    if family.diversity[1] > 0:  # a collapse guard watches a higher-is-better diversity: the objective itself
+        assert family.collapse == family.diversity[0]
     if family.trainer is not None:  # embedded families train here, from their own prompts
         assert family.prompts and family.shipped_teacher is not None
 
@@ -27,6 +29,7 @@ def test_a_family_is_embedded_or_pretrained_never_both():
     with pytest.raises(ValueError, match="exactly one"):
         dataclasses.replace(toy2d, trainer=None)
     assert isinstance(toy2d.trainer, TeacherTrainer)
+    assert toy2d.collapse == "live_modes"  # mode_kl is lower-is-better
 
 
 def test_unknown_names_list_the_families():
