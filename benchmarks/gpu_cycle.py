@@ -1,7 +1,7 @@
 """The DP-DMD cycle at SD3.5-Medium scale: time, MFU and HFU, memory, against the reference structure.
 
 Every mode runs workers.train.train, the function Ray Train workers run, on SD3.5-Medium's exact transformer
-with random weights (models.sd3.random_teacher), 1024 x 1024 images (16 x 128 x 128 latents), prompt
+with random weights (models.families.sd3.random_teacher), 1024 x 1024 images (16 x 128 x 128 latents), prompt
 embeddings of the real shapes (77 CLIP + 256 T5 tokens x 4096, pooled 2048), bf16, DeepSpeed ZeRO engines,
 the paper's recipe (sd35m):
 
@@ -52,11 +52,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see BENCHMARKS.md: spinning OpenMP threads on shared CPUs
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import cycle_flops, random_sd3  # noqa: E402
+from benchmarks import cycle_flops, random_sd3
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -443,7 +441,7 @@ def _barrier() -> None:
 
 
 def text_adapter_for(args, adapter, device, dtype):
-    from models.sd3 import SD3Adapter
+    from models.families.sd3 import SD3Adapter
 
     text = random_sd3.text_pipeline(args.smoke, device, dtype)
     return SD3Adapter(adapter.resolution, adapter.latent_channels, adapter.vae_scale_factor, adapter.scheduler,
@@ -577,8 +575,10 @@ def launch(args: argparse.Namespace, argv: list[str], label: str, source: str, t
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as f:
+        # OMP_WAIT_POLICY is read when torch loads, so it goes into the child's environment (the caller's own
+        # setting wins): spinning OpenMP threads slow small models down many times over on shared CPUs (BENCHMARKS.md).
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -642,7 +642,7 @@ def count_passes(args) -> cycle_flops.PassFlops:
     """Per-pass FLOPs of the transformer on the meta device (no memory, no GPU time)."""
     from diffusers import SD3Transformer2DModel
 
-    from models import sd3
+    from models.families import sd3
 
     transformer = random_sd3.transformer_config(args.smoke, args.layers)
     adapter = sd3.SD3Adapter(args.resolution, transformer["in_channels"], sd3.SD3_VAE_SCALE_FACTOR, scheduler=None)
@@ -677,7 +677,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
         write_report(out, result)
         return result
     passes.text = {int(k): v for k, v in pre["text_flops"].items()}
-    from models.sd3 import conditioning_shapes
+    from models.families.sd3 import conditioning_shapes
 
     transformer = random_sd3.transformer_config(args.smoke, args.layers)
     result.update(device=pre["device"], torch=pre["torch"], matmul_peak_flops=pre["matmul_peak_flops"],

@@ -1,5 +1,5 @@
 """SD3.5-Medium's networks with random weights, built in code (nothing downloaded): the transformer from
-models.sd3, and the three text encoders (CLIP-L, CLIP-G, T5-XXL) at their released sizes, which only the
+models.families.sd3, and the three text encoders (CLIP-L, CLIP-G, T5-XXL) at their released sizes, which only the
 reference-structure trainer and the precompute hold. --smoke swaps in tiny ones of the same structure."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from models import sd3
+from models.families import sd3
 
 # The text encoders of stabilityai/stable-diffusion-3.5-medium (text_encoder*/config.json): CLIP-L/14, OpenCLIP
 # bigG/14 and T5 v1.1 XXL. CLIP-L + CLIP-G hidden states (768 + 1280) sit beside T5's 4096 in the 77 + 256 token

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from models import flow
+from models.errors import ConfigError
 from models.flow import VelocityFn, cfg_combine, x0_from_velocity
+from models.losses import LossOutput, anchor_velocity, diversity_loss
 
 Role = Literal["teacher", "generator"]
 """Whose sampler a schedule is: the teacher's own multi-step one, or the exported few-step generator's."""
@@ -38,8 +40,8 @@ def check_native_resolution(options: LoadOptions, native: int | None, family: st
     """For families with one fixed sample size: refuse any other teacher.resolution."""
     if options.resolution not in (0, native):
         allowed = "0 (its native size)" + (f" or {native}" if native else "")
-        raise ValueError(f"the {family} family has a fixed sample size; teacher.resolution must be {allowed}, "
-                         f"got {options.resolution}")
+        raise ConfigError("teacher.resolution", f"the {family} family has a fixed sample size; it must be {allowed}, "
+                                                f"got {options.resolution}")
 
 
 @dataclass(frozen=True)
@@ -105,12 +107,14 @@ class TeacherAdapter(ABC):
     """One per teacher family. The same network class serves as teacher, generator and critic; the
     adapter turns (network, x_t, t, conditioning) into a velocity in the flow convention of models.flow.
 
-    Subclasses set prediction_type ("velocity" for flow teachers, "epsilon" for SDXL-like ones: the
-    diversity target then takes its x-prediction form) and implement the abstract methods.
+    Subclasses implement the abstract methods; a family whose diversity target is not the flow form (SDXL's
+    epsilon prediction) overrides diversity_loss and sets anchor_x0.
     """
 
     family: ClassVar[str]
-    prediction_type: ClassVar[Literal["velocity", "epsilon"]] = "velocity"
+    # Whether the anchors keep the teacher's guided x0 estimate at z_K (one more teacher call per anchor), for
+    # a diversity target in x-prediction form.
+    anchor_x0: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -185,6 +189,14 @@ class TeacherAdapter(ABC):
         v = self.velocity(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
         v_uncond, v_cond = v.chunk(2)
         return cfg_combine(v_uncond, v_cond, guidance_scale)
+
+    def diversity_loss(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
+                       z_anchor: torch.Tensor, t_anchor: torch.Tensor, x0_anchor: torch.Tensor | None) -> LossOutput:
+        """Loss 1 in the teacher's parameterisation (docs/method.md): for flow teachers the generator's
+        first-step velocity v_first (B, ...), taken at x_start and time t_start, regressed on the average
+        velocity over [t_K, 1] from noise eps to the anchor z_anchor (B, ...) at t_anchor (B,).
+        x0_anchor: the teacher's x0 estimate at z_K, present when anchor_x0 is set."""
+        return diversity_loss(v_first, anchor_velocity(eps, z_anchor, t_anchor))
 
     def x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return x0_from_velocity(x_t, self.velocity(net, x_t, t, cond), t)

@@ -67,7 +67,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.families import family_module
+    from models.families import get_family
     from orchestrator import runs
     from workers.evaluate import evaluate, format_table, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
@@ -82,15 +82,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(config, adapter, net, sampler)
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
     save_samples(result, run_dir / f"{name}_samples.npz")
-    family_module(config.teacher.family).render({name: result.samples}, result.prompts,
-                                                run_dir / f"{name}_samples.png")
+    get_family(config.teacher.family).render({name: result.samples}, result.prompts,
+                                             run_dir / f"{name}_samples.png")
     print(format_table({name: result.metrics}))
     print(f"\nmetrics, samples and pictures in {run_dir}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from models.families import family_module
+    from models.families import get_family
     from orchestrator import runs
     from models.sampling import grid_pairs, sample
     from workers.evaluate import Evaluation, eval_prompts, load_generator, save_samples, teacher_sampler
@@ -109,7 +109,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else runs.make_run_dir(config, "sample")
     save_samples(Evaluation(*pairs, samples, {}), out / "samples.npz")
     name = "generator" if args.generator else "teacher"
-    png = family_module(config.teacher.family).render({name: samples}, pairs[0], out / "samples.png")
+    png = get_family(config.teacher.family).render({name: samples}, pairs[0], out / "samples.png")
     print(f"{len(pairs[0])} samples ({len(prompts)} prompts x {len(seeds)} seeds) in {out / 'samples.npz'} "
           f"and {png}")
     return 0

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from models.families import family_module
+from models.families import get_family
 from orchestrator import recipe as recipes
 from orchestrator.sweep import gap_recovered, grid_points, load_space, trial_config, trial_name
 from workers.config import ConfigError, RunConfig
@@ -42,17 +42,15 @@ TEACHER = "teacher"
 # The table
 
 
-def gap_metrics(family: str) -> list[str]:
+def gap_metrics(name: str) -> list[str]:
     """The diversity metrics whose recovered share of DMD's gap to the teacher the table reports: the
     family's headline diversity first."""
-    module = family_module(family)
-    return list(getattr(module, "GAP_METRICS", (module.DIVERSITY[0],)))
+    return list(get_family(name).gap_metrics)
 
 
-def metric_columns(family: str) -> list[str]:
+def metric_columns(name: str) -> list[str]:
     """The columns a family's table shows: its diversity and quality metrics first."""
-    module = family_module(family)
-    return list(getattr(module, "FIDELITY_COLUMNS", (module.DIVERSITY[0], module.QUALITY[0])))
+    return list(get_family(name).fidelity_columns)
 
 
 def setting_name(params: dict, default_weight: float) -> str:
@@ -74,8 +72,7 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
     removed), seeds, mean and std per metric, and gap_recovered: mean and std over seeds of
     (div_seed - div_DMD_seed) / (div_teacher - div_DMD_seed), pairing each seed with DMD's same seed.
     """
-    d_name, d_sign = family_module(family).DIVERSITY
-    q_name, q_sign = family_module(family).QUALITY
+    (d_name, d_sign), (q_name, q_sign) = get_family(family).diversity, get_family(family).quality
     columns = metric_columns(family)
     groups: dict[str, dict] = {}
     for row in rows:
@@ -152,7 +149,7 @@ def format_fidelity(result: dict, teacher: dict[str, float], family: str,
 def verdict(result: dict, teacher: dict[str, float], family: str, default_weight: float) -> str:
     """One line computed from the numbers: how much of DMD's diversity gap to the teacher the recipe's DP-DMD
     setting recovers over the training seeds, and whether that is larger than the spread between seeds."""
-    d_name, d_sign = family_module(family).DIVERSITY
+    d_name, d_sign = get_family(family).diversity
     settings, dmd = result["settings"], result["dmd"]
     ours = next((s for s in settings if s["params"] == {"loss.diversity_weight": default_weight}), None)
     if dmd < 0 or ours is None or ours is settings[dmd]:
@@ -189,7 +186,7 @@ def plot_fidelity(result: dict, teacher: dict[str, float], family: str, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    (d_name, _), (q_name, _) = get_family(family).diversity, get_family(family).quality
     fig, ax = plt.subplots(figsize=(6.0, 4.4))
     for i, s in enumerate(result["settings"]):
         colour = f"C{i % 10}"
@@ -267,7 +264,7 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
         f"# Fidelity: {config.name}\n\n{table}\n\nMean ± standard deviation over training seeds; every model is "
         f"evaluated on the same {config.evaluation.seeds_per_prompt} held-out seeds per prompt. Gap recovered: "
         f"(diversity - DMD's) / (teacher's - DMD's), each seed paired with DMD's same seed. Picked: the most "
-        f"diverse setting whose mean {family_module(family).QUALITY[0]} is at most {config.sweep.quality_drop_from_dmd:g} "
+        f"diverse setting whose mean {get_family(family).quality[0]} is at most {config.sweep.quality_drop_from_dmd:g} "
         f"worse than DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
         + (f"Samples (first training seed of each setting; one row per prompt, one column per held-out seed):\n\n"
            f"![samples]({grid.name})\n" if grid else ""))
@@ -288,7 +285,7 @@ def render_settings(result: dict, config: RunConfig, out_dir: Path) -> Path | No
         run_dir = setting.get("run_dirs", {}).get(setting["seeds"][0])
         if run_dir and (Path(run_dir) / "samples.npz").is_file():
             samples[setting["name"]] = torch.from_numpy(np.load(Path(run_dir) / "samples.npz")["sample"])
-    return family_module(config.teacher.family).render(samples, prompts, out_dir / "fidelity_samples.png")
+    return get_family(config.teacher.family).render(samples, prompts, out_dir / "fidelity_samples.png")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,8 +397,8 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
     cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),
                                                  config.teacher.guidance_scale), device=device).metrics
     save_samples(result, out_dir / "teacher_samples.npz")
-    family_module(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
-                                                out_dir / "teacher_samples.png")
+    get_family(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
+                                             out_dir / "teacher_samples.png")
     (out_dir / "teacher_metrics.json").write_text(json.dumps({"teacher": result.metrics, f"teacher_{n}_steps": cut},
                                                              indent=1))
     return result.metrics, cut

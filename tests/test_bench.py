@@ -111,6 +111,18 @@ def test_scaling_compares_two_runs(tmp_path):
     assert main(["--scaling", str(tmp_path / "one"), str(tmp_path / "two")]) == 0
 
 
+def test_importing_the_benchmark_changes_no_environment(monkeypatch):
+    import importlib
+    import os
+
+    from benchmarks import gpu_cycle
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    before = dict(os.environ)
+    importlib.reload(gpu_cycle)
+    assert dict(os.environ) == before  # the children it starts get OMP_WAIT_POLICY in their own environment
+
+
 def test_modes_and_variants_are_checked_and_kept_in_order():
     from benchmarks.gpu_cycle import parse_args
 

@@ -1,4 +1,4 @@
-"""The paper's image metrics through their hooks (models/image_metrics.py), on tiny random DINO and CLIP
+"""The paper's image metrics through their hooks (models/metrics/image.py), on tiny random DINO and CLIP
 models saved to disk: plumbing and the metrics' known answers, not the real models' numbers."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.image_metrics import FeatureModel, PickScore, external_metrics
+from models.metrics.image import FeatureModel, PickScore, external_metrics
 from sd_models import save_tiny_clip, save_tiny_dino
 
 
@@ -41,7 +41,7 @@ def test_pickscore_is_the_scaled_cosine_of_image_and_prompt(weights):
     other = scorer.scores(images, ["a green tree"] * 4)
     assert not torch.allclose(scores, other)  # the prompt matters
     model, processor = scorer.model, scorer.processor
-    from models.image_metrics import _embeds, to_pil
+    from models.metrics.image import _embeds, to_pil
 
     with torch.no_grad():
         image = _embeds(model.get_image_features(**processor(images=to_pil(images[:1]), return_tensors="pt")))

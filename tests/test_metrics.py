@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models import toy2d
+from models.families import toy2d
 from models.metrics import energy_distance, frechet_distance, mean_pairwise_distance, pairwise_diversity
 
 

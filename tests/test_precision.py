@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_config
 from models.flow import ode_rollout, sampling_sigmas, training_sigmas
 from models.losses import anchor_velocity
-from models.toy2d import Toy2DAdapter
+from models.families.toy2d import Toy2DAdapter
 from orchestrator.precompute import precompute
 from workers.context import LocalContext
 from workers.evaluate import GENERATOR_META

@@ -4,12 +4,13 @@ StableDiffusion3Pipeline.from_pretrained -> a 4-step sample."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from models import sd3
+from models.families import sd3
 from models.adapter import LoadOptions
 from models.flow import sampling_sigmas
 from models.sampling import Sampler, sample, seeded_noise
@@ -190,7 +191,8 @@ def test_the_train_function_loads_the_transformer_alone(tmp_path, teacher_path, 
     store, _ = precompute(config, use_ray=False, progress=False)
     loaded: list[LoadOptions] = []
     real = sd3.load_teacher
-    monkeypatch.setattr(sd3, "load_teacher", lambda path, options: loaded.append(options) or real(path, options))
+    monkeypatch.setattr(sd3, "FAMILY", dataclasses.replace(
+        sd3.FAMILY, load_teacher=lambda path, options: loaded.append(options) or real(path, options)))
     progress = train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative())
     assert progress.generator_updates == 1
     assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]

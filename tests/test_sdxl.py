@@ -4,13 +4,14 @@ loads, clear errors, and precompute -> distill on 2 Ray workers -> export -> Sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 
-from models import sdxl
+from models.families import sdxl
 from models.adapter import Conditioning, LoadOptions
 from models.flow import euler_step, x0_from_velocity
 from models.rollout import teacher_anchor
@@ -203,8 +204,9 @@ def test_errors_name_the_fix(tmp_path, teacher_path):
     with pytest.raises(ConfigError, match="teacher.shift.*set teacher.shift=1.0"):
         load_teacher(sdxl_config(tmp_path, teacher_path, "teacher.shift=3.0"), text_encoders=False)
     sd3_dir = save_tiny_sd3(tmp_path / "sd3")
-    with pytest.raises(ValueError, match="StableDiffusion3Pipeline.*set teacher.family=sd3"):
+    with pytest.raises(ConfigError, match="StableDiffusion3Pipeline.*set teacher.family=sd3") as info:
         sdxl.load_teacher(sd3_dir)
+    assert info.value.key == "teacher.family"  # the family names the key: no message is read for it
     other = tmp_path / "other"
     shutil.copytree(teacher_path, other)
     index = json.loads((other / "model_index.json").read_text())
@@ -228,8 +230,9 @@ def test_errors_name_the_fix(tmp_path, teacher_path):
         sdxl.load_teacher(other, LoadOptions(text_encoders=False, vae=False))
     shutil.rmtree(other / "scheduler")
     sdxl_scheduler(prediction_type="v_prediction").save_pretrained(other / "scheduler")
-    with pytest.raises(ValueError, match="v_prediction.*epsilon"):
+    with pytest.raises(ConfigError, match="v_prediction.*epsilon") as info:
         sdxl.load_teacher(other, LoadOptions(text_encoders=False, vae=False))
+    assert info.value.key == "teacher.path"
     # DDIM (eta = 0, the pipeline's default) takes the same steps: accepted, with the same schedule.
     shutil.rmtree(other / "scheduler")
     DDIMScheduler.from_config(base).save_pretrained(other / "scheduler")
@@ -316,7 +319,8 @@ def test_the_train_function_loads_the_unet_alone(tmp_path, teacher_path, monkeyp
     store, _ = precompute(config, use_ray=False, progress=False)
     loaded: list[LoadOptions] = []
     real = sdxl.load_teacher
-    monkeypatch.setattr(sdxl, "load_teacher", lambda path, options: loaded.append(options) or real(path, options))
+    monkeypatch.setattr(sdxl, "FAMILY", dataclasses.replace(
+        sdxl.FAMILY, load_teacher=lambda path, options: loaded.append(options) or real(path, options)))
     progress = train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative())
     assert progress.generator_updates == 1
     assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]

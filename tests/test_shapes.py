@@ -8,49 +8,50 @@ import math
 import pytest
 import torch
 
-from models import shapes
-from models.families import family_module
-from models.shapes_evaluator import evaluate_samples, evaluator_accuracy, load_evaluator
+from models.families import get_family, shapes
+from models.families.shapes import domain
+from models.families.shapes import teacher as shapes_teacher
+from models.families.shapes.evaluator import evaluate_samples, evaluator_accuracy, load_evaluator
 
 torch.set_num_threads(1)
 
 
-def attributes(shape: str, colour: str, x=0.5, y=0.5, size=0.25, shade=0.5, n=1) -> shapes.ShapeAttributes:
+def attributes(shape: str, colour: str, x=0.5, y=0.5, size=0.25, shade=0.5, n=1) -> domain.ShapeAttributes:
     full = lambda v: torch.full((n,), float(v))  # noqa: E731
-    return shapes.ShapeAttributes(torch.full((n,), shapes.SHAPES.index(shape)),
-                                  torch.full((n,), shapes.COLOURS.index(colour)), full(x), full(y), full(size),
+    return domain.ShapeAttributes(torch.full((n,), domain.SHAPES.index(shape)),
+                                  torch.full((n,), domain.COLOURS.index(colour)), full(x), full(y), full(size),
                                   full(shade))
 
 
 def coverage(image: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
     """Per-pixel share of the shape (H, W), read from the channel where shape and background differ most."""
-    c = int((rgb - shapes.BACKGROUND).abs().argmax())
-    return ((image[c] + 1) / 2 - shapes.BACKGROUND) / (rgb[c] - shapes.BACKGROUND)
+    c = int((rgb - domain.BACKGROUND).abs().argmax())
+    return ((image[c] + 1) / 2 - domain.BACKGROUND) / (rgb[c] - domain.BACKGROUND)
 
 
 @pytest.mark.parametrize("shape, area_per_r2", [
     ("circle", math.pi),
-    ("square", (2 * shapes.SQUARE_HALF_SIDE) ** 2),
+    ("square", (2 * domain.SQUARE_HALF_SIDE) ** 2),
     ("triangle", math.sqrt(3) * (math.sqrt(3) / 2) ** 2),  # half side r sqrt(3)/2 for circumradius r
-    ("cross", 2 * (2 * 2 * shapes.CROSS_HALF_WIDTH) - (2 * shapes.CROSS_HALF_WIDTH) ** 2),
+    ("cross", 2 * (2 * 2 * domain.CROSS_HALF_WIDTH) - (2 * domain.CROSS_HALF_WIDTH) ** 2),
 ])
 def test_render_area_centre_colour_and_background(shape, area_per_r2):
     attrs = attributes(shape, "blue", x=0.45, y=0.55, size=0.25, shade=0.3)
-    image = shapes.render_images(attrs)[0]
-    rgb = shapes.shape_rgb(attrs.colour, attrs.shade)[0]
-    r_px = 0.25 * shapes.RESOLUTION
+    image = domain.render_images(attrs)[0]
+    rgb = domain.shape_rgb(attrs.colour, attrs.shade)[0]
+    r_px = 0.25 * domain.RESOLUTION
     assert coverage(image, rgb).sum().item() == pytest.approx(area_per_r2 * r_px ** 2, rel=0.02)
-    row, col = int(0.55 * shapes.RESOLUTION), int(0.45 * shapes.RESOLUTION)
+    row, col = int(0.55 * domain.RESOLUTION), int(0.45 * domain.RESOLUTION)
     torch.testing.assert_close(image[:, row, col], rgb * 2 - 1)
-    torch.testing.assert_close(image[:, 0, 0], torch.full((3,), shapes.BACKGROUND * 2 - 1))
+    torch.testing.assert_close(image[:, 0, 0], torch.full((3,), domain.BACKGROUND * 2 - 1))
     edge = coverage(image, rgb)
     assert ((edge > 0.05) & (edge < 0.95)).any(), "edges should be anti-aliased, not binary"
 
 
 def test_colours_and_shades_are_distinct():
-    colour = torch.arange(len(shapes.COLOURS))
-    dark = shapes.shape_rgb(colour, torch.zeros(len(colour)))
-    pale = shapes.shape_rgb(colour, torch.ones(len(colour)))
+    colour = torch.arange(len(domain.COLOURS))
+    dark = domain.shape_rgb(colour, torch.zeros(len(colour)))
+    pale = domain.shape_rgb(colour, torch.ones(len(colour)))
     assert (pale > dark).all()  # the shade runs dark -> pale within each colour
     for rgb in (dark, pale):
         assert torch.cdist(rgb, rgb).add(torch.eye(len(colour))).min() > 0.25
@@ -59,29 +60,29 @@ def test_colours_and_shades_are_distinct():
 
 
 def test_batches_follow_their_prompts_and_generator():
-    x0, prompts, attrs = shapes.sample_batch(64, torch.Generator().manual_seed(3))
-    again, prompts_again, _ = shapes.sample_batch(64, torch.Generator().manual_seed(3))
-    other, _, _ = shapes.sample_batch(64, torch.Generator().manual_seed(4))
+    x0, prompts, attrs = domain.sample_batch(64, torch.Generator().manual_seed(3))
+    again, prompts_again, _ = domain.sample_batch(64, torch.Generator().manual_seed(3))
+    other, _, _ = domain.sample_batch(64, torch.Generator().manual_seed(4))
     assert x0.shape == (64, 3, 32, 32) and x0.min() >= -1 and x0.max() <= 1
     assert torch.equal(x0, again) and prompts == prompts_again and not torch.equal(x0, other)
     for prompt, s, c in zip(prompts, attrs.shape, attrs.colour):
-        assert shapes.parse_prompt(prompt) == (int(s), int(c))
-    assert set(prompts) <= set(shapes.training_prompts())
+        assert domain.parse_prompt(prompt) == (int(s), int(c))
+    assert set(prompts) <= set(domain.prompts())
     targets = attrs.regression_targets()
     assert targets.min() >= 0 and targets.max() <= 1
 
 
 def test_prompts_parse_and_reject_unknown_words():
-    assert shapes.parse_prompt("a yellow triangle") == (shapes.SHAPES.index("triangle"), shapes.COLOURS.index("yellow"))
-    assert len(set(shapes.eval_prompts())) == len(shapes.SHAPES) * len(shapes.COLOURS)
+    assert domain.parse_prompt("a yellow triangle") == (domain.SHAPES.index("triangle"), domain.COLOURS.index("yellow"))
+    assert len(set(domain.prompts())) == len(domain.SHAPES) * len(domain.COLOURS)
     with pytest.raises(ValueError, match="shape in"):
-        shapes.parse_prompt("a purple circle")
-    assert family_module("shapes") is shapes
+        domain.parse_prompt("a purple circle")
+    assert get_family("shapes") is shapes.FAMILY
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher():
-    return shapes.new_teacher(width=8, seed=0)
+    return shapes_teacher.new_teacher(width=8, seed=0)
 
 
 def test_text_encoder_shapes_and_empty_prompt(tiny_teacher):
@@ -105,15 +106,15 @@ def test_velocity_shape_and_save_load_round_trip(tiny_teacher, tmp_path):
     with torch.no_grad():
         v = adapter.velocity(net, x_t, t, adapter.encode_prompts(prompts))
     assert v.shape == (3, 3, 32, 32) and torch.isfinite(v).all()
-    shapes.save_teacher(adapter, net, tmp_path)
+    shapes_teacher.save_teacher(adapter, net, tmp_path)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "text_encoder" / "diffusion_pytorch_model.safetensors").is_file()
-    adapter2, net2 = shapes.load_teacher(tmp_path)
+    adapter2, net2 = shapes_teacher.load_teacher(tmp_path)
     with torch.no_grad():
         v2 = adapter2.velocity(net2, x_t, t, adapter2.encode_prompts(prompts))
     torch.testing.assert_close(v2, v, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="unet"):
-        shapes.load_teacher(tmp_path / "unet")
+        shapes_teacher.load_teacher(tmp_path / "unet")
 
 
 def test_tiny_teacher_trains_with_the_generic_trainer(tmp_path):
@@ -128,14 +129,14 @@ def test_tiny_teacher_trains_with_the_generic_trainer(tmp_path):
     losses = json.loads((out / "training_log.json").read_text())["losses"]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
-    adapter, _ = shapes.load_teacher(out)
-    before = shapes.new_teacher(width=8, seed=0)[0].text_encoder.token_embed.weight
+    adapter, _ = shapes_teacher.load_teacher(out)
+    before = shapes_teacher.new_teacher(width=8, seed=0)[0].text_encoder.token_embed.weight
     assert not torch.equal(adapter.text_encoder.token_embed.weight, before), "the text encoder must train too"
 
 
 def real_grid(seeds: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    prompts = [p for p in shapes.eval_prompts() for _ in range(seeds)]
-    images, _ = shapes.images_for_prompts(prompts, torch.Generator().manual_seed(seed))
+    prompts = [p for p in domain.prompts() for _ in range(seeds)]
+    images, _ = domain.images_for_prompts(prompts, torch.Generator().manual_seed(seed))
     return images, prompts
 
 
@@ -178,7 +179,7 @@ def test_failed_samples_add_feature_diversity_but_no_attribute_spread():
 
 
 def test_adherent_spread_ignores_failed_samples_and_counts_a_lost_prompt_as_none():
-    from models.shapes_evaluator import adherent_spread
+    from models.families.shapes.evaluator import adherent_spread
 
     attributes = torch.tensor([[[0.0], [1.0], [9.0]], [[0.0], [1.0], [2.0]]])  # 2 prompts x 3 seeds x 1
     ok = torch.tensor([[True, True, False], [True, False, False]])
@@ -190,13 +191,13 @@ def test_render_writes_a_png_of_the_layout_size(tmp_path):
     from PIL import Image
 
     images, prompts = real_grid(seeds=3, seed=0)
-    path = shapes.render({"data": images, "noise": torch.randn_like(images)}, prompts, tmp_path / "grid.png")
+    path = domain.render({"data": images, "noise": torch.randn_like(images)}, prompts, tmp_path / "grid.png")
     with Image.open(path) as picture:
-        assert picture.size == shapes.grid_layout(num_models=2, num_prompts=16, seeds_per_prompt=3)
+        assert picture.size == domain.grid_layout(num_models=2, num_prompts=16, seeds_per_prompt=3)
         # pixel (row 15, col 20) of the first sample, drawn CELL_SCALE times larger in the top-left cell
         row, col = 15, 20
-        drawn = picture.getpixel((shapes.LABEL_WIDTH + shapes.CELL_SCALE * col,
-                                  shapes.TITLE_HEIGHT + shapes.CELL_SCALE * row))
+        drawn = picture.getpixel((domain.LABEL_WIDTH + domain.CELL_SCALE * col,
+                                  domain.TITLE_HEIGHT + domain.CELL_SCALE * row))
     assert list(drawn) == ((images[0, :, row, col] + 1) * 127.5).round().int().tolist()
 
 
@@ -206,11 +207,11 @@ def test_shipped_teacher_follows_its_prompts():
     from models.sampling import Sampler, grid_pairs, sample
     from orchestrator.recipe import resolve
 
-    path = shapes.shipped_teacher_dir()
-    assert path is not None, "models/weights/shapes-teacher is missing"
+    path = shapes.FAMILY.shipped_teacher
+    assert (path / "unet" / "config.json").is_file(), "models/weights/shapes-teacher is missing"
     teacher = resolve("shapes").teacher
-    adapter, net = shapes.load_teacher(path)
-    prompts, seeds = grid_pairs(shapes.eval_prompts(), list(range(1_000_000, 1_000_009)))
+    adapter, net = shapes_teacher.load_teacher(path)
+    prompts, seeds = grid_pairs(domain.prompts(), list(range(1_000_000, 1_000_009)))
     samples = sample(adapter, net.eval(), prompts, seeds,
                      Sampler(sampling_sigmas(teacher.num_steps, teacher.shift), teacher.guidance_scale))
     metrics = evaluate_samples(samples, prompts, seed=0)
@@ -223,6 +224,6 @@ def test_the_recipe_uses_the_shipped_teacher_and_other_settings_do_not(tmp_path)
     from workers.teacher import embedded_teacher_dir, teacher_dir
 
     config = resolve("shapes", [f"storage.output_dir={tmp_path}"])
-    assert teacher_dir(config) == shapes.shipped_teacher_dir()
+    assert teacher_dir(config) == shapes.FAMILY.shipped_teacher
     other = resolve("shapes", [f"storage.output_dir={tmp_path}", "teacher.train.steps=10"])
     assert teacher_dir(other) == embedded_teacher_dir(other)

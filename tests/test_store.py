@@ -1,7 +1,6 @@
 """The trajectory store: exact rows, anchors equal to an independent rollout, reuse, new stores on new
 settings, corruption named, killed runs completed without duplicates; local and S3 (moto)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,33 @@ import torch
 from helpers import tiny_config
 from models.flow import ode_rollout, sampling_sigmas
 from orchestrator.precompute import precompute
-from workers.precompute import CRASH_AFTER_ENV
 from workers.store import StoreError, open_store
 from workers.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
+# A precompute whose writer dies like a killed actor after its second shard: the shard in flight is lost, the
+# written ones stay.
+KILLED_AFTER_TWO_SHARDS = """
+import os, pathlib, sys
+sys.path.insert(0, "tests")
+from helpers import tiny_config
+from orchestrator.precompute import precompute
+from workers.precompute import AnchorWriter
+
+write, written = AnchorWriter.write, []
+
+
+def write_then_die(self, index):
+    info = write(self, index)
+    written.append(index)
+    if len(written) == 2:
+        os._exit(17)
+    return info
+
+
+AnchorWriter.write = write_then_die
+precompute(tiny_config(pathlib.Path(sys.argv[1])), use_ray=False, progress=False)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +138,8 @@ def test_an_incomplete_store_is_refused(tmp_path):
 
 def test_killed_precompute_leaves_a_consistent_store_and_a_rerun_completes_it(tmp_path):
     tiny_config(tmp_path)  # train the teacher here, not in the subprocess
-    code = ("import sys; sys.path.insert(0, 'tests'); from helpers import tiny_config; "
-            "from orchestrator.precompute import precompute; "
-            f"precompute(tiny_config(__import__('pathlib').Path({str(tmp_path)!r})), use_ray=False, progress=False)")
-    env = {**os.environ, CRASH_AFTER_ENV: "2"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_SHARDS, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 17, proc.stderr
     root = next((tmp_path / "trajectories").iterdir())
     shards = sorted(root.glob("shard-*.parquet"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import toy2d
+from models.families import toy2d
 from orchestrator import cli
 from orchestrator.recipe import resolve
 from workers.teacher import embedded_teacher_dir, load_teacher, train_teacher
@@ -59,9 +59,9 @@ def test_missing_teacher_names_the_fix(tmp_path):
 def test_the_recipe_uses_the_shipped_teacher_and_other_settings_train_their_own(tmp_path):
     from workers.teacher import teacher_dir
 
-    assert teacher_dir(resolve("toy2d", [f"storage.output_dir={tmp_path}"])) == toy2d.shipped_teacher_dir()
+    assert teacher_dir(resolve("toy2d", [f"storage.output_dir={tmp_path}"])) == toy2d.FAMILY.shipped_teacher
     assert teacher_dir(resolve("toy2d", [f"storage.output_dir={tmp_path}", "teacher.train.width=64"])) != \
-        toy2d.shipped_teacher_dir()
+        toy2d.FAMILY.shipped_teacher
 
 
 def test_bad_prompt_names_the_valid_ones():

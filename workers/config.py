@@ -12,14 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-
-class ConfigError(ValueError):
-    """An invalid or unknown config key. key is the full dotted path."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        self.message = message
-        super().__init__(f"{key}: {message}" if key else message)
+from models.errors import ConfigError
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -84,14 +77,13 @@ class TeacherConfig:
     train: TeacherTrainConfig = field(default_factory=TeacherTrainConfig)
 
     def __post_init__(self):
-        from models.families import FAMILIES, FAMILY_PIPELINES
+        from models.families import NAMES, get_family
 
-        _check(self.family in FAMILIES, "family",
-               f"unknown teacher family {self.family!r}; choose one of {sorted(FAMILIES)}")
-        if self.family in FAMILY_PIPELINES:
-            _check(bool(self.path), "path",
-                   f"the {self.family} family has no embedded teacher: set teacher.path to a "
-                   f"{FAMILY_PIPELINES[self.family]} directory, an s3://bucket/prefix URL of one, or a hub id")
+        _check(self.family in NAMES, "family", f"unknown teacher family {self.family!r}; choose one of {sorted(NAMES)}")
+        pipeline = get_family(self.family).pipeline_class
+        _check(bool(self.path) or pipeline is None, "path",
+               f"the {self.family} family has no embedded teacher: set teacher.path to a {pipeline} directory, an "
+               "s3://bucket/prefix URL of one, or a hub id")
         if self.path:
             _check(teacher_location(self.path) != "missing", "path",
                    f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL nor a hub id "
@@ -219,7 +211,7 @@ class EvalConfig:
     cpus: float = 0.0
     gpus: float = 0.0
     # The paper's image metrics, each computed only when its weights are given as a local path
-    # (models/image_metrics.py): DINO / CLIP image models (diversity), PickScore, ImageReward.
+    # (models/metrics/image.py): DINO / CLIP image models (diversity), PickScore, ImageReward.
     dino_path: str = ""
     clip_path: str = ""
     pickscore_path: str = ""

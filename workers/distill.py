@@ -7,40 +7,16 @@ checkpoints, so the same function runs under Ray Train, torchrun or a single pro
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from models.adapter import Conditioning, TeacherAdapter
 from models.flow import interpolate, sample_sigmas, x0_from_velocity
-from models.losses import (LossOutput, NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss,
-                           diversity_loss_x0, dmd_loss, generator_objective)
+from models.losses import LossOutput, NonFiniteLossError, critic_loss, dmd_loss, generator_objective
 from models.rollout import GeneratorRollout, generator_rollout
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
-
-
-@dataclass
-class Progress:
-    """Where the run stands; with the engines and RNG state, everything a resume needs."""
-
-    generator_updates: int = 0  # completed generator updates (one cycle = critic updates + 1 generator update)
-    critic_updates: int = 0
-    cycle_position: int = 0  # critic updates done in the current cycle
-    rows_consumed: int = 0  # data position: anchor rows this rank's generator updates have consumed
-    prompt_rows_consumed: int = 0  # data position of the critic's prompt stream
-    skipped_steps: int = 0  # steps every rank agreed to skip on a non-finite loss
-    resumes: int = 0  # times the run continued from a checkpoint
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, text: str) -> Progress:
-        return cls(**json.loads(text))
 
 
 class Distiller:
@@ -103,16 +79,9 @@ class Distiller:
         return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
 
     def _diversity(self, rollout: GeneratorRollout, x_start: torch.Tensor, batch: AnchorBatch) -> LossOutput:
-        """Loss 1 in the teacher's parameterisation (docs/method.md): the average velocity over [t_K, 1] for flow
-        teachers; for epsilon-prediction teachers, the generator's first-step x0 estimate against the
-        teacher's x0 estimate at z_K."""
-        if self.adapter.prediction_type == "epsilon":
-            if batch.x0_anchor is None:
-                raise ValueError("this epsilon-prediction teacher's diversity target needs the anchors' x0 "
-                                 "estimates (x0_anchor), which these anchor rows lack; precompute them again")
-            x0_first = x0_from_velocity(x_start, rollout.v_first, self.generator_sigmas[0])
-            return diversity_loss_x0(x0_first, batch.x0_anchor)
-        return diversity_loss(rollout.v_first, anchor_velocity(batch.eps, batch.z, batch.t_anchor))
+        """Loss 1 in the teacher's parameterisation, which the adapter knows (docs/method.md)."""
+        return self.adapter.diversity_loss(rollout.v_first, x_start, self.generator_sigmas[0], batch.eps, batch.z,
+                                           batch.t_anchor, batch.x0_anchor)
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -147,19 +116,3 @@ def copy_for_training(teacher: nn.Module) -> nn.Module:
     net = copy.deepcopy(teacher)
     net.train().requires_grad_(True)
     return net
-
-
-def write_progress(directory: Path, progress: Progress, rng: torch.Generator, rank: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (directory / "progress.json").write_text(progress.to_json())
-    torch.save({"rng": rng.get_state(), "torch": torch.get_rng_state()}, directory / f"rng_rank{rank}.pt")
-
-
-def read_progress(directory: Path, rng: torch.Generator, rank: int) -> Progress:
-    progress = Progress.from_json((directory / "progress.json").read_text())
-    state = torch.load(directory / f"rng_rank{rank}.pt", weights_only=True)
-    rng.set_state(state["rng"])
-    torch.set_rng_state(state["torch"])
-    return progress
-

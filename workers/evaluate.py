@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from models.adapter import LoadOptions, TeacherAdapter
-from models.families import family_module
+from models.families import get_family
 from models.sampling import Sampler, grid_pairs, sample
-from workers.config import RunConfig
+from workers.config import ConfigError, RunConfig
 
 
 def read_prompts(path: str) -> list[str]:
@@ -28,13 +28,26 @@ def read_prompts(path: str) -> list[str]:
 
 
 def training_prompts(config: RunConfig) -> list[str]:
-    traj = config.trajectories
-    return read_prompts(traj.prompts) if traj.prompts else family_module(config.teacher.family).training_prompts()
+    """trajectories.prompts, else the family's built-in ones (pretrained families have none; the paper trains on
+    DiffusionDB prompts)."""
+    return config_prompts(config, "trajectories.prompts", config.trajectories.prompts)
 
 
 def eval_prompts(config: RunConfig) -> list[str]:
-    ev = config.evaluation
-    return read_prompts(ev.prompts) if ev.prompts else family_module(config.teacher.family).eval_prompts()
+    """evaluation.prompts, else the family's built-in ones (pretrained families have none; the paper evaluates on
+    the Pick-a-Pic test prompts)."""
+    return config_prompts(config, "evaluation.prompts", config.evaluation.prompts)
+
+
+def config_prompts(config: RunConfig, key: str, path: str) -> list[str]:
+    """The prompts of the file at path (the value of key), or the family's built-in ones when path is empty."""
+    if path:
+        return read_prompts(path)
+    found = get_family(config.teacher.family)
+    if not found.prompts:
+        raise ConfigError(key, f"the {found.name} family has no built-in prompts: set {key} to a text file with one "
+                               "prompt a line")
+    return list(found.prompts)
 
 
 def eval_seeds(config: RunConfig) -> list[int]:
@@ -62,8 +75,6 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", family:
     it was trained for (the exported sigmas). family: the recipe's teacher family, which must match."""
     import json
 
-    from workers.config import ConfigError
-
     meta_path = Path(path) / GENERATOR_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not an exported generator (no {GENERATOR_META}); give the "
@@ -74,7 +85,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", family:
                                          f"teacher.family is {family}; give the recipe it was trained with "
                                          f"(e.g. --recipe {meta['family']})")
     options = LoadOptions(text_encoders=True, vae=True, resolution=meta.get("resolution", 0))
-    adapter, net = family_module(meta["family"]).load_teacher(path, options)
+    adapter, net = get_family(meta["family"]).load_teacher(path, options)
     net.eval().requires_grad_(False).to(device)
     adapter.to(device)
     sigmas = (torch.tensor(meta["sigmas"], dtype=torch.float32) if "sigmas" in meta
@@ -98,14 +109,14 @@ def evaluate(config: RunConfig, adapter: TeacherAdapter, net: nn.Module, sampler
     samples = adapter.decode(sample(adapter, net, prompts, seeds, sampler, batch_size=config.evaluation.batch_size,
                                     device=device))
     # The real-data reference draw is the same for every model and training seed compared.
-    metrics = family_module(config.teacher.family).evaluate_samples(samples, prompts, seed=0)
+    metrics = get_family(config.teacher.family).evaluate_samples(samples, prompts, 0)
     metrics.update(paper_metrics(config, samples, prompts))
     return Evaluation(prompts, seeds, samples, metrics)
 
 
 def paper_metrics(config: RunConfig, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """DINO / CLIP diversity, PickScore and ImageReward for those whose weights evaluation.*_path gives."""
-    from models.image_metrics import external_metrics
+    from models.metrics.image import external_metrics
 
     ev = config.evaluation
     return external_metrics(images, prompts, ev.dino_path, ev.clip_path, ev.pickscore_path, ev.imagereward_path)

@@ -3,7 +3,6 @@ shards of anchors. Ray Data runs a pool of these; without Ray, one runs in the c
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -16,8 +15,6 @@ from workers.batches import AnchorBatch
 from workers.schema import batch_to_table
 from workers.store import ShardInfo, StoreSpec, filesystem, write_negative, write_shard
 from workers.teacher import load_teacher
-
-CRASH_AFTER_ENV = "DPDMD_PRECOMPUTE_CRASH_AFTER_SHARDS"  # fault injection for tests: exit after N shards
 
 
 class AnchorWriter:
@@ -32,7 +29,6 @@ class AnchorWriter:
         self.dtype = torch.bfloat16 if self.config.teacher.dtype == "bf16" else torch.float32
         self.adapter, self.teacher = load_teacher(self.config, self.device, self.dtype)
         write_negative(self.fs, self.root, self.adapter.negative_conditioning(1))
-        self.written = 0
 
     def write(self, index: int) -> ShardInfo:
         prompt_ids, seeds = self.spec.shard_rows(index)
@@ -48,11 +44,7 @@ class AnchorWriter:
                             cond=type(parts[0].cond).cat([p.cond for p in parts]),
                             prompt_ids=prompt_ids, seeds=seeds, x0_anchor=None if x0[0] is None else torch.cat(x0))
         table, _ = batch_to_table(batch, [self.spec.prompts[i] for i in prompt_ids])
-        info = write_shard(self.fs, self.root, index, table)
-        self.written += 1
-        if self.written == int(os.environ.get(CRASH_AFTER_ENV, "0") or 0):
-            os._exit(17)  # a killed actor: the shard in flight is lost, the written ones stay
-        return info
+        return write_shard(self.fs, self.root, index, table)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows: dict[str, list] = {k: [] for k in ("index", "name", "rows", "sha256", "bytes", "seconds")}

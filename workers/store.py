@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from models.adapter import Conditioning
-from models.families import family_module
+from models.families import get_family
 from models.sampling import seeded_noise
 from workers.config import RunConfig
 from workers.batches import AnchorBatch, PromptBatch
@@ -159,7 +159,7 @@ def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path, world_s
         "weights_sha256": weights_digest(teacher_dir),
         "guidance_scale": t.guidance_scale,
         "anchor_step": config.loss.anchor_step,
-        "scheduler": getattr(family_module(t.family), "ANCHOR_SCHEDULER", "FlowMatchEulerDiscreteScheduler"),
+        "scheduler": get_family(t.family).anchor_scheduler,
         "num_steps": t.num_steps,
         "shift": t.shift,
         "dtype": t.dtype,

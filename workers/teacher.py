@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.adapter import LoadOptions, cast
-from models.families import family_module
+from models.families import Family, get_family
 from models.flow import interpolate
 from models.losses import flow_matching_loss
 from workers.config import ConfigError, RunConfig, teacher_location
@@ -33,7 +33,7 @@ def embedded_teacher_dir(config: RunConfig) -> Path:
 
 def shipped_teacher(config: RunConfig) -> Path | None:
     """The family's teacher shipped in the repository, when it was trained with exactly these settings."""
-    shipped = getattr(family_module(config.teacher.family), "shipped_teacher_dir", lambda: None)()
+    shipped = get_family(config.teacher.family).shipped_teacher
     if shipped is None or not (shipped / "training_log.json").is_file():
         return None
     log = json.loads((shipped / "training_log.json").read_text())
@@ -144,13 +144,9 @@ def load_teacher(config: RunConfig, device: torch.device | str = "cpu", dtype: t
                else "point teacher.path at a directory written by `dpdmd train-teacher` or save_pretrained")
         raise FileNotFoundError(f"no {config.teacher.family} teacher at {path}: {fix}")
     options = LoadOptions(text_encoders=text_encoders, vae=vae, resolution=config.teacher.resolution, dtype=dtype)
-    try:
-        adapter, net = family_module(config.teacher.family).load_teacher(path, options)
-        adapter.check_schedule(config.teacher.num_steps, config.teacher.shift)
-    except ValueError as err:
-        key = "teacher.shift" if "teacher.shift" in str(err) else "teacher.resolution" if "resolution" in str(err) \
-            else "teacher.path"
-        raise ConfigError(key, str(err)) from None
+    # A wrong pipeline, resolution or shift: the family raises ConfigError naming the key.
+    adapter, net = get_family(config.teacher.family).load_teacher(path, options)
+    adapter.check_schedule(config.teacher.num_steps, config.teacher.shift)
     for module in (net, *adapter.trainable_modules()):
         module.eval().requires_grad_(False)
     cast(net.to(device), dtype)
@@ -166,9 +162,13 @@ def train_teacher(config: RunConfig, out_dir: Path | None = None, progress: bool
     rows sees the empty prompt so the same network gives the unconditional velocity CFG needs.
     Random draws come from one CPU generator whatever the device, so a GPU run sees the same data.
     """
-    family, train = family_module(config.teacher.family), config.teacher.train
+    found, train = get_family(config.teacher.family), config.teacher.train
+    if found.trainer is None:
+        raise ConfigError("teacher.family", f"{found.name} teachers are pretrained, not trained here: distil from one "
+                                            f"with teacher.path set to a {found.pipeline_class} directory, an s3:// "
+                                            "URL of one, or a hub id")
     out_dir = Path(out_dir) if out_dir is not None else embedded_teacher_dir(config)
-    adapter, net = family.new_teacher(width=train.width, seed=train.seed)
+    adapter, net = found.trainer.new_teacher(train.width, train.seed)
     modules = [net, *adapter.trainable_modules()]
     parameters = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -181,7 +181,7 @@ def train_teacher(config: RunConfig, out_dir: Path | None = None, progress: bool
     bar = tqdm(range(train.steps), desc=f"train {config.teacher.family} teacher", disable=not progress,
                mininterval=2.0)
     for step in bar:
-        x0, prompts = family.training_batch(train.batch_size, generator)
+        x0, prompts = found.trainer.training_batch(train.batch_size, generator)
         x0 = x0.to(device)
         drop = torch.rand(train.batch_size, generator=generator) < train.cfg_dropout
         cond = adapter.encode_prompts(prompts).where(drop, adapter.negative_conditioning(train.batch_size))
@@ -199,17 +199,17 @@ def train_teacher(config: RunConfig, out_dir: Path | None = None, progress: bool
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
     for m in modules:
         m.cpu()
-    _save_atomically(family, adapter, net, out_dir, {"family": config.teacher.family, "train": asdict(train),
-                                    "seconds": round(time.time() - start, 1), "losses": losses})
+    _save_atomically(found, adapter, net, out_dir, {"family": config.teacher.family, "train": asdict(train),
+                                   "seconds": round(time.time() - start, 1), "losses": losses})
     return out_dir
 
 
-def _save_atomically(family, adapter, net, out_dir: Path, log: dict) -> None:
+def _save_atomically(found: Family, adapter, net, out_dir: Path, log: dict) -> None:
     """Write into a sibling temp dir, then rename: a killed run never leaves a half-written teacher."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        family.save_teacher(adapter, net, tmp)
+        found.save_teacher(adapter, net, tmp)
         (tmp / "training_log.json").write_text(json.dumps(log))
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -17,16 +17,17 @@ import torch
 from torch import nn
 
 from models.adapter import Conditioning, TeacherAdapter, cast
-from models.families import family_module
+from models.families import get_family
 from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
-from workers.distill import Distiller, Progress, copy_for_training, read_progress, write_progress
+from workers.distill import Distiller, copy_for_training
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
+from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
 
@@ -208,7 +209,7 @@ def export_generator(config: RunConfig, adapter, generator, export_dir: Path, ra
         if rank == 0:
             export_dir.mkdir(parents=True, exist_ok=True)
             module = cast(copy.deepcopy(generator.module), torch.float32)
-            family_module(config.teacher.family).save_teacher(adapter, module, export_dir)
+            get_family(config.teacher.family).save_teacher(adapter, module, export_dir)
             # The scheduler's set_timesteps(num_steps) visits exactly the sigmas the generator trained on;
             # they are also written out (flow times, and the scheduler's timesteps), so that any sampler can
             # be given them explicitly.

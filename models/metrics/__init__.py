@@ -1,7 +1,8 @@
 """Diversity and quality metrics, as pure functions of samples (and features) with known answers.
 
 Image domains follow the paper's protocol: R seeds per prompt, diversity = 1 - mean pairwise cosine
-similarity of L2-normalised features, averaged over prompts. toy2d's mode metrics live in models/toy2d.py.
+similarity of L2-normalised features, averaged over prompts. toy2d's mode metrics live in models/families/toy2d.py;
+the paper's image feature models in models/metrics/image.py.
 """
 
 from __future__ import annotations

@@ -15,19 +15,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, TeacherAdapter, cast
+from models.adapter import Conditioning, LoadOptions, TeacherAdapter
+from models.errors import ConfigError
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
 from models.flow import sampling_sigmas
-from models.pretrained import (check_resolution, copy_pipeline_components, pixel_diversity, read_component_config,
-                               read_model_index)
-from models.pretrained import render as render_images
 
-FAMILY = "sd3"
-PIPELINE_CLASS = "StableDiffusion3Pipeline"
+NAME = "sd3"
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default and the reference script's
-# The sweep's two objectives: the paper's DINO diversity and PickScore, which need evaluation.dino_path
-# and evaluation.pickscore_path (models/image_metrics.py).
-DIVERSITY = ("dino_diversity", 1)
-QUALITY = ("pickscore", 1)
 
 # transformer/config.json of stabilityai/stable-diffusion-3.5-medium (MMDiT-X: the first 13 blocks attend
 # over the image stream a second time), so that benchmarks can build the real network with random weights.
@@ -55,8 +50,7 @@ class SD3Adapter(TeacherAdapter):
     """Conditioning: {"prompt_embeds": (B, 77 + 256, 4096), "pooled_projections": (B, 2048)} for SD3.5, from
     the pipeline's own encode_prompt. Holds the text encoders and VAE only when they were loaded."""
 
-    family = FAMILY
-    prediction_type = "velocity"
+    family = NAME
 
     def __init__(self, resolution: int, latent_channels: int, vae_scale_factor: int,
                  scheduler: FlowMatchEulerDiscreteScheduler, source: Path | None = None, text_pipeline=None,
@@ -120,15 +114,16 @@ def check_flow_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: i
     """The anchors and the DMD timesteps use sampling_sigmas(num_steps, shift); the teacher's own scheduler
     must visit the same sigmas, or the anchors would not be the teacher's ODE."""
     if scheduler.config.get("use_dynamic_shifting"):
-        raise ValueError("the teacher's scheduler uses dynamic (resolution-dependent) shifting, which the anchor "
-                         "rollout does not reproduce; use a pipeline whose scheduler has a fixed shift")
+        raise ConfigError("teacher.path", "the teacher's scheduler uses dynamic (resolution-dependent) shifting, "
+                                          "which the anchor rollout does not reproduce; use a pipeline whose "
+                                          "scheduler has a fixed shift")
     own = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     own.set_timesteps(num_steps, device="cpu")
     ours = sampling_sigmas(num_steps, shift)
     if own.sigmas.shape != ours.shape or not torch.allclose(own.sigmas.float(), ours, atol=1e-4):
-        raise ValueError(f"the teacher's scheduler (shift {scheduler.config.shift}) visits other sigmas than "
-                         f"teacher.shift={shift} gives over {num_steps} steps; set teacher.shift="
-                         f"{scheduler.config.shift}")
+        raise ConfigError("teacher.shift", f"the teacher's scheduler (shift {scheduler.config.shift}) visits other "
+                                           f"sigmas than teacher.shift={shift} gives over {num_steps} steps; set "
+                                           f"teacher.shift={scheduler.config.shift}")
 
 
 def deterministic_scheduler(path: Path, family: str) -> FlowMatchEulerDiscreteScheduler:
@@ -136,17 +131,18 @@ def deterministic_scheduler(path: Path, family: str) -> FlowMatchEulerDiscreteSc
     config = read_component_config(path, "scheduler")
     name = config.get("_class_name", "?")
     if name != "FlowMatchEulerDiscreteScheduler":
-        raise ValueError(f"{path}/scheduler is a {name}; the {family} anchor rollout is the deterministic "
-                         "FlowMatchEulerDiscreteScheduler ODE, so the pipeline must use that scheduler")
+        raise ConfigError("teacher.path", f"{path}/scheduler is a {name}; the {family} anchor rollout is the "
+                                          "deterministic FlowMatchEulerDiscreteScheduler ODE, so the pipeline must "
+                                          "use that scheduler")
     if config.get("stochastic_sampling"):
-        raise ValueError(f"{path}/scheduler samples stochastically (stochastic_sampling: true); the teacher's "
-                         "anchor rollout needs its deterministic ODE: set stochastic_sampling to false in "
-                         "scheduler/scheduler_config.json")
+        raise ConfigError("teacher.path", f"{path}/scheduler samples stochastically (stochastic_sampling: true); "
+                                          "the teacher's anchor rollout needs its deterministic ODE: set "
+                                          "stochastic_sampling to false in scheduler/scheduler_config.json")
     return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Family hooks (models.families)
+# Loading, and the benchmarks' random teacher
 
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SD3Adapter, SD3Transformer2DModel]:
@@ -154,22 +150,17 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     from diffusers import StableDiffusion3Pipeline
 
     path = Path(path)
-    read_model_index(path, PIPELINE_CLASS, FAMILY)
-    scheduler = deterministic_scheduler(path, FAMILY)
+    read_model_index(path, NAME)
+    scheduler = deterministic_scheduler(path, NAME)
     transformer_config = read_component_config(path, "transformer")
     vae_config = read_component_config(path, "vae")
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     patch, native = transformer_config.get("patch_size", 2), transformer_config["sample_size"] * vae_scale_factor
     resolution = options.resolution or native
     max_tokens = transformer_config.get("pos_embed_max_size") or transformer_config["sample_size"] // patch
-    check_resolution(resolution, vae_scale_factor * patch, max_tokens * patch * vae_scale_factor, FAMILY)
-    net = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=options.dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
-    text_pipeline = None
-    if options.text_encoders:
-        text_pipeline = StableDiffusion3Pipeline.from_pretrained(path, transformer=None, vae=None, scheduler=scheduler,
-                                                                 torch_dtype=options.dtype)
-        text_pipeline.set_progress_bar_config(disable=True)
+    check_resolution(resolution, vae_scale_factor * patch, max_tokens * patch * vae_scale_factor, NAME)
+    net, vae, text_pipeline = load_components(path, options, "transformer", SD3Transformer2DModel,
+                                              StableDiffusion3Pipeline, scheduler)
     adapter = SD3Adapter(resolution, transformer_config["in_channels"], vae_scale_factor, scheduler, path,
                          text_pipeline, vae, vae_config.get("scaling_factor", SD3_SCALING_FACTOR),
                          vae_config.get("shift_factor", SD3_SHIFT_FACTOR) or 0.0)
@@ -181,10 +172,7 @@ def random_teacher(transformer_config: dict = SD35_MEDIUM_TRANSFORMER, resolutio
                    ) -> tuple[SD3Adapter, SD3Transformer2DModel]:
     """(adapter, transformer) with random weights and no text encoders or VAE: the real network's cost without
     a download (benchmarks feed it random prompt embeddings of the shapes in conditioning_shapes)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = SD3Transformer2DModel(**transformer_config)
-    cast(net, dtype)
+    net = random_denoiser(SD3Transformer2DModel, transformer_config, seed, dtype, device)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return SD3Adapter(resolution, transformer_config["in_channels"], SD3_VAE_SCALE_FACTOR, scheduler), net
 
@@ -196,38 +184,4 @@ def conditioning_shapes(transformer_config: dict = SD35_MEDIUM_TRANSFORMER,
             "pooled_projections": (transformer_config["pooled_projection_dim"],)}
 
 
-def save_teacher(adapter: SD3Adapter, net: SD3Transformer2DModel, path: str | Path) -> None:
-    """A StableDiffusion3Pipeline directory: the teacher's components with net as the transformer.
-    (export_generator then writes the generator's scheduler over the teacher's.)"""
-    path = Path(path)
-    copy_pipeline_components(adapter.source, path, {"transformer"}, FAMILY)
-    net.save_pretrained(path / "transformer")
-
-
-def new_teacher(width: int, seed: int):
-    raise ValueError("sd3 teachers are pretrained, not trained here: set teacher.path to a StableDiffusion3Pipeline "
-                     "directory, an s3:// URL of one, or a hub id such as stabilityai/stable-diffusion-3.5-medium")
-
-
-def training_batch(batch_size: int, generator: torch.Generator):
-    return new_teacher(0, 0)
-
-
-def training_prompts() -> list[str]:
-    raise ValueError("the sd3 family has no built-in prompts: set trajectories.prompts to a text file with one "
-                     "prompt a line (the paper trains on DiffusionDB prompts)")
-
-
-def eval_prompts() -> list[str]:
-    raise ValueError("the sd3 family has no built-in prompts: set evaluation.prompts to a text file with one "
-                     "prompt a line (the paper evaluates on the Pick-a-Pic test prompts)")
-
-
-def evaluate_samples(images: torch.Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
-    """Images (B, 3, H, W) in [-1, 1], prompt-major."""
-    return {"pixel_diversity": pixel_diversity(images, prompts)}
-
-
-def render(samples: dict[str, torch.Tensor], prompts: list[str], path: str | Path) -> Path:
-    """A PNG grid of decoded images (name -> (B, 3, H, W) in [-1, 1]), one row per prompt."""
-    return render_images(samples, prompts, path)
+FAMILY = pretrained_family(NAME, "StableDiffusion3Pipeline", "transformer", load_teacher)

@@ -3,7 +3,7 @@ DINO/CLIP protocol. It classifies shape and colour (prompt adherence, GenEval's 
 size and shade (attribute spread, a diversity measure with a ground truth), and its penultimate features are
 the feature space for the paper's pairwise diversity and for a Frechet distance to real images.
 
-    python -c "from models.shapes_evaluator import train_evaluator; train_evaluator('models/weights/shapes-evaluator')"
+    python -c "from models.families.shapes.evaluator import train_evaluator; train_evaluator('models/weights/shapes-evaluator')"
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from models.families import SHIPPED_WEIGHTS
+from models.families.shapes.domain import (COLOURS, SHAPES, images_for_prompts, parse_prompt, prompt_groups,
+                                           sample_batch)
 from models.metrics import frechet_distance, pairwise_diversity
-from models.shapes import (COLOURS, SHAPES, WEIGHTS_DIR, images_for_prompts, parse_prompt, prompt_groups,
-                           sample_batch)
 
 ATTRIBUTES = ("x", "y", "size", "shade")
 
@@ -108,7 +109,7 @@ def evaluator_accuracy(evaluator: ShapesEvaluator, num_images: int = 4096, seed:
 
 
 def shipped_evaluator_dir() -> Path:
-    return WEIGHTS_DIR / "shapes-evaluator"
+    return SHIPPED_WEIGHTS / "shapes-evaluator"
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,7 +118,7 @@ def load_evaluator(path: str | None = None) -> ShapesEvaluator:
     directory = Path(path) if path else shipped_evaluator_dir()
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no shapes evaluator at {directory}; train one with "
-                                f"models.shapes_evaluator.train_evaluator('{directory}')")
+                                f"models.families.shapes.evaluator.train_evaluator('{directory}')")
     return ShapesEvaluator.from_pretrained(str(directory), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 

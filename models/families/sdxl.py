@@ -23,16 +23,14 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from torch import nn
 
-from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, cast, network_dtype
-from models.flow import expand_t
-from models.pretrained import (check_resolution, copy_pipeline_components, pixel_diversity, read_component_config,
-                               read_model_index)
-from models.pretrained import render as render_images
+from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
+from models.errors import ConfigError
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
+from models.flow import expand_t, x0_from_velocity
+from models.losses import LossOutput, diversity_loss_x0
 
-FAMILY = "sdxl"
-PIPELINE_CLASS = "StableDiffusionXLPipeline"
-DIVERSITY = ("dino_diversity", 1)
-QUALITY = ("pickscore", 1)
+NAME = "sdxl"
 
 # Schedulers whose sampling is the deterministic Euler ODE in sigma (DDIM with eta = 0, the pipeline's
 # default, takes the same step), and schedulers that inject noise at every step.
@@ -80,8 +78,8 @@ class SDXLAdapter(TeacherAdapter):
     from the pipeline's own encode_prompt; the negative is the pipeline's too (zeros when the pipeline has
     force_zeros_for_empty_prompt). Holds the text encoders and VAE only when they were loaded."""
 
-    family = FAMILY
-    prediction_type = "epsilon"
+    family = NAME
+    anchor_x0 = True
 
     def __init__(self, resolution: int, latent_channels: int, vae_scale_factor: int, scheduler: EulerDiscreteScheduler,
                  source: Path | None = None, text_pipeline=None, vae: AutoencoderKL | None = None,
@@ -163,8 +161,9 @@ class SDXLAdapter(TeacherAdapter):
 
     def check_schedule(self, num_steps: int, shift: float) -> None:
         if shift != 1.0:
-            raise ValueError(f"the sdxl family samples with its own EulerDiscreteScheduler's sigmas, which no shift "
-                             f"changes; set teacher.shift=1.0 and leave generator.shift unset (got {shift})")
+            raise ConfigError("teacher.shift", "the sdxl family samples with its own EulerDiscreteScheduler's sigmas, "
+                                               "which no shift changes; set teacher.shift=1.0 and leave "
+                                               f"generator.shift unset (got {shift})")
 
     def _own_scheduler(self, role: Role) -> EulerDiscreteScheduler:
         return (EulerDiscreteScheduler.from_config(self.scheduler.config) if role == "teacher"
@@ -203,6 +202,17 @@ class SDXLAdapter(TeacherAdapter):
         return EulerDiscreteScheduler.from_config(self.scheduler.config, timestep_spacing="trailing",
                                                   final_sigmas_type="zero")
 
+    # -- the diversity target ------------------------------------------------------------------------------
+
+    def diversity_loss(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
+                       z_anchor: torch.Tensor, t_anchor: torch.Tensor, x0_anchor: torch.Tensor | None) -> LossOutput:
+        """Loss 1 in the x-prediction form of epsilon-prediction teachers (docs/method.md): the generator's x0
+        estimate at its first step against the teacher's guided x0 estimate at z_K."""
+        if x0_anchor is None:
+            raise ValueError("this epsilon-prediction teacher's diversity target needs the anchors' x0 estimates "
+                             "(x0_anchor), which these anchor rows lack; precompute them again")
+        return diversity_loss_x0(x0_from_velocity(x_start, v_first, t_start), x0_anchor)
+
     # -- the rest ------------------------------------------------------------------------------------------
 
     def to(self, device: torch.device | str) -> SDXLAdapter:
@@ -238,24 +248,26 @@ def ode_scheduler(path: Path) -> EulerDiscreteScheduler:
     name = config.get("_class_name", "?")
     algorithm = str(config.get("algorithm_type", ""))
     if name in STOCHASTIC_SCHEDULERS or "sde" in algorithm:
-        raise ValueError(f"{path}/scheduler is a {name}{f' ({algorithm})' if algorithm else ''}, which samples "
-                         "stochastically; the teacher's anchor rollout needs a deterministic ODE sampler: save the "
-                         "pipeline with EulerDiscreteScheduler.from_config(pipe.scheduler.config) (or DDIMScheduler)")
+        raise ConfigError("teacher.path", f"{path}/scheduler is a {name}{f' ({algorithm})' if algorithm else ''}, "
+                          "which samples stochastically; the teacher's anchor rollout needs a deterministic ODE "
+                          "sampler: save the pipeline with EulerDiscreteScheduler.from_config(pipe.scheduler.config) "
+                          "(or DDIMScheduler)")
     if name not in ODE_SCHEDULERS:
-        raise ValueError(f"{path}/scheduler is a {name}; the sdxl anchor rollout is the Euler ODE of "
-                         f"{' or '.join(ODE_SCHEDULERS)}: save the pipeline with "
-                         "EulerDiscreteScheduler.from_config(pipe.scheduler.config)")
+        raise ConfigError("teacher.path", f"{path}/scheduler is a {name}; the sdxl anchor rollout is the Euler ODE of "
+                                          f"{' or '.join(ODE_SCHEDULERS)}: save the pipeline with "
+                                          "EulerDiscreteScheduler.from_config(pipe.scheduler.config)")
     if config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{path}/scheduler has prediction_type {config['prediction_type']!r}; the sdxl family "
-                         "loads epsilon-prediction teachers (SDXL base) only")
+        raise ConfigError("teacher.path", f"{path}/scheduler has prediction_type {config['prediction_type']!r}; the "
+                                          "sdxl family loads epsilon-prediction teachers (SDXL base) only")
     if config.get("timestep_type", "discrete") != "discrete" or config.get("rescale_betas_zero_snr"):
-        raise ValueError(f"{path}/scheduler uses continuous timesteps or zero-terminal-SNR betas, which the sdxl "
-                         "family does not support; use the discrete epsilon-prediction schedule of SDXL base")
+        raise ConfigError("teacher.path", f"{path}/scheduler uses continuous timesteps or zero-terminal-SNR betas, "
+                                          "which the sdxl family does not support; use the discrete "
+                                          "epsilon-prediction schedule of SDXL base")
     return EulerDiscreteScheduler.from_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Family hooks (models.families)
+# Loading, and the benchmarks' random teacher
 
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SDXLAdapter, UNet2DConditionModel]:
@@ -263,24 +275,19 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
-    read_model_index(path, PIPELINE_CLASS, FAMILY)
+    read_model_index(path, NAME)
     scheduler = ode_scheduler(path)
     unet_config = read_component_config(path, "unet")
     if unet_config.get("addition_embed_type") != "text_time":
-        raise ValueError(f"{path}/unet is not an SDXL UNet (addition_embed_type {unet_config.get('addition_embed_type')!r}, "
-                         "expected 'text_time')")
+        raise ConfigError("teacher.path", f"{path}/unet is not an SDXL UNet (addition_embed_type "
+                                          f"{unet_config.get('addition_embed_type')!r}, expected 'text_time')")
     vae_config = read_component_config(path, "vae")
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     native = unet_config["sample_size"] * vae_scale_factor
     resolution = options.resolution or native
-    check_resolution(resolution, vae_scale_factor * 2 ** (len(unet_config["down_block_types"]) - 1), 2 * native, FAMILY)
-    net = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=options.dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
-    text_pipeline = None
-    if options.text_encoders:
-        text_pipeline = StableDiffusionXLPipeline.from_pretrained(path, unet=None, vae=None, scheduler=scheduler,
-                                                                  torch_dtype=options.dtype)
-        text_pipeline.set_progress_bar_config(disable=True)
+    check_resolution(resolution, vae_scale_factor * 2 ** (len(unet_config["down_block_types"]) - 1), 2 * native, NAME)
+    net, vae, text_pipeline = load_components(path, options, "unet", UNet2DConditionModel, StableDiffusionXLPipeline,
+                                              scheduler)
     adapter = SDXLAdapter(resolution, unet_config["in_channels"], vae_scale_factor, scheduler, path, text_pipeline,
                           vae, vae_config.get("scaling_factor", SDXL_SCALING_FACTOR), vae_config.get("latents_mean"),
                           vae_config.get("latents_std"))
@@ -292,10 +299,7 @@ def random_teacher(unet_config: dict = SDXL_BASE_UNET, resolution: int = 1024, s
                    ) -> tuple[SDXLAdapter, UNet2DConditionModel]:
     """(adapter, UNet) with random weights and no text encoders or VAE: the real network's cost without a
     download (benchmarks feed it random prompt embeddings of the shapes in conditioning_shapes)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        net = UNet2DConditionModel(**unet_config)
-    cast(net, dtype)
+    net = random_denoiser(UNet2DConditionModel, unet_config, seed, dtype, device)
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     return SDXLAdapter(resolution, unet_config["in_channels"], SDXL_VAE_SCALE_FACTOR, scheduler), net
 
@@ -305,38 +309,4 @@ def conditioning_shapes(unet_config: dict = SDXL_BASE_UNET, pooled_dim: int = 12
     return {"prompt_embeds": (77, unet_config["cross_attention_dim"]), "text_embeds": (pooled_dim,), "time_ids": (6,)}
 
 
-def save_teacher(adapter: SDXLAdapter, net: UNet2DConditionModel, path: str | Path) -> None:
-    """A StableDiffusionXLPipeline directory: the teacher's components with net as the UNet.
-    (export_generator then writes the generator's scheduler over the teacher's.)"""
-    path = Path(path)
-    copy_pipeline_components(adapter.source, path, {"unet"}, FAMILY)
-    net.save_pretrained(path / "unet")
-
-
-def new_teacher(width: int, seed: int):
-    raise ValueError("sdxl teachers are pretrained, not trained here: set teacher.path to a StableDiffusionXLPipeline "
-                     "directory, an s3:// URL of one, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0")
-
-
-def training_batch(batch_size: int, generator: torch.Generator):
-    return new_teacher(0, 0)
-
-
-def training_prompts() -> list[str]:
-    raise ValueError("the sdxl family has no built-in prompts: set trajectories.prompts to a text file with one "
-                     "prompt a line (the paper trains on DiffusionDB prompts)")
-
-
-def eval_prompts() -> list[str]:
-    raise ValueError("the sdxl family has no built-in prompts: set evaluation.prompts to a text file with one "
-                     "prompt a line (the paper evaluates on the Pick-a-Pic test prompts)")
-
-
-def evaluate_samples(images: torch.Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
-    """Images (B, 3, H, W) in [-1, 1], prompt-major."""
-    return {"pixel_diversity": pixel_diversity(images, prompts)}
-
-
-def render(samples: dict[str, torch.Tensor], prompts: list[str], path: str | Path) -> Path:
-    """A PNG grid of decoded images (name -> (B, 3, H, W) in [-1, 1]), one row per prompt."""
-    return render_images(samples, prompts, path)
+FAMILY = pretrained_family(NAME, "StableDiffusionXLPipeline", "unet", load_teacher, ANCHOR_SCHEDULER)

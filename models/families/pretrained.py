@@ -1,23 +1,27 @@
 """What the pretrained diffusers families (sd3, sdxl) share: reading a saved pipeline directory with errors
-that name the fix, writing an exported generator around the teacher's other components, and pictures."""
+that name the fix, writing an exported generator around the teacher's other components, pictures, and the
+Family they build from their own loader (pretrained_family)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from models.adapter import LoadOptions, TeacherAdapter, cast
+from models.errors import ConfigError
+from models.families import NAMES, Family, get_family
 from models.metrics import pairwise_diversity
 
 MODEL_INDEX = "model_index.json"
 
 
-def read_model_index(path: str | Path, expected_class: str, family: str) -> dict:
+def read_model_index(path: str | Path, family_name: str) -> dict:
     """The pipeline's model_index.json, after checking that it is the pipeline class this family loads."""
-    from models.families import FAMILY_PIPELINES
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"teacher.path {path} does not exist: give a diffusers pipeline directory "
@@ -28,11 +32,14 @@ def read_model_index(path: str | Path, expected_class: str, family: str) -> dict
                                 "directory that DiffusionPipeline.save_pretrained writes")
     index = json.loads(index_path.read_text())
     found = index.get("_class_name", "?")
-    if found != expected_class:
-        other = [name for name, cls in FAMILY_PIPELINES.items() if cls == found]
-        fix = (f"set teacher.family={other[0]}" if other else
-               f"supported pipelines: {', '.join(f'{c} (teacher.family={n})' for n, c in FAMILY_PIPELINES.items())}")
-        raise ValueError(f"{path} holds a {found}, which the {family} family does not load; {fix}")
+    pipelines = {name: get_family(name).pipeline_class for name in NAMES if get_family(name).pipeline_class}
+    if found != pipelines[family_name]:
+        refused = f"{path} holds a {found}, which the {family_name} family does not load"
+        other = [name for name, cls in pipelines.items() if cls == found]
+        if other:
+            raise ConfigError("teacher.family", f"{refused}; set teacher.family={other[0]}")
+        supported = ", ".join(f"{c} (teacher.family={n})" for n, c in pipelines.items())
+        raise ConfigError("teacher.path", f"{refused}; supported pipelines: {supported}")
     return index
 
 
@@ -61,10 +68,36 @@ def copy_pipeline_components(source: Path | None, target: Path, skip: set[str], 
             shutil.copy2(entry, target / entry.name)
 
 
+def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_class, pipeline_class, scheduler):
+    """(net, vae, text_pipeline) of a pipeline directory in options.dtype: the denoiser (the component folder
+    named denoiser, of denoiser_class); the VAE when options.vae; when options.text_encoders, the pipeline
+    without denoiser and VAE, for its encode_prompt."""
+    from diffusers import AutoencoderKL
+
+    net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
+    text_pipeline = None
+    if options.text_encoders:
+        text_pipeline = pipeline_class.from_pretrained(path, **{denoiser: None}, vae=None, scheduler=scheduler,
+                                                       torch_dtype=options.dtype)
+        text_pipeline.set_progress_bar_config(disable=True)
+    return net, vae, text_pipeline
+
+
+def random_denoiser(denoiser_class, config: dict, seed: int, dtype: torch.dtype, device: torch.device | str):
+    """A denoiser of the released architecture (config) with random weights: the real network's cost without a
+    download, for benchmarks."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = denoiser_class(**config)
+    return cast(net, dtype)
+
+
 def check_resolution(resolution: int, multiple: int, largest: int, family: str) -> None:
     if resolution % multiple or not 0 < resolution <= largest:
-        raise ValueError(f"teacher.resolution={resolution} does not fit this {family} teacher: it must be a multiple "
-                         f"of {multiple} and at most {largest} (0 picks the model's native resolution)")
+        raise ConfigError("teacher.resolution", f"{resolution} does not fit this {family} teacher: it must be a "
+                                                f"multiple of {multiple} and at most {largest} (0 picks the model's "
+                                                "native resolution)")
 
 
 def pixel_diversity(images: torch.Tensor, prompts: list[str]) -> float:
@@ -102,3 +135,26 @@ def render(samples: dict[str, torch.Tensor], prompts: list[str], path: str | Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def pretrained_family(name: str, pipeline_class: str, denoiser: str,
+                      load_teacher: Callable[[Path, LoadOptions], tuple[TeacherAdapter, nn.Module]],
+                      anchor_scheduler: str = "FlowMatchEulerDiscreteScheduler") -> Family:
+    """The Family of a diffusers pipeline whose denoiser (the component folder that distillation trains,
+    e.g. "transformer" or "unet") is loaded by load_teacher. It has no built-in prompts or trainer; its sweep
+    objectives are the paper's DINO diversity and PickScore (evaluation.dino_path, evaluation.pickscore_path),
+    and without those its own metric is the pixel-space diversity."""
+
+    def save_teacher(adapter: TeacherAdapter, net: nn.Module, path: str | Path) -> None:
+        """A pipeline directory: the teacher's components with net as the denoiser (export_generator then
+        writes the generator's scheduler over the teacher's)."""
+        path = Path(path)
+        copy_pipeline_components(adapter.source, path, {denoiser}, name)
+        net.save_pretrained(path / denoiser)
+
+    def evaluate_samples(images: torch.Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
+        return {"pixel_diversity": pixel_diversity(images, prompts)}
+
+    return Family(name=name, load_teacher=load_teacher, save_teacher=save_teacher, evaluate_samples=evaluate_samples,
+                  render=render, diversity=("dino_diversity", 1), quality=("pickscore", 1),
+                  pipeline_class=pipeline_class, anchor_scheduler=anchor_scheduler)

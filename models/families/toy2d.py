@@ -16,15 +16,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, TeacherAdapter, check_native_resolution
+from models.families import SHIPPED_WEIGHTS, Family, TeacherTrainer
 from models.metrics import energy_distance, mean_pairwise_distance
 
-FAMILY = "toy2d"
-# The sweep's two objectives, (metric, +1 if higher is better): how far the sampled mode weights are from
-# the true ones (dropped and drained modes), and how many samples land on no mode.
-DIVERSITY = ("mode_kl", -1)
-QUALITY = ("off_mode_rate", -1)
-FIDELITY_COLUMNS = ("mode_kl", "live_modes", "off_mode_rate", "pairwise_distance")
-COLLAPSE = "live_modes"  # what a sweep's collapse guard compares with the teacher's (higher is better)
+NAME = "toy2d"
 
 
 @dataclass(frozen=True)
@@ -118,8 +113,7 @@ class Toy2DVelocityNet(ModelMixin, ConfigMixin):
 
 
 class Toy2DAdapter(TeacherAdapter):
-    family = FAMILY
-    prediction_type = "velocity"
+    family = NAME
 
     def __init__(self, num_classes: int = 4):
         self.num_classes = num_classes
@@ -137,7 +131,7 @@ class Toy2DAdapter(TeacherAdapter):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Family hooks (models.families): building, loading, data, evaluation and pictures
+# The family's parts: building, loading, data, evaluation and pictures
 
 
 def new_teacher(width: int, seed: int) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
@@ -147,29 +141,18 @@ def new_teacher(width: int, seed: int) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
     return Toy2DAdapter(net.config.num_classes), net
 
 
-def shipped_teacher_dir() -> Path | None:
-    """The teacher trained with orchestrator/recipes/toy2d.yaml and shipped in the repository: the demo's
-    runs then start from the same weights on every machine (and skip half a minute of training)."""
-    path = Path(__file__).parent / "weights" / "toy2d-teacher"
-    return path if (path / "config.json").is_file() else None
-
-
 def save_teacher(adapter: Toy2DAdapter, net: Toy2DVelocityNet, path: str | Path) -> None:
     net.save_pretrained(str(path))
 
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[Toy2DAdapter, Toy2DVelocityNet]:
-    check_native_resolution(options, None, FAMILY)
+    check_native_resolution(options, None, NAME)
     net = Toy2DVelocityNet.from_pretrained(str(path), low_cpu_mem_usage=False)
     return Toy2DAdapter(net.config.num_classes), net
 
 
-def training_prompts() -> list[str]:
+def prompts() -> list[str]:
     return [class_prompt(c) for c in range(default_mixture().num_classes)]
-
-
-def eval_prompts() -> list[str]:
-    return training_prompts()
 
 
 def training_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
@@ -276,3 +259,16 @@ def toy2d_metrics(points: torch.Tensor, class_ids: torch.Tensor, mixture: Mixtur
     if energies:
         result["energy_distance"] = float(torch.stack(energies).mean())
     return result
+
+
+FAMILY = Family(
+    name=NAME, load_teacher=load_teacher, save_teacher=save_teacher, evaluate_samples=evaluate_samples, render=render,
+    # The sweep's two objectives: how far the sampled mode weights are from the true ones (dropped and drained
+    # modes), and how many samples land on no mode.
+    diversity=("mode_kl", -1), quality=("off_mode_rate", -1),
+    collapse="live_modes",  # mode_kl is lower-is-better; the collapse guard watches the live modes instead
+    fidelity_columns=("mode_kl", "live_modes", "off_mode_rate", "pairwise_distance"),
+    prompts=tuple(prompts()), trainer=TeacherTrainer(new_teacher, training_batch),
+    # Trained with orchestrator/recipes/toy2d.yaml: the demo's runs start from the same weights on every machine
+    # (and skip half a minute of training).
+    shipped_teacher=SHIPPED_WEIGHTS / "toy2d-teacher")
