@@ -205,12 +205,12 @@ def plot_fidelity(result: dict, teacher: dict[str, float], family: str, path: Pa
     return path
 
 
-def plot_curves(rows: list[dict], module, config: RunConfig, path: Path) -> Path | None:
+def plot_curves(rows: list[dict], family, config: RunConfig, path: Path) -> Path | None:
     """fidelity_curve.png: each setting's diversity and quality against generator updates, from the trials'
     evaluations during training (evaluation.every; live_eval.jsonl), the mean over seeds; None without them."""
     from workers.live_eval import PREFIX, RESULTS
 
-    (d_name, _), (q_name, _) = module.DIVERSITY, module.QUALITY
+    (d_name, _), (q_name, _) = family.diversity, family.quality
     curves: dict[str, dict[int, list[dict]]] = {}
     for row in rows:
         found = Path(row.get("run_dir") or "") / RESULTS
@@ -363,7 +363,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
                   f"command and --out {out_dir}")
             return out_dir
         write(rows)
-        curve = plot_curves(rows, family_module(config.teacher.family), config, out_dir / "fidelity_curve.png")
+        curve = plot_curves(rows, get_family(config.teacher.family), config, out_dir / "fidelity_curve.png")
         tracking = {"training curves": curve} if curve else {}
         if curve:
             with (out_dir / "fidelity.md").open("a") as f:

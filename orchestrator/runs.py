@@ -211,14 +211,14 @@ def evaluate_generator(config: RunConfig, generator_dir: Path, run_dir: Path, la
     metrics (and the picture) into the MLflow run when there is one. Returns the Evaluation."""
     import torch
 
-    from models.families import family_module
+    from models.families import get_family
     from workers.evaluate import evaluate, load_generator, save_samples
 
     device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     adapter, net, sampler = load_generator(generator_dir, device)
     evaluation = evaluate(config, adapter, net, sampler, device=device)
     save_samples(evaluation, run_dir / "samples.npz")
-    picture = family_module(config.teacher.family).render({label: evaluation.samples}, evaluation.prompts,
+    picture = get_family(config.teacher.family).render({label: evaluation.samples}, evaluation.prompts,
                                                           run_dir / "samples.png")
     if tracked is not None:
         tracked.log_metrics(evaluation.metrics, prefix="eval_")

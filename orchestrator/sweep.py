@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 import tune_spaces
-from models.families import family_module
+from models.families import get_family
 from workers.config import ConfigError, RunConfig
 from workers.configure import build, config_keys, set_dotted
 
@@ -88,8 +88,8 @@ def trial_config(base: dict, params: dict, **extra: Any) -> RunConfig:
 
 def objectives(family: str, metrics: dict[str, float]) -> tuple[float, float]:
     """(diversity, quality), each signed so that higher is better."""
-    module = family_module(family)
-    (d, d_sign), (q, q_sign) = module.DIVERSITY, module.QUALITY
+    found = get_family(family)
+    (d, d_sign), (q, q_sign) = found.diversity, found.quality
     return d_sign * metrics[d], q_sign * metrics[q]
 
 
@@ -346,8 +346,6 @@ def tune_scheduler(config: RunConfig, space: dict[str, dict]):
     if sweep.scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
-        from ray import tune
-
         mutations = {key: values if kind in ("grid", "choice") else tune_param_space({key: space[key]})[key]
                      for key in PBT_KEYS if key in space for kind, values in space[key].items()}
         if not mutations:
@@ -382,9 +380,7 @@ def search_algorithm(config: RunConfig, space: dict[str, dict]):
 
 def collapse_metric(family: str) -> str:
     """The diversity metric a collapse guard compares with the teacher's: higher is better."""
-    module = family_module(family)
-    name, sign = module.DIVERSITY
-    return getattr(module, "COLLAPSE", name if sign > 0 else None)
+    return get_family(family).collapse
 
 
 def collapse_guard(metric: str, floor: float, patience: int):
@@ -468,7 +464,7 @@ def trial_progress(total: int):
 
 def sweep_table(result: SweepResult, family: str) -> str:
     """The trials that finished (their objectives, the Pareto front, the pick), then those stopped early and why."""
-    (d_name, _), (q_name, _) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    (d_name, _), (q_name, _) = get_family(family).diversity, get_family(family).quality
     stopped = [f"- {trial_name(t['params'])}: {t['reason']}" for t in result.stopped]
     if not result.rows:
         return "No trial finished.\n\nStopped early:\n" + "\n".join(stopped)
@@ -489,7 +485,7 @@ def plot_pareto(result: SweepResult, family: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (d_name, _), (q_name, q_sign) = family_module(family).DIVERSITY, family_module(family).QUALITY
+    (d_name, _), (q_name, q_sign) = get_family(family).diversity, get_family(family).quality
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     xs = [r[f"eval_{d_name}"] for r in result.rows]
     ys = [r[f"eval_{q_name}"] for r in result.rows]
@@ -530,7 +526,7 @@ def plot_curves(curves: dict[str, list[dict]], family: str, path: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (family_module(family).DIVERSITY, family_module(family).QUALITY)
+    metrics = (get_family(family).diversity, get_family(family).quality)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, (name, records) in enumerate(sorted(curves.items())):
         steps = [r["generator_update"] for r in records]

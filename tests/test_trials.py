@@ -160,7 +160,7 @@ def test_the_time_limit_is_for_trials_trained_together(capsys):
 @pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
 def test_a_nonfinite_loss_stops_its_trial_only_or_skips_its_step(tmp_path, teacher_path, on_nonfinite):
     from workers.trials import Trial, TrialBatch, _read
-    from workers.distill import Progress
+    from workers.progress import Progress
 
     cs = configs(tmp_path, teacher_path, f"schedule.on_nonfinite={on_nonfinite}")
     adapter, net = shapes.new_teacher(width=8, seed=0)

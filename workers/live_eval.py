@@ -49,13 +49,13 @@ class Evaluator:
 
     def evaluate(self, step: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Score the snapshot taken at generator update step; returns {"generator_update": step, live_*: ...}."""
-        from models.families import family_module
+        from models.families import get_family
         from workers.evaluate import evaluate
 
         self.net.load_state_dict(state)
         metrics = evaluate(self.config, self.adapter, self.net, self.sampler, device=self.device).metrics
-        family = family_module(self.config.teacher.family)
-        (d_name, d_sign), (q_name, q_sign) = family.DIVERSITY, family.QUALITY
+        family = get_family(self.config.teacher.family)
+        (d_name, d_sign), (q_name, q_sign) = family.diversity, family.quality
         metrics["objective"] = d_sign * metrics[d_name] + q_sign * metrics[q_name]  # one number for schedulers
         result = {"generator_update": step, **{PREFIX + k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:

@@ -42,7 +42,8 @@ from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name
-from workers.distill import Progress, copy_for_training, read_progress, write_progress
+from workers.distill import copy_for_training
+from workers.progress import Progress, read_progress, write_progress
 
 TRIAL_STATE = "trial.pt"
 # What may differ between the trials of one batch: everything else is one computation.
@@ -375,7 +376,7 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
                   for _ in range(num_critic)]
         anchors = trial.data.next_anchors(f"generator update {progress.generator_updates + 1}")
         t, eps2 = sample_sigmas(loss_sigmas, batch, rng), torch.randn(anchors.eps.shape, generator=rng)
-        if adapter.prediction_type == "epsilon":
+        if adapter.anchor_x0:  # the adapter's own diversity loss (an epsilon teacher's): not batched here
             raise ValueError("training trials together supports flow (velocity) teachers only")
         per.append({"prompts": prompts, "eps": eps, "critic": critic, "anchors": anchors, "t": t, "eps2": eps2,
                     "v_target": anchor_velocity(anchors.eps, anchors.z, anchors.t_anchor)})

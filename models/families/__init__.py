@@ -12,7 +12,6 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -89,13 +88,3 @@ def get_family(name: str) -> Family:
     if not isinstance(found, Family) or found.name != name:
         raise TypeError(f"{MODULES[name]}.FAMILY must be the Family named {name!r}")
     return found
-
-
-def family_module(name: str) -> SimpleNamespace:
-    """Transitional, for the callers not yet moved to get_family (orchestrator/sweep.py, orchestrator/runs.py,
-    workers/live_eval.py): the family's module as they read it, with DIVERSITY, QUALITY, COLLAPSE and render
-    taken from its Family. Remove it once they call get_family."""
-    found = get_family(name)
-    module = importlib.import_module(MODULES[name])
-    return SimpleNamespace(**{**vars(module), "DIVERSITY": found.diversity, "QUALITY": found.quality,
-                              "render": found.render, "COLLAPSE": found.collapse})
