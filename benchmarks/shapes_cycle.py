@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
     if args.smoke and not (out / "tiny-teacher").is_dir():
-        from models import shapes
+        from models.families.shapes import teacher as shapes
 
         shapes.save_teacher(*shapes.new_teacher(width=8, seed=0), out / "tiny-teacher")
     result = {"benchmark": "shapes_cycle", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,

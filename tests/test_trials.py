@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import shapes
+from models.families.shapes import teacher as shapes
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
 from workers.config import ConfigError
