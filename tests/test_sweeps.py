@@ -59,10 +59,14 @@ def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
                          "tracking.experiment=pbt-test")
     result = run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"grid": [0.0, 0.5]}})
     assert len(result.rows) == 2 and all(r["generator_update"] == 8 for r in result.rows)
-    lambdas = {name: sorted(set(h["loss.diversity_weight"].dropna())) for name, h in result.histories.items()}
-    perturbed = [name for name, values in lambdas.items() if len(values) > 1]
-    assert perturbed, lambdas  # a trial took over the other's checkpoint with a perturbed lambda
+    # Synchronous PBT with two trials: at every interval the worse one takes over the better one's checkpoint
+    # with lambda perturbed from the better one's (from the grid's values, so it may land on its own old one).
+    # Tune's own record of each exploit: [.., .., from trial, to trial, .., .., old config, new config]
+    exploits = [json.loads(line) for line in (result.sweep_dir / "tune" / "pbt_global.txt").read_text().splitlines()]
+    assert exploits and all("loss.diversity_weight" in e[-1] for e in exploits)
     assert any(r["resumes"] >= 1 for r in result.rows)  # and continued from that checkpoint
+    for name, history in result.histories.items():  # each trial's reports carry the lambda it trained with
+        assert set(history["loss.diversity_weight"].dropna()) <= {0.0, 0.5}, name
     assert (result.sweep_dir / "pbt.png").stat().st_size > 1000
 
 
