@@ -210,41 +210,32 @@ def test_the_train_function_loads_the_transformer_alone(tmp_path, teacher_path, 
     assert (out / "samples.png").stat().st_size > 1000
 
 
-def test_a_teacher_on_s3_is_fetched_once_into_the_cache(tmp_path, teacher_path, monkeypatch):
-    moto = pytest.importorskip("moto.server")
+def test_a_teacher_on_s3_is_fetched_once_into_the_cache(tmp_path, teacher_path, s3_server):
     import boto3
 
     from workers.teacher import FETCHED, teacher_dir
 
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="models")
-        files = sorted(p for p in teacher_path.rglob("*") if p.is_file())
-        for path in files:
-            s3.upload_file(str(path), "models", f"sd3/tiny/{path.relative_to(teacher_path)}")
-        config = sd3_config(tmp_path, "s3://models/sd3/tiny", f"storage.s3_endpoint_url={endpoint}",
-                            f"storage.teacher_cache={tmp_path / 'cache'}")
-        adapter, net = load_teacher(config, text_encoders=False)
-        local = teacher_dir(config)
-        assert local.parent == tmp_path / "cache" and (local / FETCHED).is_file()
-        assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file() and p.name != FETCHED) == \
-            sorted(p.relative_to(teacher_path) for p in files)
-        assert [p.name for p in (tmp_path / "cache").iterdir()] == [local.name]  # no temp folders left
-        reference = sd3.load_teacher(teacher_path, LoadOptions(text_encoders=False, vae=False))[1]
-        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
-        missing = sd3_config(tmp_path, "s3://models/nothing-here", f"storage.s3_endpoint_url={endpoint}",
-                             f"storage.teacher_cache={tmp_path / 'cache'}")
-        with pytest.raises(FileNotFoundError, match="holds no files"):
-            load_teacher(missing)
-    finally:
-        server.stop()
+    endpoint = s3_server.endpoint
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="models")
+    files = sorted(p for p in teacher_path.rglob("*") if p.is_file())
+    for path in files:
+        s3.upload_file(str(path), "models", f"sd3/tiny/{path.relative_to(teacher_path)}")
+    config = sd3_config(tmp_path, "s3://models/sd3/tiny", f"storage.s3_endpoint_url={endpoint}",
+                        f"storage.teacher_cache={tmp_path / 'cache'}")
+    adapter, net = load_teacher(config, text_encoders=False)
+    local = teacher_dir(config)
+    assert local.parent == tmp_path / "cache" and (local / FETCHED).is_file()
+    assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file() and p.name != FETCHED) == \
+        sorted(p.relative_to(teacher_path) for p in files)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [local.name]  # no temp folders left
+    reference = sd3.load_teacher(teacher_path, LoadOptions(text_encoders=False, vae=False))[1]
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+    missing = sd3_config(tmp_path, "s3://models/nothing-here", f"storage.s3_endpoint_url={endpoint}",
+                         f"storage.teacher_cache={tmp_path / 'cache'}")
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        load_teacher(missing)
+    s3_server.stop()
     assert teacher_dir(config) == local  # fetched once: later calls never touch S3 again
 
 

@@ -153,32 +153,22 @@ def test_killed_precompute_leaves_a_consistent_store_and_a_rerun_completes_it(tm
     assert sorted(seeds) == list(range(64))
 
 
-def test_store_on_s3(tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto.server")
+def test_store_on_s3(tmp_path, s3_server):
     import boto3
 
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="anchors")
-        overrides = ["storage.trajectory_root=s3://anchors/stores", f"storage.s3_endpoint_url={endpoint}"]
-        config = tiny_config(tmp_path, *overrides)
-        store, summary = precompute(config, use_ray=False, progress=False)
-        assert store.root.startswith("anchors/stores/toy2d-") and store.num_rows == 64
-        assert summary.rows == 64
-        local, _ = precompute(tiny_config(tmp_path), use_ray=False, progress=False)
-        a, b = next(store.batches(16, seed=3)), next(local.batches(16, seed=3))
-        torch.testing.assert_close(a.z, b.z)
-        _, again = precompute(config, use_ray=False, progress=False)
-        assert again.reused
-        assert "testing" not in str(store.manifest)
-    finally:
-        server.stop()
+    endpoint = s3_server.endpoint
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="anchors")
+    overrides = ["storage.trajectory_root=s3://anchors/stores", f"storage.s3_endpoint_url={endpoint}"]
+    config = tiny_config(tmp_path, *overrides)
+    store, summary = precompute(config, use_ray=False, progress=False)
+    assert store.root.startswith("anchors/stores/toy2d-") and store.num_rows == 64
+    assert summary.rows == 64
+    local, _ = precompute(tiny_config(tmp_path), use_ray=False, progress=False)
+    a, b = next(store.batches(16, seed=3)), next(local.batches(16, seed=3))
+    torch.testing.assert_close(a.z, b.z)
+    _, again = precompute(config, use_ray=False, progress=False)
+    assert again.reused
+    assert "testing" not in str(store.manifest)
 
 
 def test_store_batches_cover_each_rank_share_and_resume_position(out):

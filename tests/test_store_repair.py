@@ -233,31 +233,21 @@ def test_repair_store_says_what_it_lacks(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-def test_a_changed_shard_on_s3_names_the_endpoint_and_the_named_command_repairs_it(out, tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto.server")
+def test_a_changed_shard_on_s3_names_the_endpoint_and_the_named_command_repairs_it(out, tmp_path, s3_server):
     import boto3
 
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="anchors")
-        config = tiny_config(out, "storage.trajectory_root=s3://anchors/stores", f"storage.s3_endpoint_url={endpoint}")
-        store, _ = precompute(config, use_ray=False, progress=False)
-        path = store.shard_path(store.shards[2])
-        data = store.fs.cat_file(path)
-        store.fs.pipe_file(path, data[:-40] + bytes(16) + data[-24:])
-        with pytest.raises(StoreError) as err:
-            store.read_shard(store.shards[2])
-        message = str(err.value)
-        assert f"s3://{store.root}/shard-00002.parquet" in message and endpoint in message
-        _run_named_command(message)
-        repaired = open_store(store.fs, store.root)
-        repaired.verify(checksums=True)
-        assert repaired.shards[2]["sha256"] == store.shards[2]["sha256"]
-    finally:
-        server.stop()
+    endpoint = s3_server.endpoint
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="anchors")
+    config = tiny_config(out, "storage.trajectory_root=s3://anchors/stores", f"storage.s3_endpoint_url={endpoint}")
+    store, _ = precompute(config, use_ray=False, progress=False)
+    path = store.shard_path(store.shards[2])
+    data = store.fs.cat_file(path)
+    store.fs.pipe_file(path, data[:-40] + bytes(16) + data[-24:])
+    with pytest.raises(StoreError) as err:
+        store.read_shard(store.shards[2])
+    message = str(err.value)
+    assert f"s3://{store.root}/shard-00002.parquet" in message and endpoint in message
+    _run_named_command(message)
+    repaired = open_store(store.fs, store.root)
+    repaired.verify(checksums=True)
+    assert repaired.shards[2]["sha256"] == store.shards[2]["sha256"]
