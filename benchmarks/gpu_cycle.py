@@ -207,6 +207,8 @@ def live_objects() -> dict[str, int]:
     """What a run builds and must release: DeepSpeed engines, optimizers, text encoders, and the bytes of every
     tensor alive in the process (the CPU's view of memory: the smoke has no allocator statistics)."""
     from deepspeed import DeepSpeedEngine
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
     from transformers import PreTrainedModel
 
     gc.collect()
@@ -214,6 +216,8 @@ def live_objects() -> dict[str, int]:
     storages: dict[int, int] = {}
     for o in gc.get_objects():
         kind = type(o)  # not isinstance: that dereferences weak proxies, which torch.compile leaves dead ones of
+        if issubclass(kind, (FakeTensor, FunctionalTensor)):
+            continue  # torch.compile's caches keep these: shapes without memory (their data pointer raises)
         if issubclass(kind, torch.Tensor):
             if o.device.type != "meta":
                 storage = o.untyped_storage()

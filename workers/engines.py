@@ -96,10 +96,21 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
 
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_network(net: nn.Module) -> None:
     """torch.compile in place: each transformer block on its own where the network has them (regional
     compilation: one graph serves every block, so compiling takes seconds instead of minutes), else the whole
-    network. The first call of each compiled piece compiles it."""
+    network. The first call of each compiled piece compiles it.
+
+    One block's code serves several graphs: SD3.5's block kinds (dual attention, plain, the last context-only
+    one) times the passes a cycle makes (no-grad, with grad, recomputed under checkpointing). Dynamo's default
+    limit of 8 graphs per code object would run the rest eagerly, so it is raised to RECOMPILE_LIMIT."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     blocks = getattr(net, "transformer_blocks", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks):
         for block in blocks:
