@@ -267,12 +267,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The project's progress lines ("[distill] generator update ...") and a known Ray line that says nothing to a user
+# (Ray Train's controller warns, at error level, about its own preemption-watcher actor's restart arguments).
+OWN_LINE = r"^\[(demo|distill|fidelity|precompute|sweep|trials)\] "
+RAY_NOISE = r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'"
+
+
+def quiet_ray_console() -> None:
+    """What Ray's driver does with the lines its workers print, set before ray is first imported (it reads these
+    then; nothing the command has imported so far imports ray): each trial's progress line as printed (Ray would
+    fold alike lines from two workers into one with a "[repeated 2x across cluster] (Ray deduplicates logs by
+    default...)" note), and RAY_NOISE dropped. A user's own settings of these variables win."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINE)
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
+
+
 def main(argv: list[str] | None = None) -> int:
     # The command's own process (and the trial processes it starts, which inherit it): busy-waiting OpenMP
     # threads slow small CPU models down many times over as soon as another process shares the cores (Ray
     # workers, a second job); passive waiting costs little when the cores are free. Read when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_ray_console()
     from orchestrator import cluster
 
     cluster.VERBOSE = args.verbose

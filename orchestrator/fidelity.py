@@ -30,7 +30,7 @@ from pathlib import Path
 
 from models.families import get_family
 from orchestrator import recipe as recipes
-from orchestrator.sweep import gap_recovered, grid_points, load_space, trial_config, trial_name
+from orchestrator.sweep import grid_points, load_space, trial_config, trial_name
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 
@@ -70,7 +70,10 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
 
     Returns {"settings": [...], "picked": index or -1, "dmd": index}: each setting has name, params (seed
     removed), seeds, mean and std per metric, and gap_recovered: mean and std over seeds of
-    (div_seed - div_DMD_seed) / (div_teacher - div_DMD_seed), pairing each seed with DMD's same seed.
+    (div_seed - div_DMD_seed) / (div_teacher - mean div_DMD), pairing each seed with DMD's same seed. The
+    denominator is DMD's mean gap, not each seed's own: a DMD seed that lands near the teacher would otherwise
+    divide by almost nothing (seen on shapes: one seed's gap of 0.005 turned a gap of the means of 0.62 into
+    0.08 +- 1.1). Over paired seeds the mean is the gap of the means, as the paper reports it.
     """
     (d_name, d_sign), (q_name, q_sign) = get_family(family).diversity, get_family(family).quality
     columns = metric_columns(family)
@@ -102,7 +105,8 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
                 setting["gaps"][metric] = (math.nan, math.nan)
                 continue
             dmd_seeds = settings[dmd]["per_seed"]
-            gaps = [gap_recovered(m[metric], dmd_seeds[s][metric], teacher[metric])
+            gap = teacher[metric] - settings[dmd]["mean"][metric]
+            gaps = [(m[metric] - dmd_seeds[s][metric]) / gap if gap else math.nan
                     for s, m in setting["per_seed"].items() if s in dmd_seeds]
             setting["gaps"][metric] = (statistics.fmean(gaps) if gaps else math.nan,
                                        _stdev(gaps))
@@ -263,7 +267,8 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
     (out_dir / "fidelity.md").write_text(
         f"# Fidelity: {config.name}\n\n{table}\n\nMean ± standard deviation over training seeds; every model is "
         f"evaluated on the same {config.evaluation.seeds_per_prompt} held-out seeds per prompt. Gap recovered: "
-        f"(diversity - DMD's) / (teacher's - DMD's), each seed paired with DMD's same seed. Picked: the most "
+        f"(diversity - DMD's same seed) / (teacher's - DMD's mean), mean ± std over seeds (its mean is the gap of the "
+        f"means). Picked: the most "
         f"diverse setting whose mean {get_family(family).quality[0]} is at most {config.sweep.quality_drop_from_dmd:g} "
         f"worse than DMD's. Per-seed values: fidelity_per_seed.csv.{took}\n\n![fidelity]({picture.name})\n\n"
         + (f"Samples (first training seed of each setting; one row per prompt, one column per held-out seed):\n\n"

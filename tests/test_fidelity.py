@@ -30,11 +30,12 @@ def test_settings_get_mean_spread_and_a_seed_paired_gap():
     dmd, default, strong = result["settings"]
     assert dmd["mean"]["feature_diversity"] == pytest.approx(0.11)
     assert dmd["std"]["feature_diversity"] == pytest.approx(math.sqrt(2) * 0.01)
-    # each seed against DMD's same seed: (0.12 - 0.10) / (0.14 - 0.10) = 0.5 and (0.13 - 0.12) / 0.02 = 0.5, for
-    # the headline (attribute spread) and for the feature diversity alike
+    # each seed against DMD's same seed, over DMD's mean gap (0.14 - 0.11): 0.02 / 0.03 and 0.01 / 0.03, whose mean
+    # is the gap of the means, (0.125 - 0.11) / 0.03 = 0.5; for the headline (attribute spread) and the feature
+    # diversity alike
     for metric in ("attribute_spread", "feature_diversity"):
         assert default["gaps"][metric][0] == pytest.approx(0.5)
-        assert default["gaps"][metric][1] == pytest.approx(0.0, abs=1e-12)
+        assert default["gaps"][metric][1] == pytest.approx(math.sqrt(2) / 6)
     assert default["gap_recovered"] == default["gaps"]["attribute_spread"]
     # lambda = 0.5 is more diverse but loses 17 points of adherence: the rule picks lambda = 0.05
     assert result["settings"][result["picked"]] is default
@@ -42,6 +43,17 @@ def test_settings_get_mean_spread_and_a_seed_paired_gap():
     assert "| DP-DMD (lambda=0.05) **picked** | 2 |" in table
     assert "0.11 ± 0.014" in table
     assert "| gap recovered (attribute_spread) | gap recovered (feature_diversity) |" in table.splitlines()[0]
+
+
+def test_a_dmd_seed_near_the_teacher_does_not_blow_up_the_gap():
+    """Shapes, 300 updates (one H200): one DMD seed's attribute spread landed 0.005 below the teacher's, and gaps
+    taken against each seed's own DMD gap gave 0.08 +- 1.1 where the means recover 0.62 of the gap."""
+    rows = [_row(0.0, 0, 0.10, 0.99, spread=0.20), _row(0.0, 1, 0.10, 0.99, spread=0.239),
+            _row(0.05, 0, 0.12, 0.99, spread=0.23), _row(0.05, 1, 0.12, 0.99, spread=0.235)]
+    ours = aggregate(rows, TEACHER, "shapes", default_weight=0.05, tolerance=0.02)["settings"][1]
+    gap, spread = ours["gap_recovered"]
+    assert gap == pytest.approx((0.2325 - 0.2195) / (0.24 - 0.2195))  # the gap of the means: 0.63
+    assert spread == pytest.approx(math.sqrt(2) * (0.03 + 0.004) / 2 / 0.0205)  # per seed 1.46 and -0.20
 
 
 def test_the_headline_follows_attribute_spread_not_feature_diversity():

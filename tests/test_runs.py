@@ -127,3 +127,30 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resumes"] >= 1
     assert run.data.metrics["generator_update"] == 200
+
+
+def test_the_console_shows_every_trials_progress_line_and_drops_rays_noise():
+    """Two trials printing alike progress lines made Ray's driver fold them into one line with a "[repeated 2x
+    across cluster] (Ray deduplicates logs by default...)" note, and Ray Train's controller printed an error-level
+    line about its preemption watcher for every trial (both seen in the demo's console). Ray's own deduplicator,
+    as the command configures it, passes both trials' lines and drops the noise."""
+    script = """
+import json
+from orchestrator.cli import main
+code = main(['distill', '--recipe', 'toy2d', 'no.such.key=1'])
+from ray._private.ray_logging import stdout_deduplicator as dedup
+lines = []
+for pid in (101, 102):
+    batch = {'ip': '10.0.0.1', 'pid': pid, 'lines': [
+        '[distill] generator update 100/400 (25%), 0:08 elapsed, 0:24 left | loss_dmd=0.1344',
+        "[2026-11-29 13:19:39,254 E 9373 9450] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+        "ID: 'b84787' has constructor arguments in the object store and max_restarts > 0."]}
+    lines += [line for out in dedup.deduplicate(batch) for line in out['lines']]
+lines += [line for out in dedup.flush() for line in out['lines']]
+print(json.dumps([code, lines]))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_DEDUP_LOGS")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    code, lines = json.loads(out.stdout.splitlines()[-1])
+    assert code == 2
+    assert lines == ["[distill] generator update 100/400 (25%), 0:08 elapsed, 0:24 left | loss_dmd=0.1344"] * 2, lines
