@@ -108,11 +108,6 @@ def pick(points: list[tuple[float, float]], tolerance: float) -> int:
     return max(eligible, key=lambda i: points[i][0])
 
 
-def gap_recovered(value: float, dmd: float, teacher: float) -> float:
-    """The fraction of DMD's diversity gap to the teacher a method recovers: 0 = DMD, 1 = teacher."""
-    return (value - dmd) / (teacher - dmd) if teacher != dmd else float("nan")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Trials
 

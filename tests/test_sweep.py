@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep import SPACE_DIR, gap_recovered, grid_points, load_space, pareto_front, pick, trial_config
+from orchestrator.sweep import SPACE_DIR, grid_points, load_space, pareto_front, pick, trial_config
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 
@@ -69,8 +69,3 @@ def test_pick_is_the_most_diverse_within_the_quality_tolerance():
     assert pick(points, tolerance=0.05) == 0
     assert pick(points, tolerance=0.07) == 1
     assert pick(points, tolerance=1.0) == 2
-
-
-def test_gap_recovered():
-    assert gap_recovered(0.179, dmd=0.137, teacher=0.240) == pytest.approx(0.4078, abs=1e-4)
-    assert gap_recovered(0.137, 0.137, 0.240) == 0.0
