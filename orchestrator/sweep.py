@@ -214,7 +214,7 @@ class SweepResult:
     teacher_metrics: dict = field(default_factory=dict)
     parent_run_id: str = ""
     stopped: list[dict] = field(default_factory=list)  # trials a scheduler or the collapse guard ended, with why
-    histories: dict = field(default_factory=dict)  # trial name -> its reports over time (a DataFrame)
+    histories: dict = field(default_factory=dict)  # Tune's trial id -> its reports over time (a DataFrame)
 
 
 def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
@@ -294,8 +294,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
                 continue
             params = {k: v for k, v in trial.config.items()}
             result.rows.append({"params": params, **trial.metrics})
-        result.histories = {trial_name(dict(t.config)): t.metrics_dataframe for t in grid
-                            if t.metrics_dataframe is not None}
+        result.histories = trial_histories(grid)
         if not result.rows and not result.stopped:
             raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir / 'tune'}")
         if result.rows:
@@ -537,6 +536,13 @@ def plot_curves(curves: dict[str, list[dict]], family: str, path: Path) -> Path 
     return path
 
 
+def trial_histories(trials) -> dict:
+    """Each trial's reports over time, by Tune's trial id: under PBT a trial's config (and so its name) is the
+    last one PBT gave it, and two trials that end on the same config would share a name."""
+    return {(t.metrics or {}).get("trial_id", str(i)): t.metrics_dataframe for i, t in enumerate(trials)
+            if t.metrics_dataframe is not None}
+
+
 def plot_hyperparameters(result: SweepResult, path: Path) -> Path | None:
     """PBT: each trial's lambda (and critic learning rate, if perturbed) against generator updates."""
     keys = [k for k in PBT_KEYS if any(k in h.columns for h in result.histories.values())]
@@ -552,7 +558,7 @@ def plot_hyperparameters(result: SweepResult, path: Path) -> Path | None:
         rows = history.dropna(subset=[k for k in keys if k in history.columns] + ["generator_update"])
         for ax, key in zip(axes[0], keys):
             if key in rows.columns:
-                ax.step(rows["generator_update"], rows[key], where="post", color=f"C{i % 10}", label=name)
+                ax.step(rows["generator_update"], rows[key], where="post", color=f"C{i % 10}", label=f"trial {name}")
     for ax, key in zip(axes[0], keys):
         ax.set_xlabel("generator update")
         ax.set_ylabel(key)

@@ -69,3 +69,19 @@ def test_pick_is_the_most_diverse_within_the_quality_tolerance():
     assert pick(points, tolerance=0.05) == 0
     assert pick(points, tolerance=0.07) == 1
     assert pick(points, tolerance=1.0) == 2
+
+
+def test_pbt_trials_that_end_on_the_same_config_keep_a_history_each():
+    # Under PBT both trials may end with the lambda of the better one: keyed by trial name (their final config),
+    # one history replaced the other.
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from orchestrator.sweep import trial_histories
+
+    same = {"loss.diversity_weight": 0.5, "seed": 0}
+    trials = [SimpleNamespace(config=same, metrics={"trial_id": tid}, metrics_dataframe=pd.DataFrame({"x": [tid]}))
+              for tid in ("a1", "b2")] + [SimpleNamespace(config=same, metrics=None, metrics_dataframe=None)]
+    histories = trial_histories(trials)
+    assert sorted(histories) == ["a1", "b2"] and histories["b2"]["x"].tolist() == ["b2"]

@@ -65,6 +65,7 @@ def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
     exploits = [json.loads(line) for line in (result.sweep_dir / "tune" / "pbt_global.txt").read_text().splitlines()]
     assert exploits and all("loss.diversity_weight" in e[-1] for e in exploits)
     assert any(r["resumes"] >= 1 for r in result.rows)  # and continued from that checkpoint
+    assert len(result.histories) == 2  # one per trial, whatever config PBT left each with
     for name, history in result.histories.items():  # each trial's reports carry the lambda it trained with
         assert set(history["loss.diversity_weight"].dropna()) <= {0.0, 0.5}, name
     assert (result.sweep_dir / "pbt.png").stat().st_size > 1000
