@@ -267,10 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The project's progress lines ("[distill] generator update ...") and a known Ray line that says nothing to a user
-# (Ray Train's controller warns, at error level, about its own preemption-watcher actor's restart arguments).
+# The project's progress lines ("[distill] generator update ...") and a known Ray line that says nothing to a user:
+# an error-level warning about restart arguments of Ray's own actors (Ray Train's preemption watcher, Ray Data's
+# map workers), printed once per trial and per precompute.
 OWN_LINE = r"^\[(demo|distill|fidelity|precompute|sweep|trials)\] "
-RAY_NOISE = r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'"
+RAY_NOISE = r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
 
 
 def quiet_ray_console() -> None:

@@ -144,7 +144,9 @@ for pid in (101, 102):
     batch = {'ip': '10.0.0.1', 'pid': pid, 'lines': [
         '[distill] generator update 100/400 (25%), 0:08 elapsed, 0:24 left | loss_dmd=0.1344',
         "[2026-11-29 13:19:39,254 E 9373 9450] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
-        "ID: 'b84787' has constructor arguments in the object store and max_restarts > 0."]}
+        "ID: 'b84787' has constructor arguments in the object store and max_restarts > 0.",
+        "[2026-11-29 13:59:03,492 E 2229 2229] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+        "AnchorWriter))' and ID: 'f8265b' has constructor arguments in the object store and max_restarts > 0."]}
     lines += [line for out in dedup.deduplicate(batch) for line in out['lines']]
 lines += [line for out in dedup.flush() for line in out['lines']]
 print(json.dumps([code, lines]))
