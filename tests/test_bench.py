@@ -229,3 +229,19 @@ def test_compiling_raises_dynamos_graph_limit_per_block_code():
         assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 15
     finally:
         torch._dynamo.config.recompile_limit = limit
+
+
+def test_the_compile_mode_reaches_every_compiled_block(monkeypatch):
+    # distributed.compile_mode goes to torch.compile for each transformer block (regional) or the whole network
+    from workers.config import RunConfig
+    from workers.configure import build
+    from workers.engines import compile_network
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append((type(self).__name__, kwargs)))
+    net = torch.nn.Module()
+    net.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    config = build(RunConfig, {"distributed": {"compile": True, "compile_mode": "reduce-overhead"}})
+    compile_network(net, config.distributed.compile_mode)
+    compile_network(torch.nn.Conv1d(1, 1, 1), "max-autotune")
+    assert modes == [("Linear", {"mode": "reduce-overhead"})] * 2 + [("Conv1d", {"mode": "max-autotune"})]

@@ -118,6 +118,8 @@ INVALID = [
     ("distributed.precision=fp16", "distributed.precision"),
     ("distributed.batch_size_per_worker=0", "distributed.batch_size_per_worker"),
     ("distributed.use_gpu=1", "distributed.use_gpu"),
+    ("distributed.compile_mode=fast", "distributed.compile_mode"),
+    ("distributed.compile_mode=reduce-overhead", "distributed.compile_mode"),  # without compile=true
     ("tracking.experiment=' '", "tracking.experiment"),
     ("storage.output_dir=''", "storage.output_dir"),
     ("tracking.tracking_uri=https://me:secret@mlflow.example.com", "tracking.tracking_uri"),

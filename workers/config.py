@@ -238,6 +238,9 @@ class DistributedConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     batch_size_per_worker: int = 4
     compile: bool = False  # torch.compile the teacher, generator and critic (per transformer block where they have them)
+    # torch.compile's mode with compile=true: "reduce-overhead" adds CUDA graphs (launch gaps), "max-autotune" also
+    # searches kernel configurations; "default" is what BENCHMARKS.md measured
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
 
     def __post_init__(self):
@@ -248,6 +251,9 @@ class DistributedConfig:
         _check(self.batch_size_per_worker >= 1, "batch_size_per_worker",
                f"must be >= 1, got {self.batch_size_per_worker}")
         _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.compile or self.compile_mode == "default", "compile_mode",
+               f"applies only with distributed.compile=true (got {self.compile_mode!r} with compile off): turn "
+               "compile on, or leave compile_mode out")
 
 
 @dataclass

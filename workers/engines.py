@@ -99,10 +99,10 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
 RECOMPILE_LIMIT = 64
 
 
-def compile_network(net: nn.Module) -> None:
+def compile_network(net: nn.Module, mode: str = "default") -> None:
     """torch.compile in place: each transformer block on its own where the network has them (regional
     compilation: one graph serves every block, so compiling takes seconds instead of minutes), else the whole
-    network. The first call of each compiled piece compiles it.
+    network, with torch.compile's mode. The first call of each compiled piece compiles it.
 
     One block's code serves several graphs: SD3.5's block kinds (dual attention, plain, the last context-only
     one) times the passes a cycle makes (no-grad, with grad, recomputed under checkpointing). Dynamo's default
@@ -114,6 +114,6 @@ def compile_network(net: nn.Module) -> None:
     blocks = getattr(net, "transformer_blocks", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks):
         for block in blocks:
-            block.compile()
+            block.compile(mode=mode)
     else:
-        net.compile()
+        net.compile(mode=mode)

@@ -109,7 +109,7 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
         cleanup.callback(engine.destroy)
     if dist.compile:  # deep copies drop compiled code (Module.__getstate__), so compile after copying
         for net in (teacher, generator.module, critic.module):
-            compile_network(net)
+            compile_network(net, dist.compile_mode)
     rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
 
     progress = Progress()
