@@ -31,8 +31,9 @@ Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) a
 --smoke also counts one whole cycle of every mode under FlopCounterMode (with and without checkpointing) and
 records it beside the per-pass sum (tests/test_bench.py holds them equal); never on GPU, where the counter holds
 about five times the memory a cycle needs. --base DIR first runs ours with workers/, models/ and orchestrator/
-from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), for before/after
-figures. Imports neither Ray nor MLflow.
+from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), with ours' settings,
+for before/after figures. --profile adds, per profiled cycle, where the GPU sat idle and what the host threads
+did meanwhile (benchmarks/gaps.py). Imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cycle_flops, random_sd3
+from benchmarks import cycle_flops, gaps, random_sd3
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -85,8 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
                    help="one more run of ours with these config overrides (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for inline, ours and the variants (repeatable)")
-    p.add_argument("--base", default="", metavar="DIR", help="also run ours with workers/models/orchestrator from DIR")
+                   help="config override for inline, ours, ours@base and the variants (repeatable)")
+    p.add_argument("--base", default="", metavar="DIR",
+                   help="also run ours with workers/models/orchestrator from DIR, with the same --set and --compile")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="rows per GPU per update")
     p.add_argument("--critic-updates", type=int, default=5, help="critic updates per generator update")
@@ -100,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all)")
     p.add_argument("--precompute-batch", type=int, default=4, help="rows per precompute batch and shard")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per run (more than 1: each run under torchrun)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler over one more cycle of ours: kernel mix")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over one more cycle of ours and each variant: kernel mix, idle GPU time")
     p.add_argument("--verify-flops", action=argparse.BooleanOptionalAction, default=None,
                    help="count whole cycles under FlopCounterMode after each run (default: with --smoke only)")
     p.add_argument("--simulate-oom", action="store_true",
@@ -136,7 +139,7 @@ def runs(args: argparse.Namespace) -> list[Run]:
     tuned = tuple(args.set) + (("distributed.compile=true",) if args.compile else ())
     out = [Run(SIMULATED_OOM, "ours", tuned)] if args.simulate_oom else []
     if args.base:  # before the runs it is compared with
-        out.append(Run("ours@base", "ours", (), str(Path(args.base).resolve())))
+        out.append(Run("ours@base", "ours", tuned, str(Path(args.base).resolve())))  # the same settings as ours
     out += [Run(mode, mode, () if mode == "reference" else tuned) for mode in args.modes]
     for text in args.variant:
         label, _, overrides = text.partition(":")
@@ -268,7 +271,7 @@ class CycleClock:
             if self.profile and step == self.warmup + self.steps:
                 from torch.profiler import ProfilerActivity, profile
 
-                self.profiler = profile(activities=[ProfilerActivity.CUDA])
+                self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.profiler.__enter__()
         except Exception as err:  # noqa: BLE001
             self.profiler, self.profile_summary = None, {"error": f"{type(err).__name__}: {err}"[:300]}
@@ -297,22 +300,29 @@ KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90
 
 def profile_summary(prof, wall_s: float) -> dict:
     """GPU time of one profiled cycle by kernel kind (matmul, attention, optimizer, communication, copies, the
-    rest: elementwise and reductions), the busiest kernels, and the share of the cycle's wall time the GPU was busy."""
+    rest: elementwise and reductions), the busiest kernels, the share of the cycle's wall time the GPU was busy,
+    and where it was idle (benchmarks/gaps.py)."""
+    events = prof.events()
+    totals: dict[str, list] = {}  # kernel name -> [seconds, calls]: the GPU's work only (host operators carry
+    for event in events:          # their kernels' time too, and regions are mirrored onto the GPU's timeline)
+        if gaps.gpu_work(event):
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += (event.time_range.end - event.time_range.start) / 1e6
+            entry[1] += 1
     kinds: dict[str, float] = {}
     kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        if not us:
-            continue
-        name = event.key.lower()
+    for key, (seconds, calls) in totals.items():
+        name = key.lower()
         kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e6
-        kernels.append((us / 1e6, event.count, kind, event.key[:120]))
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        kernels.append((seconds, calls, kind, key[:120]))
     busy = sum(kinds.values())
     kernels.sort(reverse=True)
     return {"wall_s": wall_s, "kernel_s": busy, "busy_share": busy / wall_s,
+            "kernel_calls": sum(c for _, c in totals.values()),
             "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{"s": s, "calls": n, "kind": k, "name": name} for s, n, k, name in kernels[:30]]}
+            "top_kernels": [{"s": s, "calls": n, "kind": k, "name": name} for s, n, k, name in kernels[:30]],
+            "idle": gaps.from_profiler(events)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +491,7 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
     from workers.train import store_source, train
 
     dtype = torch.bfloat16
-    profiled = args.profile and run.label == "ours"
+    profiled = args.profile and run.mode == "ours"  # ours and its variants
     config = run_config(args, use_gpu, world, run.overrides, cycles=args.warmup + args.steps + int(profiled))
     store = open_store(*filesystem(config, store_root))
     prompts = random_sd3.prompts(NUM_PROMPTS)
@@ -772,6 +782,13 @@ def markdown(result: dict) -> str:
             kinds = ", ".join(f"{k} {v:.2f} s" for k, v in prof["by_kind_s"].items())
             lines += ["", f"Profile of one {label} cycle ({prof['wall_s']:.2f} s wall, GPU busy "
                           f"{prof['busy_share'] * 100:.0f}%): {kinds}."]
+            idle = prof.get("idle") or {}
+            if "idle_s" in idle:
+                def top(key: str, n: int = 6) -> str:
+                    return ", ".join(f"{k} {v:.2f} s" for k, v in list(idle[key].items())[:n])
+                lines += [f"GPU idle {idle['idle_s']:.2f} s in {idle['stretches']} stretches; by region: "
+                          f"{top('by_region_s')}; by operator: {top('by_outer_op_s')}; host waits for the GPU: "
+                          f"{idle['host_syncs']}."]
     return "\n".join(lines) + "\n"
 
 

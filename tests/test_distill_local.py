@@ -240,3 +240,36 @@ def test_optimizer_parameter_groups_take_the_same_update(out, tmp_path, monkeypa
     for a, b in zip(whole, grouped):
         for key in ("loss_dmd", "loss_div", "loss_critic"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("settings", [("distributed.precision=bf16", "distributed.zero_stage=2"),
+                                      ("distributed.zero_stage=1",)])
+def test_an_update_with_non_finite_gradients_is_not_applied(out, settings):
+    """A finite loss whose gradients hold a NaN (here put there by a hook on one critic weight): the update
+    leaves every weight as it was and raises, naming the gradients; in skip mode it is counted and the next
+    clean update applies. DeepSpeed's own per-parameter bf16 check is off (workers/engines.py): without the
+    guard the NaN would reach every weight through the clipping."""
+    config = tiny_config(out, *settings)
+    skip = tiny_config(out, *settings, "schedule.on_nonfinite=skip")
+    with distributed(False):
+        adapter, teacher = load_teacher(config)
+        critic = build_engine(copy_for_training(teacher), config.critic.optim, config)
+        generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
+        store = _store(config)
+        prompts = next(store.prompt_batches(8))
+        for cfg in (config, skip):
+            d = Distiller(cfg, adapter, teacher, generator, critic, torch.device("cpu"),
+                          torch.Generator().manual_seed(0), store.negative())
+            x_gen = d.generator_samples([prompts])[0]
+            before = _params(critic.module)
+            hook = next(critic.module.parameters()).register_hook(lambda g: torch.full_like(g, float("nan")))
+            if cfg is config:
+                with pytest.raises(NonFiniteLossError, match="gradients"):
+                    d.critic_step(prompts, x_gen, "critic update 1")
+            else:
+                assert d.critic_step(prompts, x_gen, "critic update 1") == {"skipped": 1.0} and d.skipped == 1
+            hook.remove()
+            after = _params(critic.module)
+            assert _same(before, after) and all(torch.isfinite(p).all() for p in after)
+        assert "loss_critic" in d.critic_step(prompts, x_gen, "critic update 2")
+        assert not _same(after, _params(critic.module)) and all(torch.isfinite(p).all() for p in critic.module.parameters())

@@ -10,6 +10,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from models.adapter import Conditioning, TeacherAdapter
 from models.flow import interpolate, sample_sigmas, x0_from_velocity
@@ -17,6 +18,9 @@ from models.losses import LossOutput, NonFiniteLossError, critic_loss, dmd_loss,
 from models.rollout import GeneratorRollout, generator_rollout
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
+
+
+REGION = "dpdmd/"  # the profiler's name for each part of a cycle (benchmarks/gaps.py charges idle GPU time to them)
 
 
 class Distiller:
@@ -45,31 +49,34 @@ class Distiller:
     def generator_samples(self, batches: list[PromptBatch]) -> list[torch.Tensor]:
         """Fresh no-grad generator samples for a cycle's critic updates, one per batch, from one rollout of
         all of them: the generator does not change between critic updates."""
-        sizes = [b.cond.batch_size for b in batches]
-        cond = Conditioning.cat([b.cond for b in batches])
-        eps = self._noise((sum(sizes), *self.adapter.latent_shape))
-        x_gen = generator_rollout(self._velocity_fn(self.generator.module, cond), self._start(eps),
-                                  self.generator_sigmas).x_gen
-        return list(x_gen.split(sizes))
+        with record_function(f"{REGION}critic samples"):
+            sizes = [b.cond.batch_size for b in batches]
+            cond = Conditioning.cat([b.cond for b in batches])
+            eps = self._noise((sum(sizes), *self.adapter.latent_shape))
+            x_gen = generator_rollout(self._velocity_fn(self.generator.module, cond), self._start(eps),
+                                      self.generator_sigmas).x_gen
+            return list(x_gen.split(sizes))
 
     def critic_step(self, batch: PromptBatch, x_gen: torch.Tensor, where: str) -> dict[str, float]:
         """Loss 5: flow matching on x_gen, a fresh no-grad generator sample for the batch's prompts
         (generator_samples)."""
-        t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
-        x_t = interpolate(x_gen, eps2, t)
-        out = critic_loss(self.adapter.velocity(self.critic.module, x_t, t, batch.cond), x_gen, eps2)
+        with record_function(f"{REGION}critic loss"):
+            t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
+            x_t = interpolate(x_gen, eps2, t)
+            out = critic_loss(self.adapter.velocity(self.critic.module, x_t, t, batch.cond), x_gen, eps2)
         return self._apply(self.critic, out, where)
 
     def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
         """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
         loss_cfg = self.config.loss
-        x_start = self._start(batch.eps)
-        rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), x_start,
-                                    self.generator_sigmas, loss_cfg.detach_first_step)
-        div = self._diversity(rollout, x_start, batch)
-        t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
-        x_t = interpolate(rollout.x_gen.detach(), eps2, t)
-        with torch.no_grad():
+        with record_function(f"{REGION}generator rollout"):
+            x_start = self._start(batch.eps)
+            rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), x_start,
+                                        self.generator_sigmas, loss_cfg.detach_first_step)
+            div = self._diversity(rollout, x_start, batch)
+        with record_function(f"{REGION}teacher and critic scores"), torch.no_grad():
+            t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
+            x_t = interpolate(rollout.x_gen.detach(), eps2, t)
             uncond = self.negative.expand(len(x_t))
             v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, batch.cond, uncond,
                                                      self.config.teacher.guidance_scale)
@@ -90,16 +97,30 @@ class Distiller:
         return self.adapter.initial_state(eps, self.generator_sigmas, "generator")
 
     def _apply(self, engine, out: LossOutput, where: str) -> dict[str, float]:
-        """Backward and step, once every rank agrees the loss is finite (one sync per step)."""
-        if not self.all_finite(out.finite_flag()):
+        """Backward and step, once every rank agrees the loss is finite (one sync per step); an update whose
+        gradients were not finite was not applied (workers/engines.py) and counts as skipped, or raises."""
+        with record_function(f"{REGION}finite vote"):
+            finite = self.all_finite(out.finite_flag())
+        if not finite:
             terms = out.nonfinite_terms() or ["(another rank)"]
             if self.config.schedule.on_nonfinite == "raise":
                 raise NonFiniteLossError(terms, where)
             self.skipped += 1
             return {"skipped": 1.0}
-        engine.backward(out.loss)
-        engine.step()
-        return {k: float(v) for k, v in out.metrics.items()}
+        with record_function(f"{REGION}backward"):
+            engine.backward(out.loss)
+        with record_function(f"{REGION}optimizer step"):
+            engine.step()
+        with record_function(f"{REGION}metrics"):
+            metrics = {k: float(v) for k, v in out.metrics.items()}
+            guard = getattr(engine, "nonfinite_gradients", None)  # workers/engines.py: skipped on the GPU
+            skipped = guard is not None and guard.flag() is not None and bool(guard.flag())
+        if skipped:
+            if self.config.schedule.on_nonfinite == "raise":
+                raise NonFiniteLossError(["gradients (the update was not applied)"], where)
+            self.skipped += 1
+            return {"skipped": 1.0}
+        return metrics
 
     def _velocity_fn(self, net: nn.Module, cond: Conditioning):
         return lambda x_t, t: self.adapter.velocity(net, x_t, t, cond)

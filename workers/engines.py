@@ -1,6 +1,7 @@
 """DeepSpeed engines for the generator and the critic: ZeRO stage, precision, clipping from the recipe.
 
-The optimizer is a client torch.optim.AdamW (fused on GPU), so that nothing JIT-compiles on CPU.
+The optimizer is a client torch.optim.AdamW (PyTorch's fused kernel), so that nothing JIT-compiles, and an update
+whose gradients are not finite is skipped on the GPU (NonfiniteGradients) instead of by DeepSpeed's check.
 """
 
 from __future__ import annotations
@@ -49,14 +50,23 @@ def init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def guards_gradients(config: RunConfig) -> bool:
+    """ZeRO-1/2, whose optimizer computes the global gradient norm before stepping: there NonfiniteGradients
+    replaces DeepSpeed's own bf16 check (ZeRO-3 keeps DeepSpeed's)."""
+    return config.distributed.zero_stage in (1, 2)
+
+
 def deepspeed_config(config: RunConfig, optim: OptimConfig) -> dict:
     dist = config.distributed
+    bf16 = dist.precision == "bf16"
     return {
         "train_micro_batch_size_per_gpu": dist.batch_size_per_worker,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": dist.zero_stage},
-        "bf16": {"enabled": dist.precision == "bf16"},
+        # DeepSpeed's bf16 check reads every gradient in seven small kernels and two host waits per parameter:
+        # about 6,000 launches per update for SD3.5, over which the GPU idles (benchmarks/gaps.py measured it).
+        "bf16": {"enabled": bf16, **({"check_grad_overflow": False} if bf16 and guards_gradients(config) else {})},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -84,16 +94,44 @@ def parameter_groups(params: list[nn.Parameter], max_numel: int | None = None) -
 
 
 def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
-    """A DeepSpeed engine around net with a client AdamW from optim."""
+    """A DeepSpeed engine around net with a client AdamW from optim; under ZeRO-1/2 its
+    nonfinite_gradients (NonfiniteGradients) skips updates whose gradients are not finite."""
     import deepspeed
 
     params = [p for p in net.parameters() if p.requires_grad]
-    fused = {"fused": True} if config.distributed.use_gpu else {}
     optimizer = torch.optim.AdamW(parameter_groups(params), lr=optim.lr, betas=tuple(optim.betas),
-                                  weight_decay=optim.weight_decay, **fused)
+                                  weight_decay=optim.weight_decay, fused=True)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
+    engine.nonfinite_gradients = NonfiniteGradients(engine.optimizer, optimizer) if guards_gradients(config) else None
     return engine
 
+
+class NonfiniteGradients:
+    """Skips an update whose gradients hold an inf or NaN, without waiting for the GPU.
+
+    DeepSpeed's ZeRO-1/2 optimizer sums the global gradient norm over every rank before it steps (an inf or NaN
+    norm becomes -1). In float32 it skips such an update itself; in bf16 (its per-parameter check off, see
+    deepspeed_config) it steps the client optimizer group by group, and before each group's step this hands
+    PyTorch's fused AdamW found_inf = "the norm is not a finite, non-negative number": the kernel then leaves
+    weights, moments and step counts as they were, on every rank alike (the norm is all-reduced). flag() says
+    whether the last update was skipped, as a device tensor the caller reads when it next syncs."""
+
+    def __init__(self, zero_optimizer, client: torch.optim.Optimizer):
+        self.zero_optimizer = zero_optimizer
+        self.device = client.param_groups[0]["params"][0].device
+        client.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        optimizer.found_inf = self.flag()
+
+    def flag(self) -> torch.Tensor | None:
+        """1.0 if the last update's gradients were not finite (so it was not applied), else 0.0; None before
+        the first update. DeepSpeed sets the norm before any group steps, and to inf when it skips itself."""
+        norm = getattr(self.zero_optimizer, "_global_grad_norm", None)
+        if norm is None:
+            return None
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
+        return (~torch.isfinite(norm) | (norm < 0)).to(torch.float32)
 
 
 RECOMPILE_LIMIT = 64

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from models.adapter import Conditioning, TeacherAdapter, cast
 from models.families import get_family
@@ -22,11 +23,12 @@ from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
-from workers.distill import Distiller, copy_for_training
+from workers.distill import REGION, Distiller, copy_for_training
 from workers.engines import build_engine, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
+from workers.prefetch import prefetched
 from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
@@ -50,15 +52,20 @@ def inline_source(adapter, teacher, device) -> DataSource:
 def store_source(store) -> DataSource:
     """This rank's share of a trajectory store (workers/store.py), read directly with pyarrow: generator
     updates take new anchor rows (at most trajectories.max_reuse passes, checked before training), critic
-    updates read the prompts' conditioning only."""
+    updates read the prompts' conditioning only. On a GPU both are read ahead on threads (workers/prefetch.py):
+    the loop waits for the GPU once per update (the finite vote, the metrics), and a read after that wait would
+    leave the GPU idle for as long as the read takes."""
     def source(config: RunConfig, ctx: WorkerContext, progress: Progress) -> TrainingData:
         store.check_capacity(config, ctx.rank, ctx.world_size)
         batch = config.distributed.batch_size_per_worker
-        return TrainingData(
-            store.batches(batch, ctx.rank, ctx.world_size, progress.rows_consumed, seed=config.seed,
-                          max_epochs=config.trajectories.max_reuse),
-            store.prompt_batches(batch, ctx.rank, ctx.world_size, progress.prompt_rows_consumed, seed=config.seed),
-            rows_available=store.rank_rows(ctx.rank, ctx.world_size))
+        anchors = store.batches(batch, ctx.rank, ctx.world_size, progress.rows_consumed, seed=config.seed,
+                                max_epochs=config.trajectories.max_reuse)
+        prompts = store.prompt_batches(batch, ctx.rank, ctx.world_size, progress.prompt_rows_consumed,
+                                       seed=config.seed)
+        device = ctx.device(config.distributed.use_gpu)
+        if device.type == "cuda":
+            anchors, prompts = prefetched(anchors, device), prefetched(prompts, device)
+        return TrainingData(anchors, prompts, rows_available=store.rank_rows(ctx.rank, ctx.world_size))
     return source
 
 
@@ -132,8 +139,9 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     while progress.generator_updates < schedule.num_generator_updates:
         start = time.perf_counter()
         critic_metrics: list[dict[str, float]] = []
-        prompts = [next(data.prompts).to(device)
-                   for _ in range(schedule.critic_updates_per_generator - progress.cycle_position)]
+        with record_function(f"{REGION}data"):
+            prompts = [next(data.prompts).to(device)
+                       for _ in range(schedule.critic_updates_per_generator - progress.cycle_position)]
         for batch, x_gen in zip(prompts, distiller.generator_samples(prompts)):
             where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
             critic_metrics.append(distiller.critic_step(batch, x_gen, where))
@@ -141,7 +149,9 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             progress.critic_updates += 1
             progress.prompt_rows_consumed += batch_size
         where = f"generator update {progress.generator_updates + 1}"
-        metrics = distiller.generator_step(data.next_anchors(where).to(device), where)
+        with record_function(f"{REGION}data"):
+            anchors = data.next_anchors(where).to(device)
+        metrics = distiller.generator_step(anchors, where)
         progress.generator_updates += 1
         progress.cycle_position = 0
         progress.rows_consumed += batch_size
