@@ -122,6 +122,7 @@ class NonfiniteGradients:
     def __init__(self, zero_optimizer, client: torch.optim.Optimizer):
         self.zero_optimizer = zero_optimizer
         self.device = client.param_groups[0]["params"][0].device
+        self._norm, self._flag = None, None  # the last norm read, and its flag: every group's step shares them
         if client.defaults.get("fused"):  # only the fused kernel reads found_inf; in float32 DeepSpeed skips itself
             client.register_step_pre_hook(self._before_step)
 
@@ -134,8 +135,10 @@ class NonfiniteGradients:
         norm = getattr(self.zero_optimizer, "_global_grad_norm", None)
         if norm is None:
             return None
-        norm = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
-        return (~torch.isfinite(norm) | (norm < 0)).to(torch.float32)
+        if norm is not self._norm:  # a new update (DeepSpeed stores a new norm object every step)
+            value = torch.as_tensor(norm, dtype=torch.float32, device=self.device)
+            self._norm, self._flag = norm, (~torch.isfinite(value) | (value < 0)).to(torch.float32)
+        return self._flag
 
 
 RECOMPILE_LIMIT = 64
