@@ -102,11 +102,7 @@ class Distiller:
         with record_function(f"{REGION}finite vote"):
             finite = self.all_finite(out.finite_flag())
         if not finite:
-            terms = out.nonfinite_terms() or ["(another rank)"]
-            if self.config.schedule.on_nonfinite == "raise":
-                raise NonFiniteLossError(terms, where)
-            self.skipped += 1
-            return {"skipped": 1.0}
+            return self._nonfinite(out.nonfinite_terms() or ["(another rank)"], where)
         with record_function(f"{REGION}backward"):
             engine.backward(out.loss)
         with record_function(f"{REGION}optimizer step"):
@@ -114,13 +110,17 @@ class Distiller:
         with record_function(f"{REGION}metrics"):
             metrics = {k: float(v) for k, v in out.metrics.items()}
             guard = getattr(engine, "nonfinite_gradients", None)  # workers/engines.py: skipped on the GPU
-            skipped = guard is not None and guard.flag() is not None and bool(guard.flag())
-        if skipped:
-            if self.config.schedule.on_nonfinite == "raise":
-                raise NonFiniteLossError(["gradients (the update was not applied)"], where)
-            self.skipped += 1
-            return {"skipped": 1.0}
+            flag = guard.flag() if guard is not None else None
+        if flag is not None and bool(flag):
+            return self._nonfinite(["gradients (the update was not applied)"], where)
         return metrics
+
+    def _nonfinite(self, terms: list[str], where: str) -> dict[str, float]:
+        """schedule.on_nonfinite for an update that was not applied: raise naming terms, or count the skip."""
+        if self.config.schedule.on_nonfinite == "raise":
+            raise NonFiniteLossError(terms, where)
+        self.skipped += 1
+        return {"skipped": 1.0}
 
     def _velocity_fn(self, net: nn.Module, cond: Conditioning):
         return lambda x_t, t: self.adapter.velocity(net, x_t, t, cond)
