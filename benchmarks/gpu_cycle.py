@@ -19,7 +19,8 @@ median cycle seconds over --steps cycles after --warmup (one cycle = the critic 
 samples/s, peak and held (between cycles) GPU memory, and FLOPs per cycle counted outside the measured runs
 (benchmarks/cycle_flops.py: each kind of network pass counted on the meta device, times the passes a cycle
 makes): MFU from model FLOPs, HFU with activation-checkpointing recompute, both against a bf16 matmul measured
-here. Also precompute anchors/s against the bound of the teacher's K guided passes alone.
+here; each timed cycle's seconds and the time Python's garbage collector held the process in it. Also
+precompute anchors/s against the bound of the teacher's K guided passes alone.
 Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) after every run.
 
     python -m benchmarks.gpu_cycle --out outputs/bench/1gpu                         # one GPU, three modes
@@ -32,7 +33,7 @@ Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) a
 records it beside the per-pass sum (tests/test_bench.py holds them equal); never on GPU, where the counter holds
 about five times the memory a cycle needs. --base DIR first runs ours with workers/, models/ and orchestrator/
 from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), with ours' settings,
-for before/after figures. --profile adds, per profiled cycle, where the GPU sat idle and what the host threads
+for before/after figures (repeatable: one run per earlier tree). --profile adds, per profiled cycle, where the GPU sat idle and what the host threads
 did meanwhile (benchmarks/gaps.py). Imports neither Ray nor MLflow.
 """
 
@@ -87,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one more run of ours with these config overrides (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for inline, ours, ours@base and the variants (repeatable)")
-    p.add_argument("--base", default="", metavar="DIR",
-                   help="also run ours with workers/models/orchestrator from DIR, with the same --set and --compile")
+    p.add_argument("--base", action="append", default=[], metavar="DIR",
+                   help="also run ours with workers/models/orchestrator from DIR, with the same --set and --compile "
+                        "(repeatable: the runs are named ours@<DIR's name>; one alone is ours@base)")
     p.add_argument("--zero-stage", type=int, default=2)
     p.add_argument("--batch", type=int, default=4, help="rows per GPU per update")
     p.add_argument("--critic-updates", type=int, default=5, help="critic updates per generator update")
@@ -138,8 +140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def runs(args: argparse.Namespace) -> list[Run]:
     tuned = tuple(args.set) + (("distributed.compile=true",) if args.compile else ())
     out = [Run(SIMULATED_OOM, "ours", tuned)] if args.simulate_oom else []
-    if args.base:  # before the runs it is compared with
-        out.append(Run("ours@base", "ours", tuned, str(Path(args.base).resolve())))  # the same settings as ours
+    bases = [Path(b).resolve() for b in args.base]  # before the runs they are compared with, ours' settings
+    labels = ["ours@base"] if len(bases) == 1 else [f"ours@{b.name}" for b in bases]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--base: give directories of different names, got {args.base}")
+    out += [Run(label, "ours", tuned, str(base)) for label, base in zip(labels, bases)]
     out += [Run(mode, mode, () if mode == "reference" else tuned) for mode in args.modes]
     for text in args.variant:
         label, _, overrides = text.partition(":")
@@ -217,7 +222,7 @@ def live_objects() -> dict[str, int]:
     gc.collect()
     counts = {"engines": 0, "optimizers": 0, "text_encoders": 0}
     storages: dict[int, int] = {}
-    for o in gc.get_objects():
+    for o in tracked_objects():
         kind = type(o)  # not isinstance: that dereferences weak proxies, which torch.compile leaves dead ones of
         if issubclass(kind, (FakeTensor, FunctionalTensor)):
             continue  # torch.compile's caches keep these: shapes without memory (their data pointer raises)
@@ -247,6 +252,10 @@ class CycleClock:
         self.text_encoders: list[str] | None = None
         self.profiler = None
         self.profile_summary: dict | None = None
+        self.gc = GcPauses()
+        self.gc_s: list[float] = []  # Python's garbage collector, per timed cycle: seconds every thread stood still
+        self.gc_full: list[int] = []  # and its full (oldest-generation) collections
+        self.gc_objects: dict[str, int] = {}  # what a full collection scans after the warm-up, and what it skips
         self.mark = time.perf_counter()
 
     def __call__(self, progress, metrics: dict) -> None:
@@ -260,7 +269,11 @@ class CycleClock:
             self.warmup_seconds.append(now - self.mark)
         elif step <= self.warmup + self.steps:
             self.seconds.append(now - self.mark)
+            self.gc_s.append(self.gc.seconds)
+            self.gc_full.append(self.gc.full)
             self.held_gib = gib(self.device)
+        if step == self.warmup:
+            self.gc_objects = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}
         if self.text_encoders is None:
             self.text_encoders = text_encoders()
         try:  # a profiler that fails costs the profile, not the run
@@ -275,18 +288,56 @@ class CycleClock:
                 self.profiler.__enter__()
         except Exception as err:  # noqa: BLE001
             self.profiler, self.profile_summary = None, {"error": f"{type(err).__name__}: {err}"[:300]}
+        self.gc.reset()
         self.mark = time.perf_counter()
 
     def close(self) -> None:
+        self.gc.close()
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
             self.profiler = None
 
 
+class GcPauses:
+    """The time Python's garbage collector holds the process (gc.callbacks), since the last reset(): its
+    collections run on whichever thread allocates, with the interpreter lock held, so every thread waits."""
+
+    def __init__(self):
+        self.seconds, self.full, self._start = 0.0, 0, 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.full += info["generation"] == 2
+
+    def reset(self) -> None:
+        self.seconds, self.full = 0.0, 0
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+
 def text_encoders() -> list[str]:
     from transformers import PreTrainedModel
 
-    return sorted(type(o).__name__ for o in gc.get_objects() if issubclass(type(o), PreTrainedModel))
+    return sorted(type(o).__name__ for o in tracked_objects() if issubclass(type(o), PreTrainedModel))
+
+
+def tracked_objects() -> list:
+    """gc.get_objects(), the frozen ones included: from its first cycle on, train() keeps what outlives it out of
+    the collector's generations (gc.freeze), where gc.get_objects() does not look. Everything tracked now is
+    frozen again afterwards."""
+    if not gc.get_freeze_count():
+        return gc.get_objects()
+    gc.unfreeze()
+    try:
+        return gc.get_objects()
+    finally:
+        gc.freeze()
 
 
 KERNEL_KINDS = (  # first match wins: cuDNN's attention kernels also carry "sm90" in their names
@@ -522,6 +573,7 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
     result["peak_memory_gib"] = gib(device, peak=True)
     if "error" not in result:
         result.update(cycle_s_all=clock.seconds, warmup_s_all=clock.warmup_seconds, held_memory_gib=clock.held_gib,
+                      gc_s_all=clock.gc_s, gc_full_all=clock.gc_full, gc_objects=clock.gc_objects,
                       text_encoders_in_trainer=clock.text_encoders, profile=clock.profile_summary)
         if args.verify_flops:  # whole cycles counted, outside the measured run
             result["counted_flops"] = {
@@ -777,6 +829,15 @@ def markdown(result: dict) -> str:
                   f"{p['write_share'] * 100:.0f}% of the time); the teacher's K guided passes alone bound it at "
                   f"{p['bound_anchors_per_s_per_gpu']:.3g} ({p['efficiency'] * 100:.0f}% of the bound)."]
     for label, m in result["runs"].items():
+        if m.get("cycle_s_all"):
+            cycles = ", ".join(f"{x:.2f}" for x in m["cycle_s_all"])
+            line = f"{label}: timed cycles {cycles} s"
+            if m.get("gc_s_all"):
+                objects = m.get("gc_objects") or {}
+                line += (f"; Python's garbage collector {statistics.median(m['gc_s_all']):.3f} s per cycle (median; "
+                         f"{sum(m.get('gc_full_all', []))} full collections in all), {objects.get('tracked', 0):,} "
+                         f"objects tracked after the warm-up, {objects.get('frozen', 0):,} frozen")
+            lines += ["", line + "."]
         prof = m.get("profile")
         if prof and "error" not in prof:
             kinds = ", ".join(f"{k} {v:.2f} s" for k, v in prof["by_kind_s"].items())

@@ -136,6 +136,29 @@ def test_modes_and_variants_are_checked_and_kept_in_order():
     assert [(r.label, r.mode, r.overrides, r.source) for r in args.runs] == [
         ("ours@base", "ours", tuned, "/tmp/earlier"), ("ours", "ours", tuned, ""), ("inline", "inline", tuned, ""),
         ("nockpt", "ours", (*tuned, "generator.gradient_checkpointing=false"), "")]
+    # several earlier trees: each run named after its directory, which must differ
+    args = parse_args(["--mode", "ours", "--base", "/tmp/before", "--base", "/tmp/after"])
+    assert [(r.label, r.source) for r in args.runs] == [
+        ("ours@before", "/tmp/before"), ("ours@after", "/tmp/after"), ("ours", "")]
+    with pytest.raises(SystemExit):
+        parse_args(["--base", "/tmp/a/tree", "--base", "/tmp/b/tree"])
+
+
+def test_collector_pauses_are_timed_and_full_collections_counted():
+    import gc
+
+    from benchmarks.gpu_cycle import GcPauses
+
+    pauses = GcPauses()
+    try:
+        gc.collect(0)
+        assert pauses.seconds > 0 and pauses.full == 0
+        pauses.reset()
+        gc.collect()
+        assert pauses.seconds > 0 and pauses.full == 1
+    finally:
+        pauses.close()
+    assert pauses._callback not in gc.callbacks
 
 
 def _batches(n: int, fail_at: int | None = None):
