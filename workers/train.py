@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -153,6 +154,8 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             anchors = data.next_anchors(where).to(device)
         metrics = distiller.generator_step(anchors, where)
         progress.generator_updates += 1
+        if progress.generator_updates == first + 1:
+            freeze_survivors(cleanup)
         progress.cycle_position = 0
         progress.rows_consumed += batch_size
         progress.skipped_steps = distiller.skipped
@@ -197,6 +200,18 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
         live.close()  # the snapshots still being scored: their results land in MLflow and live_eval.jsonl
     logger.close()
     return progress
+
+
+def freeze_survivors(cleanup: ExitStack) -> None:
+    """After the first cycle, what lives as long as the run (networks, engines, optimizer state, the compiled
+    blocks and their caches: about a million objects for SD3.5) goes to the collector's permanent generation
+    (gc.freeze). Python's full collections, every few cycles, otherwise walk all of it while every thread waits
+    on the interpreter lock and the GPU runs dry: 0.63-0.76 s each on one H200, 0.03 s frozen (BENCHMARKS.md).
+    Collections still run on what the cycles allocate; cleanup gives the collector everything back when train()
+    ends."""
+    gc.collect()
+    gc.freeze()
+    cleanup.callback(gc.unfreeze)
 
 
 def _trainable(teacher, gradient_checkpointing: bool, section: str):
