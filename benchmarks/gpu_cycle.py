@@ -33,8 +33,8 @@ Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) a
 records it beside the per-pass sum (tests/test_bench.py holds them equal); never on GPU, where the counter holds
 about five times the memory a cycle needs. --base DIR first runs ours with workers/, models/ and orchestrator/
 from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), with ours' settings,
-for before/after figures (repeatable: one run per earlier tree). --profile adds, per profiled cycle, where the GPU sat idle and what the host threads
-did meanwhile (benchmarks/gaps.py). Imports neither Ray nor MLflow.
+for before/after figures (repeatable: one run per earlier tree). --profile adds, per profiled cycle, where the GPU
+sat idle and what the host threads did meanwhile (benchmarks/gaps.py). Imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
