@@ -5,7 +5,8 @@ a cycle makes. `python -m benchmarks.gpu_cycle --smoke` checks the sum against w
 Counting convention: torch.utils.flop_counter (matrix products, convolutions, attention; elementwise work is
 free), with attention in its plain form (two products forward, four backward) whatever kernel runs it. Model
 FLOPs are those of the passes themselves; hardware FLOPs add the forward passes that activation checkpointing
-runs again during backward (not the recomputation inside a fused attention kernel's own backward).
+runs again during backward (not the recomputation inside a fused attention kernel's own backward); checkpointing
+that keeps attention outputs (gradient_checkpointing "attention") runs the forward again without its attention.
 """
 
 from __future__ import annotations
@@ -39,20 +40,37 @@ def count(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def count_attention(fn: Callable[[], object]) -> int:
+    """The attention FLOPs of fn(): in the plain form its two products are the only batched matrix products
+    (aten.bmm) of the transformers counted here; their linear layers are addmm and mm."""
+    with plain_attention(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0)
+
+
 @dataclass
 class PassFlops:
     """FLOPs of single network passes. forward[n]: a no-grad pass over n rows. train[(n, input_grad, ckpt)]:
     forward and backward over n rows, with the input requiring gradient or not (the first layer's input gradient),
-    with activation checkpointing (its recomputed forward counted) or without. text[n]: encoding n prompts."""
+    with activation checkpointing (its recomputed forward counted) or without. text[n]: encoding n prompts.
+    attention[n]: the attention part of forward[n]."""
 
     forward: dict[int, int] = field(default_factory=dict)
     train: dict[tuple[int, bool, bool], int] = field(default_factory=dict)
     text: dict[int, int] = field(default_factory=dict)
+    attention: dict[int, int] = field(default_factory=dict)
+
+    def train_flops(self, n: int, input_grad: bool, checkpointing: bool | str) -> int:
+        """train[...], where checkpointing "attention" recomputes the forward without its attention."""
+        if checkpointing == "attention":
+            return self.train[(n, input_grad, True)] - self.attention[n]
+        return self.train[(n, input_grad, bool(checkpointing))]
 
     def to_json(self) -> dict:
         return {"forward": {str(k): v for k, v in self.forward.items()},
                 "train": {f"{n},{int(g)},{int(c)}": v for (n, g, c), v in self.train.items()},
-                "text": {str(k): v for k, v in self.text.items()}}
+                "text": {str(k): v for k, v in self.text.items()},
+                "attention": {str(k): v for k, v in self.attention.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> PassFlops:
@@ -60,7 +78,8 @@ class PassFlops:
             n, g, c = (int(x) for x in text.split(","))
             return n, bool(g), bool(c)
         return cls({int(k): v for k, v in data["forward"].items()}, {key(k): v for k, v in data["train"].items()},
-                   {int(k): v for k, v in data.get("text", {}).items()})
+                   {int(k): v for k, v in data.get("text", {}).items()},
+                   {int(k): v for k, v in data.get("attention", {}).items()})
 
 
 def network_passes(adapter: TeacherAdapter, build: Callable[[], nn.Module], cond_shapes: dict[str, tuple[int, ...]],
@@ -83,6 +102,7 @@ def network_passes(adapter: TeacherAdapter, build: Callable[[], nn.Module], cond
         x, t, cond = inputs(n)
         with torch.no_grad():
             flops.forward[n] = count(lambda: adapter.velocity(net, x, t, cond))
+            flops.attention[n] = count_attention(lambda: adapter.velocity(net, x, t, cond))
     net.train().requires_grad_(True)
     for checkpointing in (False, True):
         if checkpointing:
@@ -107,7 +127,8 @@ class CycleShape:
     detach_first_step: bool = True
 
 
-def cycle_passes(mode: str, s: CycleShape, checkpointing: tuple[bool, bool]) -> list[tuple[str, str, object, int]]:
+def cycle_passes(mode: str, s: CycleShape,
+                 checkpointing: tuple[bool | str, bool | str]) -> list[tuple[str, str, object, int]]:
     """The network passes of one cycle as (what, kind, key into PassFlops, how many): kind is forward, train
     or text. checkpointing: (generator's, critic's); (False, False) gives the model FLOPs."""
     c, b, n = s.critic_updates, s.batch, s.generator_steps
@@ -139,10 +160,10 @@ def forward_batches(s: CycleShape) -> set[int]:
     return {s.critic_updates * s.batch, s.batch, 2 * s.batch}
 
 
-def cycle_flops(mode: str, s: CycleShape, flops: PassFlops, checkpointing: tuple[bool, bool]) -> int:
+def cycle_flops(mode: str, s: CycleShape, flops: PassFlops, checkpointing: tuple[bool | str, bool | str]) -> int:
     """FLOPs of one cycle of mode: model FLOPs with checkpointing (False, False), hardware FLOPs with the run's
     (generator, critic) setting."""
     total = 0
     for _, kind, key, times in cycle_passes(mode, s, checkpointing):
-        total += times * getattr(flops, kind)[key]
+        total += times * (flops.train_flops(*key) if kind == "train" else getattr(flops, kind)[key])
     return total

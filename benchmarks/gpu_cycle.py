@@ -9,8 +9,9 @@ the paper's recipe (sd35m):
              run's precompute; the trainer holds no text encoder
   inline     the precompute effect alone: embeddings from the store, but the K-step guided teacher anchor
              rollout inside every generator step; every other setting as ours
-  reference  what the reference script does: eager networks, prompts encoded in the loop by full-size random
-             CLIP-L, CLIP-G and T5-XXL held by the trainer, the anchor rollout inside every generator step
+  reference  what the reference script does: eager networks with diffusers' whole-block checkpointing, prompts
+             encoded in the loop by full-size random CLIP-L, CLIP-G and T5-XXL held by the trainer, the anchor
+             rollout inside every generator step
 
 Each mode (and each --variant, an extra run of ours with config overrides) runs in a process of its own, so
 that it starts from an empty GPU, its peak memory is its own, and an out-of-memory error or a crash is recorded
@@ -34,7 +35,8 @@ records it beside the per-pass sum (tests/test_bench.py holds them equal); never
 about five times the memory a cycle needs. --base DIR first runs ours with workers/, models/ and orchestrator/
 from DIR, an earlier commit (`git archive main workers models orchestrator | tar -x -C DIR`), with ours' settings,
 for before/after figures (repeatable: one run per earlier tree). --profile adds, per profiled cycle, where the GPU
-sat idle and what the host threads did meanwhile (benchmarks/gaps.py). Imports neither Ray nor MLflow.
+sat idle and what the host threads did meanwhile (benchmarks/gaps.py); --memory, the peak memory of each part of
+one more cycle (benchmarks/memory_peak.py). Imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cycle_flops, gaps, random_sd3
+from benchmarks import cycle_flops, gaps, memory_peak, random_sd3
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -98,14 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="timed cycles per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed cycles first (allocator, kernels, compilation)")
     p.add_argument("--compile", action="store_true", help="same as --set distributed.compile=true")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="activation checkpointing of generator and critic (the recipe's setting)")
+    p.add_argument("--gradient-checkpointing", choices=("true", "false", "attention"), default=None,
+                   help="generator and critic activation checkpointing (default: the recipe's, true)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all)")
     p.add_argument("--precompute-batch", type=int, default=4, help="rows per precompute batch and shard")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per run (more than 1: each run under torchrun)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over one more cycle of ours and each variant: kernel mix, idle GPU time")
+    p.add_argument("--memory", action="store_true",
+                   help="one more cycle of ours and each variant: its peak memory in each part of the cycle")
     p.add_argument("--verify-flops", action=argparse.BooleanOptionalAction, default=None,
                    help="count whole cycles under FlopCounterMode after each run (default: with --smoke only)")
     p.add_argument("--simulate-oom", action="store_true",
@@ -145,7 +149,7 @@ def runs(args: argparse.Namespace) -> list[Run]:
     if len(set(labels)) < len(labels):
         raise ValueError(f"--base: give directories of different names, got {args.base}")
     out += [Run(label, "ours", tuned, str(base)) for label, base in zip(labels, bases)]
-    out += [Run(mode, mode, () if mode == "reference" else tuned) for mode in args.modes]
+    out += [Run(mode, mode, reference_settings(args) if mode == "reference" else tuned) for mode in args.modes]
     for text in args.variant:
         label, _, overrides = text.partition(":")
         if not label or not overrides or label in (*MODES, SIMULATED_OOM) or any(r.label == label for r in out):
@@ -154,18 +158,28 @@ def runs(args: argparse.Namespace) -> list[Run]:
     return out
 
 
+def reference_settings(args: argparse.Namespace) -> tuple[str, ...]:
+    """The reference structure checkpoints whole blocks (diffusers' own), as the reference script does, unless
+    checkpointing is off; selective checkpointing in eager mode would run every op through a dispatch mode and
+    slow the reference for reasons of ours (measured: 13.9 s per cycle against 12.1)."""
+    if args.gradient_checkpointing == "false":
+        return ()
+    return "generator.gradient_checkpointing=true", "critic.gradient_checkpointing=true"
+
+
 def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, overrides=(), cycles: int = 0):
     """The paper's recipe (sd35m) with the benchmark's settings; teacher.path is never read (the teacher is
     built in code and handed to train)."""
     from orchestrator.recipe import resolve
 
-    checkpointing = str(args.gradient_checkpointing).lower()
-    cycles = cycles or args.warmup + args.steps + int(args.profile)
+    checkpointing = args.gradient_checkpointing
+    cycles = cycles or args.warmup + args.steps + int(args.profile) + int(args.memory)
     return resolve("sd35m", [
         f"teacher.resolution={args.resolution}", f"loss.anchor_step={args.anchor_step}",
         f"schedule.critic_updates_per_generator={args.critic_updates}",
         f"schedule.num_generator_updates={cycles}", "schedule.checkpoint_every=0", f"schedule.log_every={cycles}",
-        f"generator.gradient_checkpointing={checkpointing}", f"critic.gradient_checkpointing={checkpointing}",
+        *([f"generator.gradient_checkpointing={checkpointing}", f"critic.gradient_checkpointing={checkpointing}"]
+          if checkpointing else []),
         f"distributed.num_workers={world_size}", f"distributed.use_gpu={str(use_gpu).lower()}",
         f"distributed.zero_stage={args.zero_stage}", f"distributed.batch_size_per_worker={args.batch}",
         f"trajectories.batch_size={args.precompute_batch}", f"trajectories.rows_per_shard={args.precompute_batch}",
@@ -241,11 +255,16 @@ def live_objects() -> dict[str, int]:
 
 class CycleClock:
     """train's on_cycle hook: times each cycle between device-synchronised marks, notes the memory held between
-    cycles and the text encoders alive while the trainer runs; optionally profiles one cycle after the timed
-    ones, or raises a simulated out-of-memory error after the first cycle."""
+    cycles and the text encoders alive while the trainer runs; optionally reads the peak memory of each part of
+    one cycle after the timed ones (benchmarks/memory_peak.py) and profiles the next, or raises a simulated
+    out-of-memory error after the first cycle."""
 
-    def __init__(self, warmup: int, steps: int, device: torch.device, profile: bool = False, fail: bool = False):
+    def __init__(self, warmup: int, steps: int, device: torch.device, profile: bool = False, fail: bool = False,
+                 memory: bool = False):
         self.warmup, self.steps, self.device, self.profile, self.fail = warmup, steps, device, profile, fail
+        self.memory, self.regions = memory, None
+        self.memory_summary: dict | None = None
+        self.peak_floor = 0  # the allocator's peak is reset while parts are read: the highest reading before
         self.seconds: list[float] = []
         self.warmup_seconds: list[float] = []  # the first includes building the engines (and compiling)
         self.held_gib = float("nan")
@@ -276,12 +295,22 @@ class CycleClock:
             self.gc_objects = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}
         if self.text_encoders is None:
             self.text_encoders = text_encoders()
+        try:  # a memory reading that fails costs the reading, not the run
+            self._end_regions()
+            if self.memory and step == self.warmup + self.steps:
+                import workers.distill
+                import workers.train
+
+                self.regions = memory_peak.RegionPeaks(self.device)
+                self.regions.install([workers.distill, workers.train])
+        except Exception as err:  # noqa: BLE001
+            self.regions, self.memory_summary = None, {"error": f"{type(err).__name__}: {err}"[:300]}
         try:  # a profiler that fails costs the profile, not the run
             if self.profiler is not None:  # the profiled cycle just ended
                 self.profiler.__exit__(None, None, None)
                 self.profile_summary = profile_summary(self.profiler, now - self.mark)
                 self.profiler = None
-            if self.profile and step == self.warmup + self.steps:
+            if self.profile and step == self.warmup + self.steps + int(self.memory):
                 from torch.profiler import ProfilerActivity, profile
 
                 self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -291,8 +320,15 @@ class CycleClock:
         self.gc.reset()
         self.mark = time.perf_counter()
 
+    def _end_regions(self) -> None:
+        if self.regions is not None:
+            regions, self.regions = self.regions, None
+            self.memory_summary = regions.close()
+            self.peak_floor = regions.overall
+
     def close(self) -> None:
         self.gc.close()
+        self._end_regions()
         if self.profiler is not None:
             self.profiler.__exit__(None, None, None)
             self.profiler = None
@@ -543,7 +579,9 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
 
     dtype = torch.bfloat16
     profiled = args.profile and run.mode == "ours"  # ours and its variants
-    config = run_config(args, use_gpu, world, run.overrides, cycles=args.warmup + args.steps + int(profiled))
+    recorded = args.memory and run.mode == "ours" and device.type == "cuda"
+    config = run_config(args, use_gpu, world, run.overrides,
+                        cycles=args.warmup + args.steps + int(profiled) + int(recorded))
     store = open_store(*filesystem(config, store_root))
     prompts = random_sd3.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
@@ -562,7 +600,8 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
         source = store_source(store)
         if run.mode == "inline":
             source = inline_anchor_source(source, adapter, teacher, negative, device)
-    clock = CycleClock(args.warmup, args.steps, device, profile=profiled, fail=run.label == SIMULATED_OOM)
+    clock = CycleClock(args.warmup, args.steps, device, profile=profiled, fail=run.label == SIMULATED_OOM,
+                       memory=recorded)
     ctx = LocalContext(Path(args.out) / "runs" / run.label, resume=False)
     try:
         train(config, ctx, source, negative, teacher=pair, on_cycle=clock, save=False)
@@ -570,11 +609,12 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
         result["error"] = f"out of memory: {str(err).splitlines()[0][:200]}"
     finally:
         clock.close()
-    result["peak_memory_gib"] = gib(device, peak=True)
+    result["peak_memory_gib"] = max(gib(device, peak=True), clock.peak_floor / 2**30)
     if "error" not in result:
         result.update(cycle_s_all=clock.seconds, warmup_s_all=clock.warmup_seconds, held_memory_gib=clock.held_gib,
                       gc_s_all=clock.gc_s, gc_full_all=clock.gc_full, gc_objects=clock.gc_objects,
-                      text_encoders_in_trainer=clock.text_encoders, profile=clock.profile_summary)
+                      text_encoders_in_trainer=clock.text_encoders, profile=clock.profile_summary,
+                      memory=clock.memory_summary)
         if args.verify_flops:  # whole cycles counted, outside the measured run
             result["counted_flops"] = {
                 name: cycle_flops.count(lambda: train(
@@ -805,7 +845,8 @@ def markdown(result: dict) -> str:
         f"bf16 matmul peak {_fmt(result.get('matmul_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s; "
         f"batch {s['batch']} per GPU, {s['critic_updates']} critic updates per generator update, "
         f"K = {s['anchor_step']}, {s['resolution']} px, ZeRO-{s['zero_stage']}, "
-        f"checkpointing {s['gradient_checkpointing']}; median of {s['steps']} cycles after {s['warmup']}; "
+        f"checkpointing {s['gradient_checkpointing'] or 'as in the recipe'}; "
+        f"median of {s['steps']} cycles after {s['warmup']}; "
         f"every run in a process of its own.",
         "",
         "| run | cycle s | samples/s per GPU | model TFLOP per cycle | MFU | HFU (recompute counted) | peak GiB | "
@@ -838,6 +879,13 @@ def markdown(result: dict) -> str:
                          f"{sum(m.get('gc_full_all', []))} full collections in all), {objects.get('tracked', 0):,} "
                          f"objects tracked after the warm-up, {objects.get('frozen', 0):,} frozen")
             lines += ["", line + "."]
+        mem = m.get("memory")
+        if mem and "error" not in mem:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in mem["by_part_gib"].items())
+            lines += ["", f"Peak memory of one {label} cycle by part, GiB (allocated at its start "
+                          f"{mem['start_gib']:.1f}): {parts}."]
+        elif mem:
+            lines += ["", f"Memory reading of {label} failed: {mem['error']}"]
         prof = m.get("profile")
         if prof and "error" not in prof:
             kinds = ", ".join(f"{k} {v:.2f} s" for k, v in prof["by_kind_s"].items())

@@ -20,11 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     """One smoke run in a fresh interpreter where Ray and MLflow cannot be imported, as on the GPU machine
     (DeepSpeed tries MLflow and does without it); every run then goes in a process of its own. It starts with
-    a run that raises a simulated out-of-memory error."""
+    a run that raises a simulated out-of-memory error. Checkpointing is diffusers' (true): whole cycles counted
+    under FlopCounterMode see attention in its plain form, which selective checkpointing cannot keep."""
     out = tmp_path_factory.mktemp("bench")
     code = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
             "sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--critic-updates", "2", "--simulate-oom",
+                           "--gradient-checkpointing", "true",
                            "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -129,13 +131,17 @@ def test_modes_and_variants_are_checked_and_kept_in_order():
     for bad in (["--mode", "ours,fastest"], ["--variant", "ours:distributed.compile=true"], ["--variant", "nolabel"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
-    args = parse_args(["--mode", "ours,inline", "--set", "distributed.zero_stage=1", "--base", "/tmp/earlier",
-                       "--variant", "nockpt:generator.gradient_checkpointing=false", "--compile"])
+    args = parse_args(["--mode", "ours,inline,reference", "--set", "distributed.zero_stage=1", "--base",
+                       "/tmp/earlier", "--variant", "nockpt:generator.gradient_checkpointing=false", "--compile"])
     tuned = ("distributed.zero_stage=1", "distributed.compile=true")
-    # the earlier tree runs with ours' settings: a compiled ours was once compared with an eager ours@base
+    whole_blocks = ("generator.gradient_checkpointing=true", "critic.gradient_checkpointing=true")
+    # the earlier tree runs with ours' settings: a compiled ours was once compared with an eager ours@base; the
+    # reference checkpoints whole blocks as the reference script does (eager selective checkpointing slowed it)
     assert [(r.label, r.mode, r.overrides, r.source) for r in args.runs] == [
         ("ours@base", "ours", tuned, "/tmp/earlier"), ("ours", "ours", tuned, ""), ("inline", "inline", tuned, ""),
+        ("reference", "reference", whole_blocks, ""),
         ("nockpt", "ours", (*tuned, "generator.gradient_checkpointing=false"), "")]
+    assert parse_args(["--mode", "reference", "--gradient-checkpointing", "false"]).runs[0].overrides == ()
     # several earlier trees: each run named after its directory, which must differ
     args = parse_args(["--mode", "ours", "--base", "/tmp/before", "--base", "/tmp/after"])
     assert [(r.label, r.source) for r in args.runs] == [
@@ -360,3 +366,71 @@ def test_regions_mirrored_onto_the_gpu_timeline_are_not_gpu_work():
               event(0, 100, "dpdmd/backward", annotation=True), event(0, 10, "gemm"), event(60, 100, "gemm")]
     summary = from_profiler(events)
     assert summary["idle_s"] == pytest.approx(50e-6) and summary["by_region_s"] == {"backward": pytest.approx(50e-6)}
+
+
+def test_the_peak_memory_of_each_part_of_a_cycle_is_read_and_none_is_lost():
+    """--memory: the loop's named parts (record_function "dpdmd/...") each get the most memory allocated inside
+    them, backward and the optimizer step named after the loss they follow; a peak between parts is kept apart;
+    the run's overall peak survives the resets."""
+    import contextlib
+    import types
+
+    from benchmarks.memory_peak import BETWEEN, GIB, PREFIX, RegionPeaks
+
+    memory = {"now": 4 * GIB, "peak": 4 * GIB}
+
+    def alloc(n):
+        memory["now"] += n * GIB
+        memory["peak"] = max(memory["peak"], memory["now"])
+
+    def reset():
+        memory["peak"] = memory["now"]
+
+    names = []
+    loop = types.SimpleNamespace(record_function=lambda name: names.append(name) or contextlib.nullcontext())
+    peaks = RegionPeaks(allocated=lambda: memory["now"], max_allocated=lambda: memory["peak"], reset_peak=reset)
+    peaks.install([loop])
+    for loss, transient, grads in (("critic loss", 1, 2), ("generator rollout", 3, 2)):
+        with loop.record_function(f"dpdmd/{loss}"):
+            alloc(transient)
+        with loop.record_function("dpdmd/backward"):
+            alloc(grads), alloc(-transient)
+        with loop.record_function("dpdmd/optimizer step"):
+            alloc(1), alloc(-1 - grads)
+    alloc(5), alloc(-5)  # outside any part
+    with loop.record_function("other"):  # not one of the loop's parts: passed through
+        alloc(9), alloc(-9)
+    m = peaks.close()
+    assert names == ["dpdmd/critic loss", "dpdmd/backward", "dpdmd/optimizer step", "dpdmd/generator rollout",
+                     "dpdmd/backward", "dpdmd/optimizer step", "other"]  # every call reached the original
+    assert m["by_part_gib"] == {BETWEEN: 13.0, "backward (generator)": 9.0, "generator rollout": 7.0,
+                                "optimizer step (generator)": 7.0, "backward (critic)": 7.0, "critic loss": 5.0,
+                                "optimizer step (critic)": 7.0}
+    assert m["start_gib"] == 4.0 and m["peak_gib"] == 13.0 and loop.record_function("x") is not None
+    assert names[-1] == "x" and not peaks._undo  # the original is back
+    import workers.distill
+    import workers.train
+
+    assert PREFIX == workers.distill.REGION  # the names the loop gives its parts, in the modules --memory wraps
+    assert all(callable(module.record_function) for module in (workers.distill, workers.train))
+
+
+def test_attention_flops_are_the_batched_products_of_a_forward():
+    """Checkpointing that keeps attention outputs recomputes a forward less its attention (cycle_flops): the
+    attention part is read as the forward's batched products, the plain form's two per attention."""
+    from diffusers import SD3Transformer2DModel
+
+    from benchmarks.cycle_flops import count_attention
+
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
+            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+        x, context, pooled, t = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 32), torch.randn(2, 64), torch.rand(2)
+    with torch.no_grad():
+        flops = count_attention(lambda: net(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                                            timestep=t))
+    batch, heads, head_dim, image, text = 2, 2, 8, 16, 5
+    per_attention = lambda tokens: 2 * 2 * batch * heads * tokens * tokens * head_dim  # noqa: E731
+    assert flops == 2 * per_attention(image + text) + per_attention(image)  # two joint ones, one image-only

@@ -251,3 +251,55 @@ def test_the_sd35m_recipes_hold_the_papers_settings(name, resolution):
     assert (dist.num_workers, dist.batch_size_per_worker, dist.precision, dist.use_gpu) == (8, 4, "bf16", True)
     assert dist.zero_stage >= 2  # optimizer state and gradients sharded
     assert t.resolution // sd3.SD3_VAE_SCALE_FACTOR % sd3.SD35_MEDIUM_TRANSFORMER["patch_size"] == 0
+
+
+def test_checkpointing_that_keeps_attention_runs_attention_once_for_the_same_gradients():
+    """critic/generator.gradient_checkpointing=attention: backward recomputes each block but not its attention
+    (diffusers' checkpointing runs every attention twice), the gradients are the uncheckpointed ones, and the
+    network's weights, state dict and deep copies are as without it."""
+    import copy
+
+    from diffusers import SD3Transformer2DModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from workers.train import _trainable
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            self.calls += "scaled_dot_product" in name and "backward" not in name
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    teacher = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    x, context, pooled = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 32), torch.randn(2, 64)
+    t = torch.tensor([3., 700.])
+
+    def run(net):
+        with AttentionCalls() as calls:
+            out = net(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+            out.pow(2).mean().backward()
+        return calls.calls, [p.grad for p in net.parameters()]
+
+    (plain, g_plain), (whole, g_whole), (kept, g_kept) = (
+        run(_trainable(teacher, mode, "critic")) for mode in (False, True, "attention"))
+    assert plain == 3 and whole == 6 and kept == 3  # two joint attentions and the first block's second one
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_plain, g_kept))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_whole, g_kept))
+
+    net = _trainable(teacher, "attention", "critic")
+    assert list(net.state_dict()) == list(teacher.state_dict())
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        next(twin.transformer_blocks[0].parameters()).add_(1.0)
+        args = dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t)
+        assert not torch.allclose(net(**args).sample, twin(**args).sample)  # the copy runs its own weights
+    with pytest.raises(ConfigError, match="generator.gradient_checkpointing"):
+        _trainable(torch.nn.Linear(2, 2), "attention", "generator")

@@ -118,7 +118,10 @@ class GeneratorConfig:
 
     num_steps: int = 4  # NFE
     shift: float | None = None  # None: the teacher's shift
-    gradient_checkpointing: bool = False
+    # true: diffusers' activation checkpointing (each block recomputed in backward); "attention": the same but the
+    # attention outputs are kept, not recomputed (SD3 transformers, with distributed.compile=true: in eager mode
+    # its policy runs over every op and costs more than it saves; workers/engines.py, checkpoint_keeping_attention)
+    gradient_checkpointing: bool | Literal["attention"] = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
@@ -130,7 +133,10 @@ class GeneratorConfig:
 class CriticConfig:
     """The fake score, initialised from the teacher and trained on generator samples."""
 
-    gradient_checkpointing: bool = False
+    # true: diffusers' activation checkpointing (each block recomputed in backward); "attention": the same but the
+    # attention outputs are kept, not recomputed (SD3 transformers, with distributed.compile=true: in eager mode
+    # its policy runs over every op and costs more than it saves; workers/engines.py, checkpoint_keeping_attention)
+    gradient_checkpointing: bool | Literal["attention"] = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -181,6 +181,56 @@ class NonfiniteGradients:
         return self._flag
 
 
+def _saves_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: keep what the attention kernels return (output and log-sum-exp, whatever
+    backend runs them: flash, cuDNN, memory-efficient, CPU), recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if "scaled_dot_product" in str(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _attention_saved():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_saves_attention)
+
+
+_KEEPING_ATTENTION: dict[type, type] = {}
+
+
+def checkpoint_keeping_attention(net: nn.Module) -> None:
+    """Activation checkpointing of each transformer block that keeps the attention kernels' outputs: backward
+    recomputes the block's projections, norms and MLP but not its attention, the largest part of a recomputed
+    forward at 1024 px (SD3.5: about 17 TFLOP of the forward's 96 at batch 4), for one attention output per block
+    held through the pass (about 54 MB per block and batch of 4 at 1024 px).
+
+    The checkpoint sits inside each block's forward (the block's class is swapped for a subclass that wraps its
+    forward in torch.utils.checkpoint with a selective policy), not around the call as diffusers' own
+    checkpointing does: a selective policy runs as a dispatch mode, under which compiled code would fall back to
+    eager, while inside the block torch.compile traces the checkpoint and applies the policy itself. Without
+    compilation the policy runs as that dispatch mode over every op, which costs more than the attention it saves
+    (BENCHMARKS.md); pair it with distributed.compile=true. Weights, state dicts and deep copies are those of the
+    original block."""
+    blocks = getattr(net, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise ValueError(f"{type(net).__name__} has no transformer_blocks")
+    for block in blocks:
+        cls = type(block)
+        if cls not in _KEEPING_ATTENTION.values():
+            block.__class__ = _KEEPING_ATTENTION.setdefault(cls, _keeping_attention(cls))
+
+
+def _keeping_attention(cls: type) -> type:
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return cls.forward(self, *args, **kwargs)
+        return checkpoint(cls.forward, self, *args, use_reentrant=False, context_fn=_attention_saved, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__doc__": cls.__doc__})
+
+
 RECOMPILE_LIMIT = 64
 
 

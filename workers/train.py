@@ -25,7 +25,7 @@ from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
 from workers.distill import REGION, Distiller, copy_for_training
-from workers.engines import build_engine, compile_network, distributed
+from workers.engines import build_engine, checkpoint_keeping_attention, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
@@ -214,13 +214,19 @@ def freeze_survivors(cleanup: ExitStack) -> None:
     cleanup.callback(gc.unfreeze)
 
 
-def _trainable(teacher, gradient_checkpointing: bool, section: str):
-    """A trainable copy of the teacher, with diffusers' activation checkpointing if asked for."""
+def _trainable(teacher, gradient_checkpointing: bool | str, section: str):
+    """A trainable copy of the teacher, with diffusers' activation checkpointing if asked for (true), or the
+    selective kind that keeps attention outputs ("attention": checkpoint_keeping_attention)."""
     net = copy_for_training(teacher)
-    if gradient_checkpointing:
+    key = f"{section}.gradient_checkpointing"
+    if gradient_checkpointing == "attention":
+        if not isinstance(getattr(net, "transformer_blocks", None), nn.ModuleList):
+            raise ConfigError(key, f"'attention' needs a transformer with transformer_blocks (SD3), not "
+                                   f"{type(net).__name__}; set it to true")
+        checkpoint_keeping_attention(net)
+    elif gradient_checkpointing:
         if not getattr(net, "_supports_gradient_checkpointing", False):
-            raise ConfigError(f"{section}.gradient_checkpointing", f"{type(net).__name__} does not support gradient "
-                                                                   "checkpointing; set it to false")
+            raise ConfigError(key, f"{type(net).__name__} does not support gradient checkpointing; set it to false")
         net.enable_gradient_checkpointing()
     return net
 

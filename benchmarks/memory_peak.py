@@ -1,0 +1,86 @@
+"""Where in a cycle the GPU memory peaks: the peak of allocated memory in each part of the cycle.
+
+The training loop names its parts for the profiler (workers/distill.py, workers/train.py: `record_function` with
+the "dpdmd/" prefix). For one cycle, RegionPeaks wraps those calls: entering a part it reads the peak since the
+last reading (charged to the part that just ended, or to "between parts") and resets the allocator's peak; so
+each part's figure is the most memory allocated at any moment inside it. Backward and the optimizer step are
+shared by both engines and named after the loss they follow (critic or generator).
+
+The allocator's own history recorder (torch.cuda.memory._record_memory_history) would say which code allocated
+what, but in torch 2.11 it crashes the backward of compiled blocks under activation checkpointing (SystemError
+from autograd's Function.apply, pytorch/pytorch#179536), so the benchmark reads peaks, not stacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+GIB = 2**30
+PREFIX = "dpdmd/"  # workers.distill.REGION
+BETWEEN = "between parts"
+LOSSES = {"critic loss": "critic", "generator rollout": "generator", "teacher and critic scores": "generator"}
+SHARED = ("backward", "optimizer step")
+
+
+class RegionPeaks:
+    """Peak allocated bytes per part of the cycle while installed (install() ... close()). peak_gib: the peak
+    over all parts; by_part_gib: each part's peak; allocated/max_allocated/reset_peak: the allocator's readings
+    (torch.cuda's for device by default)."""
+
+    def __init__(self, device=None, allocated: Callable[[], int] | None = None,
+                 max_allocated: Callable[[], int] | None = None, reset_peak: Callable[[], None] | None = None):
+        if allocated is None:
+            import torch
+
+            allocated = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
+            max_allocated = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731
+            reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)  # noqa: E731
+        self.allocated, self.max_allocated, self.reset_peak = allocated, max_allocated, reset_peak
+        self.by_part: dict[str, int] = {}
+        self.start = self.allocated()
+        self.overall = 0  # every peak read, so that resetting loses none (the run's peak is read at its end)
+        self._loss = ""
+        self._undo: list[Callable[[], None]] = []
+        self.reset_peak()
+
+    def _read(self, part: str) -> None:
+        peak = self.max_allocated()
+        self.overall = max(self.overall, peak)
+        self.by_part[part] = max(self.by_part.get(part, 0), peak)
+        self.reset_peak()
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        short = name.split("/", 1)[-1]
+        self._loss = LOSSES.get(short, self._loss)
+        label = f"{short} ({self._loss})" if short in SHARED and self._loss else short
+        self._read(BETWEEN)
+        try:
+            yield
+        finally:
+            self._read(label)
+
+    def install(self, modules) -> None:
+        """Wrap each module's record_function (the name the loop calls) while recording."""
+        for module in modules:
+            original = module.record_function
+
+            def wrapped(name, *args, _original=original, **kwargs):
+                if not name.startswith(PREFIX):
+                    return _original(name, *args, **kwargs)
+                stack = contextlib.ExitStack()
+                stack.enter_context(_original(name, *args, **kwargs))
+                stack.enter_context(self.part(name))
+                return stack
+
+            module.record_function = wrapped
+            self._undo.append(lambda m=module, o=original: setattr(m, "record_function", o))
+
+    def close(self) -> dict:
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+        self._read(BETWEEN)
+        return {"start_gib": self.start / GIB, "peak_gib": self.overall / GIB,
+                "by_part_gib": {k: v / GIB for k, v in sorted(self.by_part.items(), key=lambda kv: -kv[1])}}
