@@ -609,7 +609,7 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
         result["error"] = f"out of memory: {str(err).splitlines()[0][:200]}"
     finally:
         clock.close()
-    result["peak_memory_gib"] = max(gib(device, peak=True), clock.peak_floor / 2**30)
+    result["peak_memory_gib"] = max(gib(device, peak=True), clock.peak_floor / memory_peak.GIB)
     if "error" not in result:
         result.update(cycle_s_all=clock.seconds, warmup_s_all=clock.warmup_seconds, held_memory_gib=clock.held_gib,
                       gc_s_all=clock.gc_s, gc_full_all=clock.gc_full, gc_objects=clock.gc_objects,

@@ -133,10 +133,7 @@ class GeneratorConfig:
 class CriticConfig:
     """The fake score, initialised from the teacher and trained on generator samples."""
 
-    # true: diffusers' activation checkpointing (each block recomputed in backward); "attention": the same but the
-    # attention outputs are kept, not recomputed (SD3 transformers, with distributed.compile=true: in eager mode
-    # its policy runs over every op and costs more than it saves; workers/engines.py, checkpoint_keeping_attention)
-    gradient_checkpointing: bool | Literal["attention"] = False
+    gradient_checkpointing: bool | Literal["attention"] = False  # as generator.gradient_checkpointing
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -220,10 +220,11 @@ def _trainable(teacher, gradient_checkpointing: bool | str, section: str):
     net = copy_for_training(teacher)
     key = f"{section}.gradient_checkpointing"
     if gradient_checkpointing == "attention":
-        if not isinstance(getattr(net, "transformer_blocks", None), nn.ModuleList):
-            raise ConfigError(key, f"'attention' needs a transformer with transformer_blocks (SD3), not "
-                                   f"{type(net).__name__}; set it to true")
-        checkpoint_keeping_attention(net)
+        try:
+            checkpoint_keeping_attention(net)
+        except ValueError as err:
+            raise ConfigError(key, f"'attention' needs a transformer with transformer_blocks (SD3): {err}; "
+                                   "set it to true") from None
     elif gradient_checkpointing:
         if not getattr(net, "_supports_gradient_checkpointing", False):
             raise ConfigError(key, f"{type(net).__name__} does not support gradient checkpointing; set it to false")
