@@ -42,7 +42,8 @@ def count(fn: Callable[[], object]) -> int:
 
 def count_attention(fn: Callable[[], object]) -> int:
     """The attention FLOPs of fn(): in the plain form its two products are the only batched matrix products
-    (aten.bmm) of the transformers counted here; their linear layers are addmm and mm."""
+    (aten.bmm) of the transformers counted here, when their weights are trainable (their linear layers are then
+    addmm and mm)."""
     with plain_attention(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_flop_counts()["Global"].get(torch.ops.aten.bmm, 0)
@@ -53,7 +54,7 @@ class PassFlops:
     """FLOPs of single network passes. forward[n]: a no-grad pass over n rows. train[(n, input_grad, ckpt)]:
     forward and backward over n rows, with the input requiring gradient or not (the first layer's input gradient),
     with activation checkpointing (its recomputed forward counted) or without. text[n]: encoding n prompts.
-    attention[n]: the attention part of forward[n]."""
+    attention[n]: the attention part of a forward pass over n rows."""
 
     forward: dict[int, int] = field(default_factory=dict)
     train: dict[tuple[int, bool, bool], int] = field(default_factory=dict)
@@ -102,8 +103,12 @@ def network_passes(adapter: TeacherAdapter, build: Callable[[], nn.Module], cond
         x, t, cond = inputs(n)
         with torch.no_grad():
             flops.forward[n] = count(lambda: adapter.velocity(net, x, t, cond))
-            flops.attention[n] = count_attention(lambda: adapter.velocity(net, x, t, cond))
     net.train().requires_grad_(True)
+    # With frozen weights some linear layers over a sliced input run as batched products too (matmul does not fold
+    # them), so the attention part is read with trainable weights, as in the passes it is taken from.
+    x, t, cond = inputs(train_batch)
+    with torch.no_grad():
+        flops.attention[train_batch] = count_attention(lambda: adapter.velocity(net, x, t, cond))
     for checkpointing in (False, True):
         if checkpointing:
             net.enable_gradient_checkpointing()

@@ -324,7 +324,7 @@ class CycleClock:
         if self.regions is not None:
             regions, self.regions = self.regions, None
             self.memory_summary = regions.close()
-            self.peak_floor = regions.overall
+            self.peak_floor = regions.run_peak
 
     def close(self) -> None:
         self.gc.close()
@@ -840,12 +840,15 @@ def _pct(value) -> str:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    checkpointing = s["gradient_checkpointing"] or "as in the recipe"
+    if s["gradient_checkpointing"] == "attention" and "reference" in result.get("runs", {}):
+        checkpointing += " (the reference: whole blocks)"
     lines = [
         f"{result.get('device', '?')} x {result['world_size']}, {result['date']}, torch {result.get('torch', '?')}; "
         f"bf16 matmul peak {_fmt(result.get('matmul_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s; "
         f"batch {s['batch']} per GPU, {s['critic_updates']} critic updates per generator update, "
         f"K = {s['anchor_step']}, {s['resolution']} px, ZeRO-{s['zero_stage']}, "
-        f"checkpointing {s['gradient_checkpointing'] or 'as in the recipe'}; "
+        f"checkpointing {checkpointing}; "
         f"median of {s['steps']} cycles after {s['warmup']}; "
         f"every run in a process of its own.",
         "",

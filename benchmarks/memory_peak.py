@@ -25,8 +25,9 @@ SHARED = ("backward", "optimizer step")
 
 class RegionPeaks:
     """Peak allocated bytes per part of the cycle while installed (install() ... close()). peak_gib: the peak
-    over all parts; by_part_gib: each part's peak; allocated/max_allocated/reset_peak: the allocator's readings
-    (torch.cuda's for device by default)."""
+    over all parts; by_part_gib: each part's peak; run_peak: the run's peak up to the last reading, since the
+    readings reset the allocator's; allocated/max_allocated/reset_peak: the allocator's readings (torch.cuda's
+    for device by default)."""
 
     def __init__(self, device=None, allocated: Callable[[], int] | None = None,
                  max_allocated: Callable[[], int] | None = None, reset_peak: Callable[[], None] | None = None):
@@ -39,10 +40,16 @@ class RegionPeaks:
         self.allocated, self.max_allocated, self.reset_peak = allocated, max_allocated, reset_peak
         self.by_part: dict[str, int] = {}
         self.start = self.allocated()
-        self.overall = 0  # every peak read, so that resetting loses none (the run's peak is read at its end)
+        self.before = self.max_allocated()  # the run's peak so far, which the first reset would lose
+        self.overall = 0  # the recorded stretch's peak
         self._loss = ""
         self._undo: list[Callable[[], None]] = []
         self.reset_peak()
+
+    @property
+    def run_peak(self) -> int:
+        """The run's peak up to the last reading: what the allocator's own peak no longer holds."""
+        return max(self.before, self.overall)
 
     def _read(self, part: str) -> None:
         peak = self.max_allocated()

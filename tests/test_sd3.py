@@ -303,3 +303,47 @@ def test_checkpointing_that_keeps_attention_runs_attention_once_for_the_same_gra
         assert not torch.allclose(net(**args).sample, twin(**args).sample)  # the copy runs its own weights
     with pytest.raises(ConfigError, match="generator.gradient_checkpointing"):
         _trainable(torch.nn.Linear(2, 2), "attention", "generator")
+
+
+def test_checkpointing_that_keeps_attention_compiles_each_block_as_one_graph():
+    """Its point is inside compiled blocks (distributed.compile=true): a graph break there runs the block eagerly
+    under the selective policy's dispatch mode, slower than whole-block checkpointing. diffusers marks its block
+    classes allow_in_graph, through which Dynamo cannot call the class's forward."""
+    import torch._dynamo
+    from diffusers import SD3Transformer2DModel
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from workers.train import _trainable
+
+    torch.manual_seed(0)
+    teacher = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    args = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 5, 32),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([3., 700.]))
+    eager = _trainable(teacher, "attention", "critic")
+    net = _trainable(teacher, "attention", "critic")
+    backward_graphs = []
+
+    def keep_backward(graph, inputs):
+        backward_graphs.append(graph)
+        return graph
+
+    # Inductor's partitioner, which decides from the policy what backward recomputes
+    backend = aot_autograd(fw_compiler=lambda graph, inputs: graph, bw_compiler=keep_backward,
+                           partition_fn=min_cut_rematerialization_partition)
+    torch._dynamo.reset()
+    for block in net.transformer_blocks:
+        block.compile(backend=backend, fullgraph=True)  # a graph break raises
+    net(**args).sample.pow(2).mean().backward()
+    eager(**args).sample.pow(2).mean().backward()
+    with torch.no_grad():
+        assert torch.allclose(net(**args).sample, eager(**args).sample, atol=1e-6)
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(net.parameters(), eager.parameters()))
+    torch._dynamo.reset()
+    ops = [str(node.target) for graph in backward_graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert backward_graphs and any("scaled_dot_product" in op and "backward" in op for op in ops)
+    assert not [op for op in ops if "scaled_dot_product" in op and "backward" not in op]  # attention not rerun
+    assert any(op.startswith("aten.mm") or op.startswith("aten.addmm") for op in ops)  # the rest of the block is

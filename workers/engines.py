@@ -201,7 +201,7 @@ _KEEPING_ATTENTION: dict[type, type] = {}
 def checkpoint_keeping_attention(net: nn.Module) -> None:
     """Activation checkpointing of each transformer block that keeps the attention kernels' outputs: backward
     recomputes the block's projections, norms and MLP but not its attention, the largest part of a recomputed
-    forward at 1024 px (SD3.5: about 17 TFLOP of the forward's 96 at batch 4), for one attention output per block
+    forward at 1024 px (SD3.5: about 17 TFLOP of the forward's 45 at batch 4), for one attention output per block
     held through the pass (about 54 MB per block and batch of 4 at 1024 px).
 
     The checkpoint sits inside each block's forward (the block's class is swapped for a subclass that wraps its
@@ -216,17 +216,26 @@ def checkpoint_keeping_attention(net: nn.Module) -> None:
         raise ValueError(f"{type(net).__name__} has no transformer_blocks")
     for block in blocks:
         cls = type(block)
-        if cls not in _KEEPING_ATTENTION.values():
-            block.__class__ = _KEEPING_ATTENTION.setdefault(cls, _keeping_attention(cls))
+        if cls in _KEEPING_ATTENTION.values():
+            continue
+        if cls not in _KEEPING_ATTENTION:
+            _KEEPING_ATTENTION[cls] = _keeping_attention(cls)
+        block.__class__ = _KEEPING_ATTENTION[cls]
 
 
 def _keeping_attention(cls: type) -> type:
+    """cls with its forward inside a selective checkpoint. The original forward is called as the plain function:
+    diffusers marks its block classes allow_in_graph, and Dynamo cannot trace `cls.forward` through such a class
+    (a graph break in every block; tests/test_sd3.py). The class is made here, so a
+    network holding it does not pickle (state dicts and deep copies do; nothing in the project pickles networks)."""
     from torch.utils.checkpoint import checkpoint
+
+    original = cls.forward
 
     def forward(self, *args, **kwargs):
         if not torch.is_grad_enabled():
-            return cls.forward(self, *args, **kwargs)
-        return checkpoint(cls.forward, self, *args, use_reentrant=False, context_fn=_attention_saved, **kwargs)
+            return original(self, *args, **kwargs)
+        return checkpoint(original, self, *args, use_reentrant=False, context_fn=_attention_saved, **kwargs)
 
     return type(cls.__name__, (cls,), {"forward": forward, "__doc__": cls.__doc__})
 
