@@ -119,9 +119,10 @@ def fused_grad_norm(zero_optimizer) -> None:
     over which the GPU idled (benchmarks/gaps.py). DeepSpeed fuses this only under ZeRO-3, so the optimizer's method
     is replaced here, keeping its contract: the same parameters counted (pipeline-replicated ones skipped, model-
     parallel ones once), squares summed over the data- and model-parallel groups, an inf or NaN norm returned as -1.
-    Each gradient's norm accumulates in float32 inside the kernel (the kernel clip_grad_norm_ uses, asked for a
-    float32 result: torch.nn.utils.get_total_norm would return bf16 gradients' norms in bf16); the squares are
-    summed in float64."""
+    Each gradient's norm accumulates in float64 inside the kernel (the kernel clip_grad_norm_ uses, asked for a
+    float64 result: torch.nn.utils.get_total_norm would return bf16 gradients' norms in bf16), and the rest is
+    DeepSpeed's arithmetic, so that float32 runs clip exactly as before: a float32 accumulation changed the CPU
+    demo's digits through the clipping."""
     from deepspeed import comm as dist
     from deepspeed.runtime.constants import PIPE_REPLICATED
     from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
@@ -136,13 +137,13 @@ def fused_grad_norm(zero_optimizer) -> None:
                    and (is_model_parallel_parameter(p) or zero_optimizer.model_parallel_rank == 0)]
         device = zero_optimizer.device
         if counted:
-            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
-            squares = torch.stack(norms).to(device=device, dtype=torch.float64).square().sum().float()
+            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float64)
+            squares = torch.stack(norms).to(device).pow(2.0).sum().float()
         else:
             squares = torch.zeros((), dtype=torch.float32, device=device)
         dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=zero_optimizer.dp_process_group)
         zero_optimizer._model_parallel_all_reduce(tensor=squares, op=dist.ReduceOp.SUM)
-        total = squares.sqrt()
+        total = squares.pow(1.0 / 2.0)
         mask_nan_or_inf_with_val_inplace(total, device=device)
         return total
 
