@@ -31,17 +31,31 @@ def tiny_vae(latent_channels: int, seed: int, **kwargs):
                          **kwargs)
 
 
-def tiny_sd3_pipeline(seed: int = 0, scheduler=None):
-    """A StableDiffusion3Pipeline at 64 x 64 px: latents (16, 8, 8), 16 image tokens, 77 + 256 text tokens."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import T5Config, T5EncoderModel
+def tiny_sd3_transformer(seed: int = 0):
+    """SD3's transformer at 64 x 64 px: 16 image tokens, two blocks, the first with the second (image-only)
+    attention of SD3.5."""
+    from diffusers import SD3Transformer2DModel
 
-    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
         pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+def tiny_sd3_inputs() -> dict:
+    """A batch of 2 for tiny_sd3_transformer: latents, 5 text tokens, pooled embeddings, timesteps."""
+    return dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 5, 32),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([3., 700.]))
+
+
+def tiny_sd3_pipeline(seed: int = 0, scheduler=None):
+    """A StableDiffusion3Pipeline at 64 x 64 px: latents (16, 8, 8), 16 image tokens, 77 + 256 text tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
+    transformer = tiny_sd3_transformer(seed)
     torch.manual_seed(seed + 3)
     text_encoder_3 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,

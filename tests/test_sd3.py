@@ -15,7 +15,7 @@ from models.adapter import LoadOptions
 from models.flow import sampling_sigmas
 from models.sampling import Sampler, sample, seeded_noise
 from orchestrator.recipe import resolve
-from sd_models import prompt_file, save_tiny_sd3
+from sd_models import prompt_file, save_tiny_sd3, tiny_sd3_inputs, tiny_sd3_transformer
 from workers.config import ConfigError
 from workers.teacher import load_teacher
 
@@ -259,7 +259,6 @@ def test_checkpointing_that_keeps_attention_runs_attention_once_for_the_same_gra
     network's weights, state dict and deep copies are as without it."""
     import copy
 
-    from diffusers import SD3Transformer2DModel
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from workers.train import _trainable
@@ -274,17 +273,11 @@ def test_checkpointing_that_keeps_attention_runs_attention_once_for_the_same_gra
             self.calls += "scaled_dot_product" in name and "backward" not in name
             return func(*args, **(kwargs or {}))
 
-    torch.manual_seed(0)
-    teacher = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-    x, context, pooled = torch.randn(2, 16, 8, 8), torch.randn(2, 5, 32), torch.randn(2, 64)
-    t = torch.tensor([3., 700.])
+    teacher, args = tiny_sd3_transformer(), tiny_sd3_inputs()
 
     def run(net):
         with AttentionCalls() as calls:
-            out = net(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+            out = net(**args).sample
             out.pow(2).mean().backward()
         return calls.calls, [p.grad for p in net.parameters()]
 
@@ -299,7 +292,6 @@ def test_checkpointing_that_keeps_attention_runs_attention_once_for_the_same_gra
     twin = copy.deepcopy(net)
     with torch.no_grad():
         next(twin.transformer_blocks[0].parameters()).add_(1.0)
-        args = dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t)
         assert not torch.allclose(net(**args).sample, twin(**args).sample)  # the copy runs its own weights
     with pytest.raises(ConfigError, match="generator.gradient_checkpointing"):
         _trainable(torch.nn.Linear(2, 2), "attention", "generator")
@@ -310,19 +302,12 @@ def test_checkpointing_that_keeps_attention_compiles_each_block_as_one_graph():
     under the selective policy's dispatch mode, slower than whole-block checkpointing. diffusers marks its block
     classes allow_in_graph, through which Dynamo cannot call the class's forward."""
     import torch._dynamo
-    from diffusers import SD3Transformer2DModel
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     from workers.train import _trainable
 
-    torch.manual_seed(0)
-    teacher = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=64,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-    args = dict(hidden_states=torch.randn(2, 16, 8, 8), encoder_hidden_states=torch.randn(2, 5, 32),
-                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([3., 700.]))
+    teacher, args = tiny_sd3_transformer(), tiny_sd3_inputs()
     eager = _trainable(teacher, "attention", "critic")
     net = _trainable(teacher, "attention", "critic")
     backward_graphs = []

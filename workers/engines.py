@@ -227,8 +227,8 @@ def checkpoint_keeping_attention(net: nn.Module) -> None:
 def _keeping_attention(cls: type) -> type:
     """cls with its forward inside a selective checkpoint. The original forward is called as the plain function:
     diffusers marks its block classes allow_in_graph, and Dynamo cannot trace `cls.forward` through such a class
-    (a graph break in every block; tests/test_sd3.py). The class is made here, so a
-    network holding it does not pickle (state dicts and deep copies do; nothing in the project pickles networks)."""
+    (a graph break in every block; tests/test_sd3.py). The class is made here, so a network holding it does not
+    pickle (state dicts and deep copies do; nothing in the project pickles networks)."""
     from torch.utils.checkpoint import checkpoint
 
     original = cls.forward
