@@ -108,6 +108,8 @@ def test_only_seed_and_lambda_may_differ_and_only_in_fp32(tmp_path, teacher_path
         check_batchable([a, other])
     with pytest.raises(ConfigError, match="fp32"):
         check_batchable(configs(tmp_path, teacher_path, "distributed.precision=bf16"))
+    with pytest.raises(ConfigError, match="small teacher on the device"):
+        check_batchable(configs(tmp_path, teacher_path, "distributed.use_gpu=true", "distributed.offload_teacher=true"))
 
 
 def test_stacked_adamw_is_torch_adamw_per_trial_and_a_masked_trial_stays_put():

@@ -244,6 +244,10 @@ class DistributedConfig:
     # torch.compile's mode with compile=true: "reduce-overhead" adds CUDA graphs (launch gaps), "max-autotune" also
     # searches kernel configurations; "default" is what BENCHMARKS.md measured
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # Keep the frozen teacher's weights in pinned host memory and stream them through the GPU block by block when it
+    # scores the generator's samples (once per generator update): SD3.5-Medium's 4.6 GiB off the GPU for the whole
+    # cycle, for under 1% of its time (workers/offload.py, BENCHMARKS.md)
+    offload_teacher: bool = False
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
 
     def __post_init__(self):
@@ -257,6 +261,12 @@ class DistributedConfig:
         _check(self.compile or self.compile_mode == "default", "compile_mode",
                f"applies only with distributed.compile=true (got {self.compile_mode!r} with compile off): turn "
                "compile on, or leave compile_mode out")
+        _check(self.use_gpu or not self.offload_teacher, "offload_teacher",
+               "moves the teacher's weights between host and GPU memory: it needs use_gpu=true")
+        _check(not (self.offload_teacher and self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")),
+               "offload_teacher", f"gives the teacher's weights a new GPU address every update, which compile_mode="
+               f"{self.compile_mode!r} would answer by recording its CUDA graphs again: use compile_mode default or "
+               "max-autotune-no-cudagraphs with it")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from models.losses import LossOutput, NonFiniteLossError, critic_loss, dmd_loss,
 from models.rollout import GeneratorRollout, generator_rollout
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
+from workers.offload import ParkedNetwork
 
 
 REGION = "dpdmd/"  # the profiler's name for each part of a cycle (benchmarks/gaps.py charges idle GPU time to them)
@@ -32,8 +33,10 @@ class Distiller:
     """
 
     def __init__(self, config: RunConfig, adapter: TeacherAdapter, teacher: nn.Module, generator, critic,
-                 device: torch.device, rng: torch.Generator, negative: Conditioning, all_finite=None):
+                 device: torch.device, rng: torch.Generator, negative: Conditioning, all_finite=None,
+                 teacher_weights: ParkedNetwork | None = None):
         self.config, self.adapter, self.teacher = config, adapter, teacher
+        self.teacher_weights = teacher_weights  # the teacher's weights in host memory outside its score
         self.negative = negative.to(device)  # the empty prompt, batch 1: no text encoder needed here
         self.generator, self.critic = generator, critic
         self.device, self.rng = device, rng
@@ -69,6 +72,8 @@ class Distiller:
     def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
         """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
         loss_cfg = self.config.loss
+        if self.teacher_weights is not None:
+            self.teacher_weights.fetch()  # what its score needs first, copied beside the rollout
         with record_function(f"{REGION}generator rollout"):
             x_start = self._start(batch.eps)
             rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), x_start,
@@ -81,6 +86,8 @@ class Distiller:
             v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, batch.cond, uncond,
                                                      self.config.teacher.guidance_scale)
             v_critic = self.adapter.velocity(self.critic.module, x_t, t, batch.cond)
+            if self.teacher_weights is not None:
+                self.teacher_weights.park()  # out of the way of the generator's backward, where memory peaks
         dmd = dmd_loss(rollout.x_gen, x0_from_velocity(x_t, v_teacher, t), x0_from_velocity(x_t, v_critic, t),
                        x_t, loss_cfg.normaliser)
         return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)

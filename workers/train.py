@@ -29,6 +29,7 @@ from workers.engines import build_engine, checkpoint_keeping_attention, compile_
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE
 from workers.live_eval import LiveEvaluation, snapshot_generator
+from workers.offload import ParkedNetwork
 from workers.prefetch import prefetched
 from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
@@ -118,6 +119,11 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     if dist.compile:  # deep copies drop compiled code (Module.__getstate__), so compile after copying
         for net in (teacher, generator.module, critic.module):
             compile_network(net, dist.compile_mode)
+    teacher_weights = None
+    if dist.offload_teacher:  # after the generator and critic were copied from the teacher on the device
+        teacher_weights = ParkedNetwork(teacher, device)
+        # handed back on the device when train() returns; after a failure, in host memory (no GPU memory needed)
+        cleanup.push(lambda failed, *_: teacher_weights.restore(on_device=failed is None))
     rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
 
     progress = Progress()
@@ -131,7 +137,8 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     source = source or inline_source(adapter, teacher, device)
     data = source(config, ctx, progress)
     negative = negative if negative is not None else adapter.negative_conditioning(1)
-    distiller = Distiller(config, adapter, teacher, generator, critic, device, rng, negative, ctx.all_finite)
+    distiller = Distiller(config, adapter, teacher, generator, critic, device, rng, negative, ctx.all_finite,
+                          teacher_weights)
     distiller.skipped = progress.skipped_steps
     batch_size = dist.batch_size_per_worker
     logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)

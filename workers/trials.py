@@ -66,6 +66,9 @@ def check_batchable(configs: list[RunConfig]) -> None:
     if config.distributed.precision != "fp32":
         raise ConfigError("distributed.precision", "trials trained together train in fp32 (the same computation "
                                                    "as train's fp32); set distributed.precision=fp32")
+    if config.distributed.offload_teacher:
+        raise ConfigError("distributed.offload_teacher", "trials trained together keep their small teacher on the "
+                                                         "device; set it to false")
     if config.teacher.family in ("sd3", "sdxl") or config.generator.gradient_checkpointing:
         raise ConfigError("teacher.family", "training trials together is for the small embedded teachers; run "
                                             "large teachers one trial at a time")
