@@ -886,7 +886,13 @@ def markdown(result: dict) -> str:
         if mem and "error" not in mem:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in mem["by_part_gib"].items())
             lines += ["", f"Peak memory of one {label} cycle by part, GiB (allocated at its start "
-                          f"{mem['start_gib']:.1f}): {parts}."]
+                          f"{mem['start_gib']:.1f}, reserved at its end {mem.get('reserved_gib', float('nan')):.1f}): "
+                          f"{parts}."]
+            held = mem.get("held_blocks") or {}
+            if held.get("top"):
+                sizes = ", ".join(f"{b['count']} x {b['mib']:.1f} MiB" for b in held["top"])
+                lines += ["", f"Held at its start, by block size ({held['total_gib']:.1f} GiB): {sizes}; "
+                              f"{held['other_gib']:.1f} GiB in {held['other_sizes']} other sizes."]
         elif mem:
             lines += ["", f"Memory reading of {label} failed: {mem['error']}"]
         prof = m.get("profile")

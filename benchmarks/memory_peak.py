@@ -30,16 +30,21 @@ class RegionPeaks:
     for device by default)."""
 
     def __init__(self, device=None, allocated: Callable[[], int] | None = None,
-                 max_allocated: Callable[[], int] | None = None, reset_peak: Callable[[], None] | None = None):
+                 max_allocated: Callable[[], int] | None = None, reset_peak: Callable[[], None] | None = None,
+                 reserved: Callable[[], int] | None = None, snapshot: Callable[[], list[dict]] | None = None):
         if allocated is None:
             import torch
 
             allocated = lambda: torch.cuda.memory_allocated(device)  # noqa: E731
             max_allocated = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731
             reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)  # noqa: E731
+            reserved = lambda: torch.cuda.memory_reserved(device)  # noqa: E731
+            snapshot = torch.cuda.memory_snapshot
         self.allocated, self.max_allocated, self.reset_peak = allocated, max_allocated, reset_peak
+        self.reserved = reserved or (lambda: 0)
         self.by_part: dict[str, int] = {}
         self.start = self.allocated()
+        self.held = held_blocks(snapshot()) if snapshot else {}  # what the cycle starts from, block by block
         self.before = self.max_allocated()  # the run's peak so far, which the first reset would lose
         self.overall = 0  # the recorded stretch's peak
         self._loss = ""
@@ -89,5 +94,22 @@ class RegionPeaks:
             undo()
         self._undo.clear()
         self._read(BETWEEN)
-        return {"start_gib": self.start / GIB, "peak_gib": self.overall / GIB,
-                "by_part_gib": {k: v / GIB for k, v in sorted(self.by_part.items(), key=lambda kv: -kv[1])}}
+        return {"start_gib": self.start / GIB, "peak_gib": self.overall / GIB, "reserved_gib": self.reserved() / GIB,
+                "by_part_gib": {k: v / GIB for k, v in sorted(self.by_part.items(), key=lambda kv: -kv[1])},
+                "held_blocks": self.held}
+
+
+def held_blocks(snapshot: list[dict], top: int = 10) -> dict:
+    """The allocator's allocated blocks (torch.cuda.memory_snapshot(): segments of blocks, no history needed) by
+    size: the top sizes by the memory they hold, with their count, and what the other sizes hold. Weights, fp32
+    master weights and optimizer moments come in sizes of their own (the engines' parameter groups, the
+    parameters), so the sizes say what is held without a recorder."""
+    by_size: dict[int, int] = {}
+    for segment in snapshot:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                by_size[block["size"]] = by_size.get(block["size"], 0) + 1
+    ranked = sorted(by_size.items(), key=lambda kv: -kv[0] * kv[1])
+    return {"total_gib": sum(s * n for s, n in ranked) / GIB,
+            "top": [{"mib": s / 2**20, "count": n, "gib": s * n / GIB} for s, n in ranked[:top]],
+            "other_gib": sum(s * n for s, n in ranked[top:]) / GIB, "other_sizes": len(ranked[top:])}

@@ -388,7 +388,8 @@ def test_the_peak_memory_of_each_part_of_a_cycle_is_read_and_none_is_lost():
 
     names = []
     loop = types.SimpleNamespace(record_function=lambda name: names.append(name) or contextlib.nullcontext())
-    peaks = RegionPeaks(allocated=lambda: memory["now"], max_allocated=lambda: memory["peak"], reset_peak=reset)
+    peaks = RegionPeaks(allocated=lambda: memory["now"], max_allocated=lambda: memory["peak"], reset_peak=reset,
+                        reserved=lambda: 24 * GIB)
     peaks.install([loop])
     for loss, transient, grads in (("critic loss", 1, 2), ("generator rollout", 3, 2)):
         with loop.record_function(f"dpdmd/{loss}"):
@@ -407,6 +408,7 @@ def test_the_peak_memory_of_each_part_of_a_cycle_is_read_and_none_is_lost():
                                 "optimizer step (generator)": 7.0, "backward (critic)": 7.0, "critic loss": 5.0,
                                 "optimizer step (critic)": 7.0}
     assert m["start_gib"] == 4.0 and m["peak_gib"] == 13.0 and peaks.run_peak == 20 * GIB
+    assert m["reserved_gib"] == 24.0 and m["held_blocks"] == {}  # no snapshot given
     assert loop.record_function("x") is not None
     assert names[-1] == "x" and not peaks._undo  # the original is back
     import workers.distill
@@ -414,6 +416,21 @@ def test_the_peak_memory_of_each_part_of_a_cycle_is_read_and_none_is_lost():
 
     assert PREFIX == workers.distill.REGION  # the names the loop gives its parts, in the modules --memory wraps
     assert all(callable(module.record_function) for module in (workers.distill, workers.train))
+
+
+def test_held_memory_is_told_by_block_size():
+    """The allocated blocks of an allocator snapshot, ranked by the memory each size holds; free blocks and the
+    sizes past the top are not lost."""
+    from benchmarks.memory_peak import GIB, held_blocks
+
+    mib = 2**20
+    block = lambda size, state="active_allocated": {"size": size, "state": state}  # noqa: E731
+    snapshot = [{"blocks": [block(512 * mib), block(512 * mib), block(1024 * mib), block(8 * GIB, "inactive")]},
+                {"blocks": [block(1024 * mib), block(1 * mib), block(2 * mib), block(3 * mib)]}]
+    held = held_blocks(snapshot, top=2)
+    assert held["top"] == [{"mib": 1024.0, "count": 2, "gib": 2.0}, {"mib": 512.0, "count": 2, "gib": 1.0}]
+    assert held["other_sizes"] == 3 and held["other_gib"] == 6 * mib / GIB
+    assert held["total_gib"] == 3 + 6 * mib / GIB
 
 
 def test_attention_flops_are_the_batched_products_of_a_forward():
