@@ -39,7 +39,9 @@ class RegionPeaks:
             max_allocated = lambda: torch.cuda.max_memory_allocated(device)  # noqa: E731
             reset_peak = lambda: torch.cuda.reset_peak_memory_stats(device)  # noqa: E731
             reserved = lambda: torch.cuda.memory_reserved(device)  # noqa: E731
-            snapshot = torch.cuda.memory_snapshot
+            index = torch.device(device or "cuda").index
+            index = torch.cuda.current_device() if index is None else index
+            snapshot = lambda: [s for s in torch.cuda.memory_snapshot() if s["device"] == index]  # noqa: E731
         self.allocated, self.max_allocated, self.reset_peak = allocated, max_allocated, reset_peak
         self.reserved = reserved or (lambda: 0)
         self.by_part: dict[str, int] = {}

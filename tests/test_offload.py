@@ -44,6 +44,7 @@ def _places(parked):
             for p in (parked.rest, *parked.blocks)]
 
 
+@torch.no_grad()
 def test_parked_weights_live_in_the_host_buffer_until_a_call_and_after_park():
     torch.manual_seed(0)
     net = Tied().requires_grad_(False)
@@ -65,11 +66,16 @@ def test_parked_weights_live_in_the_host_buffer_until_a_call_and_after_park():
     parked.park()
     assert _places(parked) == ["host"] and all(_in(t, rest.host[t.dtype]) for t in rest.tensors)
     assert torch.equal(net(x), expected)  # without fetch(): the call fetches
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="without gradients"):
+        net(x)  # autograd would keep weights that park() hands back
 
     parked.restore()
-    assert not net._forward_pre_hooks and _places(parked) == ["device"]
+    assert type(net) is Tied and _places(parked) == ["device"]
+    with torch.enable_grad():
+        net(x)  # its own class again
 
 
+@torch.no_grad()
 def test_blocks_stream_through_one_at_a_time_with_the_next_on_its_way():
     """A transformer's blocks: while block i runs its weights are in place and block i + 1's copy has started;
     the others, and block i once it returned, are in host memory. The result is the network's own."""
@@ -78,7 +84,7 @@ def test_blocks_stream_through_one_at_a_time_with_the_next_on_its_way():
     net.transformer_blocks[1], net.transformer_blocks[2] = net.transformer_blocks[2], net.transformer_blocks[1]
     inputs = tiny_sd3_inputs()
     expected = net(**inputs, return_dict=False)[0]
-    classes = [type(b) for b in net.transformer_blocks]
+    classes = [type(m) for m in (net, *net.transformer_blocks)]
     parked = ParkedNetwork(net, torch.device("cpu"))
     seen = []
     for block in net.transformer_blocks:
@@ -94,36 +100,102 @@ def test_blocks_stream_through_one_at_a_time_with_the_next_on_its_way():
     assert sum(len(p.tensors) for p in (parked.rest, *parked.blocks)) == len({id(t) for t in (
         *net.parameters(), *net.buffers())})  # every tensor in one group
     parked.restore()
-    assert [type(b) for b in net.transformer_blocks] == classes and _places(parked) == ["device"] * 4
+    assert [type(m) for m in (net, *net.transformer_blocks)] == classes and _places(parked) == ["device"] * 4
     assert torch.equal(net(**inputs, return_dict=False)[0], expected)
 
 
-def test_compiled_blocks_keep_their_graphs_when_the_weights_move():
+def test_a_tensor_shared_by_two_blocks_is_refused():
+    net = tiny_sd3_transformer().requires_grad_(False)
+    net.transformer_blocks[1].norm1_context.linear.weight = net.transformer_blocks[0].norm1_context.linear.weight
+    with pytest.raises(ValueError, match="transformer_blocks.1.norm1_context.linear.weight and "
+                                         "transformer_blocks.0.norm1_context.linear.weight are one tensor"):
+        ParkedNetwork(net, torch.device("cpu"))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("whole", [False, True])
+def test_compiled_code_keeps_its_graphs_when_the_weights_move(whole):
     """Dynamo guards on tensors, not their addresses: moving the data under the same parameters compiles nothing
-    new, and the compiled blocks read the moved weights."""
+    new, and the compiled code reads the moved weights. The moving stays outside the compiled call, for blocks
+    compiled one by one and for a network compiled whole (as networks without blocks are): inside, Dynamo would
+    trace it and guard on its state, compiling again at every move."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
-    net = tiny_sd3_transformer().requires_grad_(False)
+    torch.manual_seed(0)
+    net = (Tied() if whole else tiny_sd3_transformer()).requires_grad_(False)
+    run = (lambda: net(torch.ones(3, 4))) if whole else (lambda: net(**inputs, return_dict=False)[0])  # noqa: E731
     inputs = tiny_sd3_inputs()
-    expected = net(**inputs, return_dict=False)[0]
+    expected = run()
     counter = CompileCounter()
     torch._dynamo.reset()
-    for block in net.transformer_blocks:
-        block.compile(backend=counter, fullgraph=True)  # the streaming stays outside the compiled call
+    for module in [net] if whole else net.transformer_blocks:
+        module.compile(backend=counter, fullgraph=True)
     parked = ParkedNetwork(net, torch.device("cpu"))
     outputs = []
     for _ in range(3):
         parked.fetch()
-        outputs.append(net(**inputs, return_dict=False)[0])
+        outputs.append(run())
         parked.park()
     graphs = counter.frame_count
     assert graphs >= 1
-    net(**inputs, return_dict=False)
+    run()
     parked.park()
     assert counter.frame_count == graphs
     assert all(torch.equal(o, expected) for o in outputs)
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream and pinned memory need a GPU")
+@torch.no_grad()
+@pytest.mark.parametrize("late", ["copies", "compute"])
+def test_on_a_gpu_each_block_reads_its_own_copy_while_either_stream_lags(monkeypatch, late):
+    """The side stream's copies held back, and the compute stream held back (torch.cuda._sleep), with the weights
+    switched between two sets at every call (the allocator hands a block the memory it had last time, so a stale
+    read of one set would pass): a block that ran before its copy arrived, or a copy written into memory a queued
+    block still reads, gives the other set's result."""
+    from workers.offload import ParkedWeights
+
+    fetch = ParkedWeights.fetch
+
+    def late_fetch(self):
+        if self.on_device is None and late == "copies":
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(20_000_000)
+        fetch(self)
+
+    monkeypatch.setattr(ParkedWeights, "fetch", late_fetch)
+    device = torch.device("cuda")
+    net = tiny_sd3_transformer().requires_grad_(False).to(device)
+    net.transformer_blocks.extend(copy.deepcopy(net.transformer_blocks[0]) for _ in range(4))
+    net.transformer_blocks.append(net.transformer_blocks.pop(1))  # the text-ending block last
+    halved = copy.deepcopy(net)
+    for t in (*halved.parameters(), *halved.buffers()):
+        t.mul_(0.5)
+    inputs = {k: v.to(device) for k, v in tiny_sd3_inputs().items()}
+    expected = [net(**inputs, return_dict=False)[0], halved(**inputs, return_dict=False)[0]]
+    assert not torch.equal(*expected)
+    parked = ParkedNetwork(net, device)
+    hosts = [h for p in (parked.rest, *parked.blocks) for h in p.host.values()]
+    assert all(h.is_pinned() for h in hosts)
+    sets = [[h.clone() for h in hosts], [h * 0.5 for h in hosts]]
+    placed, lag = [], 5_000_000 if late == "compute" else 0
+    for block in net.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args: torch.cuda._sleep(lag) or placed.append(
+            all(p.device.type == "cuda" for p in module.parameters())))
+    for i in range(4):
+        torch.cuda.synchronize()  # no copy from the host buffers in flight while they change
+        for h, w in zip(hosts, sets[i % 2]):
+            h.copy_(w)
+        parked.fetch()
+        torch.cuda._sleep(lag)
+        out = net(**inputs, return_dict=False)[0]
+        parked.park()
+        assert torch.equal(out, expected[i % 2]), f"call {i}"
+    assert placed and all(placed)
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    parked.restore()
+    assert all(p.device.type == "cuda" for p in net.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +261,7 @@ def test_train_hands_the_teacher_back_as_it_was(out, tmp_path, monkeypatch, fail
     else:
         run()
     assert cycles == [["host"]] * (1 if fails else 2)  # parked between the updates
-    assert not teacher._forward_pre_hooks
+    assert type(teacher) is type(load_teacher(config)[1])  # its own class again
     assert _places(made[0]) == ["host" if fails else "device"]
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
 

@@ -245,8 +245,9 @@ class DistributedConfig:
     # searches kernel configurations; "default" is what BENCHMARKS.md measured
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Keep the frozen teacher's weights in pinned host memory and stream them through the GPU block by block when it
-    # scores the generator's samples (once per generator update): SD3.5-Medium's 4.6 GiB off the GPU for the whole
-    # cycle, for under 1% of its time (workers/offload.py, BENCHMARKS.md)
+    # scores the generator's samples (once per generator update): SD3.5-Medium's 4.6 GiB off the GPU but for its
+    # first block and 0.4 GiB outside its blocks from the rollout to the score; one H200 measured 0.05 s of a 6.4 s
+    # cycle (workers/offload.py, BENCHMARKS.md)
     offload_teacher: bool = False
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
 

@@ -5,7 +5,8 @@ its weights (4.6 GiB for SD3.5-Medium in bf16) would only hold GPU memory. Here 
 A network with transformer blocks is streamed through them: while block i runs, block i + 1 is copied in on a side
 stream, and block i's copy goes back to the allocator when it returns, so about two blocks are on the GPU at a time
 (a block's copy takes about a third of its guided pass at SD3.5's size). What sits outside the blocks (embeddings,
-the final norm and projection) is copied in when the network is called and stays until park().
+the final norm and projection: 0.4 GiB for SD3.5-Medium) and the first block are copied in from the start of the
+generator update, beside its rollout, and stay until park() after the score.
 
 Offloading libraries move whole modules with synchronous hooks around each forward (accelerate's cpu_offload), or
 shard trained parameters with their optimizer (DeepSpeed's ZeRO offload); a frozen network streamed beside its own
@@ -92,26 +93,25 @@ class ParkedWeights:
 
 class ParkedNetwork:
     """net's weights in host memory until fetch() or its next call, streamed block by block through
-    net.transformer_blocks where it has them; park() after its use; restore() when done with it."""
+    net.transformer_blocks where it has them; park() after its use; restore() when done with it.
+
+    The network's class, and each block's, is swapped for a subclass whose __call__ moves the weights around
+    nn.Module's own call: a network or block that torch.compile compiled whole runs its hooks inside the compiled
+    code, where Dynamo would trace the copies. (Dynamo guards on the class, so the teacher's blocks get graphs of
+    their own instead of sharing those of the generator's and critic's blocks: one more compile in the first cycle.)
+    """
 
     def __init__(self, net: nn.Module, device: torch.device):
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         blocks = getattr(net, "transformer_blocks", None)
         self.block_modules = list(blocks) if isinstance(blocks, nn.ModuleList) else []
-        seen: set[int] = set()
-
-        def own(module: nn.Module) -> list[torch.Tensor]:  # each tensor once, in the first group that reaches it
-            fresh = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in seen]
-            seen.update(id(t) for t in fresh)
-            return fresh
-
-        self.blocks = [ParkedWeights(own(block), device, stream) for block in self.block_modules]
-        self.rest = ParkedWeights(own(net), device, stream)
-        self.classes = [type(block) for block in self.block_modules]
-        for i, block in enumerate(self.block_modules):
-            block.__class__ = _streamed(type(block))
-            block._dpdmd_stream = (self, i)
-        self.hook = net.register_forward_pre_hook(lambda module, args: self.rest.ready())
+        groups = _groups(net, len(self.block_modules))
+        self.blocks = [ParkedWeights(groups[i], device, stream) for i in range(len(self.block_modules))]
+        self.rest = ParkedWeights(groups[None], device, stream)
+        self.modules: list[tuple[nn.Module, type]] = [(net, type(net)), *((b, type(b)) for b in self.block_modules)]
+        for module, place in zip((net, *self.block_modules), (None, *range(len(self.block_modules)))):
+            module.__class__ = _parked_class(type(module))
+            module._dpdmd_parked = (self, place)
 
     @property
     def nbytes(self) -> int:
@@ -128,38 +128,64 @@ class ParkedNetwork:
             part.park()
 
     def restore(self, on_device: bool = True) -> None:
-        """The network as it was handed in: no hook, its blocks' own classes, the weights on the device (or left in
-        host memory with on_device=False, where they are valid CPU tensors)."""
-        self.hook.remove()
-        for block, cls in zip(self.block_modules, self.classes):
-            block.__class__ = cls
-            del block._dpdmd_stream
-        if on_device:
-            for part in (self.rest, *self.blocks):
+        """The network as it was handed in: its own classes, the weights on the device, or with on_device=False all
+        in host memory, where they are valid CPU tensors (moving them there needs no GPU memory)."""
+        for module, cls in self.modules:
+            module.__class__ = cls
+            del module._dpdmd_parked
+        for part in (self.rest, *self.blocks):
+            if on_device:
                 part.ready()
+            else:
+                part.park()
 
-    def call_block(self, i: int, call, *args, **kwargs):
-        """Block i's call, its weights in place, the next block's on their way, its own parked after it."""
-        self.blocks[i].ready()
-        if i + 1 < len(self.blocks):
-            self.blocks[i + 1].fetch()
+    def call(self, place: int | None, call, *args, **kwargs):
+        """The network's call (place None): the weights outside the blocks in place. Block i's call: its weights in
+        place, the next block's on their way, its own parked after it."""
+        if torch.is_grad_enabled():
+            # autograd would keep the weights' memory for backward after park() handed it back to the allocator
+            raise RuntimeError("a parked network runs without gradients (torch.no_grad()): it is a frozen teacher")
+        if place is None:
+            self.rest.ready()
+            return call(*args, **kwargs)
+        self.blocks[place].ready()
+        if place + 1 < len(self.blocks):
+            self.blocks[place + 1].fetch()
         try:
             return call(*args, **kwargs)
         finally:
-            self.blocks[i].park()
+            self.blocks[place].park()
 
 
-_STREAMED: dict[type, type] = {}
+def _groups(net: nn.Module, num_blocks: int) -> dict[int | None, list[torch.Tensor]]:
+    """net's parameters and buffers by where they are used: block i's (transformer_blocks.i.) or the rest (None),
+    each tensor once. A tensor shared between two groups would sit in host memory while the other one runs."""
+    groups: dict[int | None, list[torch.Tensor]] = {i: [] for i in range(num_blocks)}
+    groups[None] = []
+    owner: dict[int, tuple[int | None, str]] = {}
+    for name, t in (*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)):
+        parts = name.split(".")
+        group = int(parts[1]) if num_blocks and parts[0] == "transformer_blocks" else None
+        if id(t) in owner:
+            if owner[id(t)][0] != group:
+                raise ValueError(f"{name} and {owner[id(t)][1]} are one tensor used in two parts of the network; "
+                                 "it cannot be streamed block by block")
+            continue
+        owner[id(t)] = (group, name)
+        groups[group].append(t)
+    return groups
 
 
-def _streamed(cls: type) -> type:
-    """cls with a __call__ that streams the block's weights around nn.Module's own call (and so around the compiled
-    code of a compiled block: hooks would run inside it, where Dynamo would trace them). One subclass per class."""
-    if cls not in _STREAMED:
+_PARKED: dict[type, type] = {}
+
+
+def _parked_class(cls: type) -> type:
+    """cls with a __call__ that moves the module's weights around nn.Module's own call. One subclass per class."""
+    if cls not in _PARKED:
         def __call__(self, *args, **kwargs):
-            stream, i = self._dpdmd_stream
-            return stream.call_block(i, super(streamed, self).__call__, *args, **kwargs)
+            parked, place = self._dpdmd_parked
+            return parked.call(place, super(sub, self).__call__, *args, **kwargs)
 
-        streamed = type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
-        _STREAMED[cls] = streamed
-    return _STREAMED[cls]
+        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
+        _PARKED[cls] = sub
+    return _PARKED[cls]
