@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A test's Ray node has nothing to drain when it is stopped; Ray's default waits up to 30 s for that on SIGTERM
+os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 
 import pytest
 import torch
