@@ -8,6 +8,7 @@ ZeRO-1/2's clipping norm is computed by one multi-tensor kernel (fused_grad_norm
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -196,7 +197,25 @@ def _attention_saved():
     return create_selective_checkpoint_contexts(_saves_attention)
 
 
-_KEEPING_ATTENTION: dict[type, type] = {}
+def transformer_blocks(net: nn.Module) -> list[nn.Module]:
+    """net's transformer blocks (its transformer_blocks list, as diffusers' transformers have it), or none."""
+    blocks = getattr(net, "transformer_blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
+_DERIVED: dict[tuple[str, type], type] = {}
+
+
+def derived_class(cls: type, kind: str, members: Callable[[type], dict]) -> type:
+    """cls with members(cls) in place of its own, under its name: one subclass per class and kind, made once (a
+    class already derived for kind comes back as it is). Swapping a module's class this way changes what it does
+    while its weights, state dict and deep copies stay those of the original; a network holding such a class does
+    not pickle (nothing in the project pickles networks)."""
+    if _DERIVED.get((kind, cls.__base__)) is cls:
+        return cls
+    if (kind, cls) not in _DERIVED:
+        _DERIVED[(kind, cls)] = type(cls.__name__, (cls,), {**members(cls), "__doc__": cls.__doc__})
+    return _DERIVED[(kind, cls)]
 
 
 def checkpoint_keeping_attention(net: nn.Module) -> None:
@@ -212,23 +231,17 @@ def checkpoint_keeping_attention(net: nn.Module) -> None:
     compilation the policy runs as that dispatch mode over every op, which costs more than the attention it saves
     (BENCHMARKS.md); pair it with distributed.compile=true. Weights, state dicts and deep copies are those of the
     original block."""
-    blocks = getattr(net, "transformer_blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+    blocks = transformer_blocks(net)
+    if not blocks:
         raise ValueError(f"{type(net).__name__} has no transformer_blocks")
     for block in blocks:
-        cls = type(block)
-        if cls in _KEEPING_ATTENTION.values():
-            continue
-        if cls not in _KEEPING_ATTENTION:
-            _KEEPING_ATTENTION[cls] = _keeping_attention(cls)
-        block.__class__ = _KEEPING_ATTENTION[cls]
+        block.__class__ = derived_class(type(block), "keeping attention", _keeping_attention)
 
 
-def _keeping_attention(cls: type) -> type:
-    """cls with its forward inside a selective checkpoint. The original forward is called as the plain function:
+def _keeping_attention(cls: type) -> dict:
+    """cls's forward inside a selective checkpoint. The original forward is called as the plain function:
     diffusers marks its block classes allow_in_graph, and Dynamo cannot trace `cls.forward` through such a class
-    (a graph break in every block; tests/test_sd3.py). The class is made here, so a network holding it does not
-    pickle (state dicts and deep copies do; nothing in the project pickles networks)."""
+    (a graph break in every block; tests/test_sd3.py)."""
     from torch.utils.checkpoint import checkpoint
 
     original = cls.forward
@@ -238,7 +251,7 @@ def _keeping_attention(cls: type) -> type:
             return original(self, *args, **kwargs)
         return checkpoint(original, self, *args, use_reentrant=False, context_fn=_attention_saved, **kwargs)
 
-    return type(cls.__name__, (cls,), {"forward": forward, "__doc__": cls.__doc__})
+    return {"forward": forward}
 
 
 RECOMPILE_LIMIT = 64
@@ -256,9 +269,6 @@ def compile_network(net: nn.Module, mode: str = "default") -> None:
 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    blocks = getattr(net, "transformer_blocks", None)
-    if isinstance(blocks, nn.ModuleList) and len(blocks):
-        for block in blocks:
-            block.compile(mode=mode)
-    else:
-        net.compile(mode=mode)
+    blocks = transformer_blocks(net)
+    for module in blocks or [net]:
+        module.compile(mode=mode)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from workers.engines import derived_class, transformer_blocks
+
 ALIGN_BYTES = 512
 
 
@@ -103,14 +105,13 @@ class ParkedNetwork:
 
     def __init__(self, net: nn.Module, device: torch.device):
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        blocks = getattr(net, "transformer_blocks", None)
-        self.block_modules = list(blocks) if isinstance(blocks, nn.ModuleList) else []
+        self.block_modules = transformer_blocks(net)
         groups = _groups(net, len(self.block_modules))
         self.blocks = [ParkedWeights(groups[i], device, stream) for i in range(len(self.block_modules))]
         self.rest = ParkedWeights(groups[None], device, stream)
         self.modules: list[tuple[nn.Module, type]] = [(net, type(net)), *((b, type(b)) for b in self.block_modules)]
         for module, place in zip((net, *self.block_modules), (None, *range(len(self.block_modules)))):
-            module.__class__ = _parked_class(type(module))
+            module.__class__ = derived_class(type(module), "parked", _parked_call)
             module._dpdmd_parked = (self, place)
 
     @property
@@ -176,16 +177,10 @@ def _groups(net: nn.Module, num_blocks: int) -> dict[int | None, list[torch.Tens
     return groups
 
 
-_PARKED: dict[type, type] = {}
+def _parked_call(cls: type) -> dict:
+    """A __call__ that moves the module's weights around cls's own (nn.Module's) call."""
+    def __call__(self, *args, **kwargs):
+        parked, place = self._dpdmd_parked
+        return parked.call(place, cls.__call__.__get__(self), *args, **kwargs)
 
-
-def _parked_class(cls: type) -> type:
-    """cls with a __call__ that moves the module's weights around nn.Module's own call. One subclass per class."""
-    if cls not in _PARKED:
-        def __call__(self, *args, **kwargs):
-            parked, place = self._dpdmd_parked
-            return parked.call(place, super(sub, self).__call__, *args, **kwargs)
-
-        sub = type(cls.__name__, (cls,), {"__call__": __call__, "__doc__": cls.__doc__})
-        _PARKED[cls] = sub
-    return _PARKED[cls]
+    return {"__call__": __call__}
