@@ -32,7 +32,9 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         return
     level = logging.INFO if VERBOSE else logging.ERROR
     logging.getLogger("ray.data").setLevel(level)  # Ray Data's execution plans, in this (the driver's) process
-    options = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True, logging_level=level,
+    options = dict(runtime_env={"env_vars": worker_env(),
+                                "worker_process_setup_hook": "orchestrator.cluster.pin_cluster_address"},
+                   log_to_driver=True, logging_level=level,
                    logging_config=ray.LoggingConfig(log_level=logging.getLevelName(level)))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
@@ -41,6 +43,17 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         # the one-per-core the raylet starts at a time and warns about
         ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
                  configure_logging=True, _system_config={"worker_maximum_startup_concurrency": 16}, **options)
+
+
+def pin_cluster_address() -> None:
+    """Every Ray worker process of a run starts here (the runtime environment's setup hook): it names its own
+    cluster in RAY_ADDRESS. Ray Train's placement-group cleaner asks Ray's state API about its controller with
+    no address, which looks for the one Ray on this machine and raises once there are two (two dpdmd commands
+    side by side, or a `ray start` head beside a local run): its monitor thread then dies with a traceback on the
+    console and stops watching the run's placement group."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def trials_that_fit(resources: dict, trial_cpus: float, worker_cpus: float, workers_gpus: float) -> int:
