@@ -7,9 +7,12 @@ Euler step x <- x + (t_next - t) v, and x0_hat = x_t - t v. The scheduler's sigm
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+
+if TYPE_CHECKING:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """velocity_fn(x_t, t) -> v, with x_t of shape (B, ...) and t of shape (B,)."""
@@ -17,6 +20,10 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_scheduler(shift: float, num_train_timesteps: int = 1000) -> FlowMatchEulerDiscreteScheduler:
     """The teacher family's flow scheduler (SD3 / SD3.5 use shift 3.0)."""
+    # Imported here: diffusers (and the scipy it pulls in) take about 2 s to import, which processes that only
+    # pass configs and stores around (Ray Train's controller, which unpickles the store) need not pay
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)

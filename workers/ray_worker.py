@@ -9,11 +9,7 @@ from pathlib import Path
 
 import ray.train
 
-from workers.config import RunConfig
-from workers.configure import build
 from workers.context import WorkerContext
-from workers.live_eval import LiveEvaluation
-from workers.train import store_source, train
 
 
 class RayTrainContext(WorkerContext):
@@ -44,6 +40,12 @@ def train_fn_per_worker(loop_config: dict) -> None:
     worker process's root logger at WARNING, so that Ray Train's per-report INFO lines (logged under the
     file path of its module, outside its own logger) stay in the log files; the loop's progress lines are
     printed, not logged, and still appear."""
+    # Imported here, not at the top: Ray Train's controller unpickles this function and needs none of it
+    from workers.config import RunConfig
+    from workers.configure import build
+    from workers.live_eval import LiveEvaluation
+    from workers.train import store_source, train
+
     if loop_config.get("quiet"):
         logging.getLogger().setLevel(logging.WARNING)
     config = build(RunConfig, loop_config["config"])
