@@ -16,3 +16,13 @@ def fake_group(config_dicts, run_dirs, threads, deadline):
         else:
             out.append({"attribute_spread": 0.2 + config["loss"]["diversity_weight"] / 10 + config["seed"] / 100})
     return out
+
+
+def fake_trial(config_dict, run_dir, threads):
+    """Stands in for a distillation (a test about the runner): fails once for seed 1, lambda 0.5."""
+    marker = Path(run_dir).parent / "failed-once"
+    if config_dict["seed"] == 1 and config_dict["loss"]["diversity_weight"] == 0.5 and not marker.exists():
+        marker.touch()
+        raise RuntimeError("out of memory")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return {"feature_diversity": 0.1 + config_dict["loss"]["diversity_weight"] / 10 + config_dict["seed"] / 100}

@@ -13,9 +13,55 @@ TINY_DISTILL = ["schedule.num_generator_updates=4", "schedule.critic_updates_per
                 "generator.optim.lr=1e-3", "critic.optim.lr=1e-3"]
 
 
+def own_ray_processes(title: str) -> list:
+    """This process's Ray cluster's worker processes whose title contains `title` (as psutil.Process): a test
+    that kills one must not hit another test process's cluster on the same machine (pytest-xdist)."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for proc in psutil.Process(raylet).children():
+        try:
+            if any(title in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # it ended meanwhile
+            pass
+    return found
+
+
 def tiny_config(out: Path, *overrides: str):
     """A resolved toy2d config under out whose tiny teacher exists (trained once per out directory)."""
     config = resolve("toy2d", [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={out}", *overrides])
     if not embedded_teacher_dir(config).is_dir():
         train_teacher(config, progress=False)
     return config
+
+
+def mlflow_server(tmp_path: Path):
+    """A real MLflow tracking server on a free local port, its artifacts under tmp_path: (process, uri)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              # no job runner: its seven consumer processes cost 16 CPU-seconds and run nothing here
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    return server, uri

@@ -1,20 +1,19 @@
-"""Run under torchrun by the tests: one rank of a distillation over a precomputed store, recording the
-(prompt_id, seed) rows its generator updates consumed and how many critic batches it drew, into
-<run_dir>/rows_rank<R>.json.
+"""Run under torchrun by the tests: `dpdmd distill --no-ray` as one rank of torchrun runs it, recording the
+(prompt_id, seed) rows its generator updates consumed, how many critic batches it drew and where its progress
+ended, into LOG_DIR/rows_rank<R>.json.
 
-    torchrun --nproc_per_node 2 tests/record_rows.py RUN_DIR key=value ...
+    torchrun --nproc_per_node 2 tests/record_rows.py LOG_DIR key=value ...
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.precompute import precompute  # noqa: E402
-from orchestrator.recipe import resolve  # noqa: E402
-from workers.context import LocalContext  # noqa: E402
-from workers.train import store_source, train  # noqa: E402
+import workers.train  # noqa: E402
+from orchestrator.cli import main as dpdmd  # noqa: E402
 
 
 def recording(source, log: dict):
@@ -35,14 +34,21 @@ def recording(source, log: dict):
     return wrapped
 
 
-def main(run_dir: str, *overrides: str) -> None:
-    config = resolve("toy2d", list(overrides))
-    store, _ = precompute(config, use_ray=False, progress=False)  # complete already: opened, not written
-    ctx = LocalContext(Path(run_dir), resume=False)
+def main(log_dir: str, *overrides: str) -> None:
     log = {"anchor_rows": [], "prompt_batches": 0}
-    progress = train(config, ctx, recording(store_source(store), log), store.negative())
-    log["progress"] = progress.__dict__
-    (Path(run_dir) / f"rows_rank{ctx.rank}.json").write_text(json.dumps(log))
+    store_source, train = workers.train.store_source, workers.train.train
+
+    def recorded_train(*args, **kwargs):
+        progress = train(*args, **kwargs)
+        log["progress"] = progress.__dict__
+        return progress
+
+    # the command's run path (orchestrator.runs.distill_here) imports both from workers.train when it runs
+    workers.train.store_source = lambda store: recording(store_source(store), log)
+    workers.train.train = recorded_train
+    code = dpdmd(["distill", "--no-ray", "--recipe", "toy2d", *overrides])
+    (Path(log_dir) / f"rows_rank{os.environ['RANK']}.json").write_text(json.dumps(log))
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     code = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
             "sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--critic-updates", "2", "--simulate-oom",
+    proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--critic-updates", "1", "--simulate-oom",
                            "--gradient-checkpointing", "true",
                            "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -139,40 +139,10 @@ def test_bf16_zero3_on_cpu_trains_and_the_evaluate_command_reads_the_generator(o
     assert "| generator |" in capsys.readouterr().out
 
 
-def test_torchrun_two_ranks_without_ray(out, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
-
-    tiny_config(tmp_path)
-    overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}"]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "orchestrator", "distill", "--no-ray", *overrides],
-                          cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run = next((tmp_path / "runs").glob("*-distill-toy2d"))
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["generator_update"] == 4 and lines[-1]["critic_updates"] == 8
-    assert (run / "checkpoints" / "step-0000004" / "rng_rank1.pt").is_file()  # both ranks checkpointed
-    load_generator(run / GENERATOR_DIR)
-
-
-def test_an_in_process_run_leaves_the_environment_as_it_found_it(out, tmp_path):
-    import os
-
-    before = dict(os.environ)
-    config = tiny_config(out)
-    store = _store(config)
-    train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
-    assert dict(os.environ) == before  # no RANK, MASTER_PORT, LOCAL_RANK, DS_ACCELERATOR left for child processes
-
-
-def test_two_ranks_consume_each_anchor_row_once_and_critic_updates_consume_none(tmp_path):
+def test_torchrun_two_ranks_without_ray_consume_each_anchor_row_once_and_critic_updates_consume_none(tmp_path):
+    """`dpdmd distill --no-ray` under torchrun (rank 0 fills the store, both ranks stream their own rows), with
+    the rows each rank's updates consumed recorded (tests/record_rows.py). One run for two properties (each was a
+    run of its own)."""
     import os
     import subprocess
     import sys
@@ -183,21 +153,37 @@ def test_two_ranks_consume_each_anchor_row_once_and_critic_updates_consume_none(
     overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}",
                  "trajectories.seeds_per_prompt=0", "schedule.num_generator_updates=6", "distributed.num_workers=2"]
     config = tiny_config(tmp_path, *overrides[len(TINY_TEACHER) + len(TINY_STORE) + len(TINY_DISTILL) + 1:])
-    store, _ = precompute(config, use_ray=False, progress=False)  # sized for 2 ranks x 6 updates x 8 rows
-    assert store.num_rows == 96
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "tests/record_rows.py", str(tmp_path / "run"), *overrides],
+                           "tests/record_rows.py", str(tmp_path), *overrides],
                           cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    logs = [json.loads((tmp_path / "run" / f"rows_rank{r}.json").read_text()) for r in (0, 1)]
+    store, summary = precompute(config, use_ray=False, progress=False)
+    assert summary.reused and store.num_rows == 96  # rank 0 sized it for 2 ranks x 6 updates x 8 rows
+    run = next((tmp_path / "runs").glob("*-distill-toy2d"))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["generator_update"] == 6 and lines[-1]["critic_updates"] == 12
+    assert (run / "checkpoints" / "step-0000006" / "rng_rank1.pt").is_file()  # both ranks checkpointed
+    load_generator(run / GENERATOR_DIR)
+
+    logs = [json.loads((tmp_path / f"rows_rank{r}.json").read_text()) for r in (0, 1)]
     rows = [tuple(row) for log in logs for row in log["anchor_rows"]]
     assert len(rows) == 2 * 6 * 8 and len(set(rows)) == len(rows)  # every generator row new, across both ranks
     for log in logs:
         assert len(log["anchor_rows"]) == 6 * 8  # one anchor batch per generator update, none for the critic
         assert log["prompt_batches"] == 6 * 2  # one prompt batch per critic update
         assert (log["progress"]["rows_consumed"], log["progress"]["prompt_rows_consumed"]) == (48, 96)
+
+
+def test_an_in_process_run_leaves_the_environment_as_it_found_it(out, tmp_path):
+    import os
+
+    before = dict(os.environ)
+    config = tiny_config(out)
+    store = _store(config)
+    train(config, LocalContext(tmp_path / "run", resume=False), store_source(store), store.negative())
+    assert dict(os.environ) == before  # no RANK, MASTER_PORT, LOCAL_RANK, DS_ACCELERATOR left for child processes
 
 
 def _engines() -> int:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from fake_runners import fake_trial
 from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
 from orchestrator.cli import main
 from orchestrator.fidelity import aggregate, check_space, format_fidelity, run_local_trials
@@ -85,18 +86,6 @@ def test_spaces_that_cannot_make_the_table_are_refused(space, message):
         check_space(space)
 
 
-def _fake_trial(config_dict, run_dir, threads):
-    """Stands in for a distillation (this test is about the runner): fails once for seed 1, lambda 0.5."""
-    from pathlib import Path
-
-    marker = Path(run_dir).parent / "failed-once"
-    if config_dict["seed"] == 1 and config_dict["loss"]["diversity_weight"] == 0.5 and not marker.exists():
-        marker.touch()
-        raise RuntimeError("out of memory")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return {"feature_diversity": 0.1 + config_dict["loss"]["diversity_weight"] / 10 + config_dict["seed"] / 100}
-
-
 def test_a_failed_trial_loses_nothing_and_a_rerun_runs_only_the_rest(tmp_path):
     from workers.config import RunConfig
     from workers.configure import to_dict
@@ -104,10 +93,10 @@ def test_a_failed_trial_loses_nothing_and_a_rerun_runs_only_the_rest(tmp_path):
     base = to_dict(RunConfig())
     space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}
     with pytest.raises(RuntimeError, match="1 of 4 trials failed"):
-        run_local_trials(base, space, tmp_path, jobs=2, runner=_fake_trial)
+        run_local_trials(base, space, tmp_path, jobs=2, runner=fake_trial)
     assert len(list(tmp_path.glob("*/result.json"))) == 3
     first = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
-    rows = run_local_trials(base, space, tmp_path, jobs=2, runner=_fake_trial)
+    rows = run_local_trials(base, space, tmp_path, jobs=2, runner=fake_trial)
     assert len(rows) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished trials were not rerun
     row = next(r for r in rows if r["params"] == {"loss.diversity_weight": 0.5, "seed": 1})

@@ -1,4 +1,5 @@
-"""`ray job submit` of a tiny distillation against a head started with `ray start --head`."""
+"""`ray job submit` of a tiny distillation against a head started with `ray start --head`: two ZeRO-2 workers
+that log to an MLflow tracking server over HTTP."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, tiny_config
+from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, mlflow_server, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -87,14 +88,14 @@ def _checkout(target: Path) -> Path:
 
 @pytest.fixture
 def head(tmp_path):
-    import ray
-
-    ray.shutdown()  # no in-process cluster of another test may linger
     for attempt in range(3):
-        gcs, dashboard = _port(), _port()
+        # the job agent's port too: every other Ray on the machine (this test process's own cluster, another test
+        # process's) has an agent holding the default one, and the job agent then never serves
+        gcs, dashboard, agent = _port(), _port(), _port()
         log = open(tmp_path / f"head-{attempt}.log", "w")
         proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                                 f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+                                 f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+                                 "--num-cpus=2", "--include-dashboard=true",
                                  "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=ENV)
         proc.gcs_port = gcs
         url = _dashboard_url(gcs, proc)
@@ -109,22 +110,57 @@ def head(tmp_path):
         _stop(proc)
 
 
-def test_job_submit_runs_a_tiny_distillation(head, tmp_path):
-    tiny_config(tmp_path)  # the teacher the job will use
-    overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}",
-                 "distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "trajectories.cpus_per_actor=0.5"]
-    runtime_env = {"excludes": [".venv", "outputs", ".git", "*.egg-info"]}
-    working_dir = _checkout(tmp_path / "checkout")
-    for _ in range(30):  # a fresh head's job agent registers a little after its dashboard answers
-        proc = subprocess.run(
-            [RAY, "job", "submit", "--address", head, "--working-dir", str(working_dir),
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
-            capture_output=True, text=True, timeout=600, env=ENV)
-        if "No available agent to submit job" not in proc.stderr:
-            break
-        time.sleep(2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout
-    exported = list((tmp_path / "runs").glob("*-distill-toy2d/generator/dpdmd_generator.json"))
-    assert len(exported) == 1
+def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(head, tmp_path):
+    """One run for three properties (each was a run of its own): `ray job submit` runs a tiny distillation; two
+    ZeRO-2 workers distil and export a generator that loads; rank 0 logs params, every update's metrics and the
+    artifacts to an MLflow tracking server over HTTP."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.precompute import precompute
+    from workers.evaluate import load_generator
+
+    two_zero2 = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "distributed.zero_stage=2",
+                 "loss.diversity_weight=0.0", "schedule.log_every=1"]
+    # the teacher and the trajectory store the job will use, made here: the actor pool's precompute has tests of
+    # its own (test_ray.py)
+    config = tiny_config(tmp_path, *two_zero2)
+    precompute(config, use_ray=False, progress=False)
+    server, uri = mlflow_server(tmp_path)
+    try:
+        overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}", *two_zero2,
+                     f"tracking.tracking_uri={uri}", "tracking.experiment=server-test"]
+        runtime_env = {"excludes": [".venv", "outputs", ".git", "*.egg-info"]}
+        working_dir = _checkout(tmp_path / "checkout")
+        for _ in range(30):  # a fresh head's job agent registers a little after its dashboard answers
+            proc = subprocess.run(
+                [RAY, "job", "submit", "--address", head, "--working-dir", str(working_dir),
+                 "--runtime-env-json", json.dumps(runtime_env), "--",
+                 sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
+                capture_output=True, text=True, timeout=600, env=ENV)
+            if "No available agent to submit job" not in proc.stderr:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        (run_dir,) = (tmp_path / "runs").glob("*-distill-toy2d")
+        assert (run_dir / "generator" / "dpdmd_generator.json").is_file() and (run_dir / "config.yaml").is_file()
+        adapter, net, sampler = load_generator(run_dir / "generator")
+        assert sum(p.numel() for p in net.parameters()) > 0 and len(sampler.sigmas) == 5
+
+        client = MlflowClient(uri)
+        run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert (run.data.metrics["generator_update"], run.data.metrics["critic_updates"]) == (4, 8)
+        assert run.data.metrics["skipped_steps"] == 0
+        assert run.data.params["loss.diversity_weight"] == "0.0"
+        assert run.data.params["distributed.zero_stage"] == "2"
+        assert run.data.params["loss.anchor_step"] == str(config.loss.anchor_step)
+        # rank 0 logs every log_every updates
+        assert sorted(m.step for m in client.get_metric_history(run_id, "loss_dmd")) == [1, 2, 3, 4]
+        assert len(client.get_metric_history(run_id, "loss_critic")) == 4
+        assert {"config.yaml", "generator"} <= {a.path for a in client.list_artifacts(run_id)}
+        assert list((tmp_path / "artifacts").rglob("dpdmd_generator.json"))  # stored by the server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -103,9 +103,13 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_run_without_ray(tmp_p
 def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_with_a_readable_console(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    tiny_config(tmp_path)
+    from orchestrator.precompute import precompute
+
     overrides = [*TINY, f"storage.output_dir={tmp_path}", "schedule.num_generator_updates=200",
                  "schedule.checkpoint_every=20", "schedule.log_every=50"]
+    # the teacher and the store, made here (the actor pool's precompute has tests of its own): Ctrl-C is what
+    # is tested
+    precompute(tiny_config(tmp_path, *overrides[len(TINY):]), use_ray=False, progress=False)
     dpdmd = [sys.executable, "-m", "orchestrator", "distill"]
     env = {**_env(), "RAY_AUTH_MODE": "disabled"}
     stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],

@@ -1,6 +1,7 @@
-"""Sweeps that watch diversity while they train (local Ray, toy2d): a collapsing trial is stopped by the guard
-with its reason recorded and its live evaluations in MLflow as curves, PBT perturbs lambda and continues from
-checkpoints, and Optuna's multi-objective search yields a Pareto front."""
+"""Sweeps on a local Ray cluster (toy2d, one trajectory store for all): a two-trial sweep's runs nested in MLflow,
+Optuna's multi-objective search yielding a Pareto front, and sweeps that watch diversity while they train: a
+collapsing trial is stopped by the guard with its reason recorded and its live evaluations in MLflow as curves,
+and PBT perturbs lambda and continues from checkpoints."""
 
 import json
 
@@ -17,9 +18,50 @@ SHARED = ["distributed.cpus_per_worker=0.5", "evaluation.seeds_per_prompt=20"]
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
+    """The teacher, and a store big enough for every sweep here (the longest runs 40 updates), made in this
+    process: the actor pool's precompute has tests of its own (test_ray.py)."""
+    from orchestrator.precompute import precompute
+
     path = tmp_path_factory.mktemp("sweeps")
-    tiny_config(path)
+    precompute(tiny_config(path, *SHARED, "schedule.num_generator_updates=40"), use_ray=False, progress=False)
     return path
+
+
+def test_a_two_trial_sweep_nests_its_runs_in_mlflow_and_an_optuna_search_yields_a_pareto_front(ray_cluster, out):
+    from mlflow.tracking import MlflowClient
+
+    config = tiny_config(out, *SHARED, "sweep.space=lambda", "tracking.experiment=sweep-test")
+    result = run_sweep(config, to_dict(config))
+    assert sorted(r["params"]["loss.diversity_weight"] for r in result.rows) == [0.0, 0.5]
+    assert result.front and 0 <= result.picked < 2
+    assert (result.sweep_dir / "pareto.png").stat().st_size > 1000
+    client = MlflowClient(tracking_uri(config))
+    children = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["loss.diversity_weight"] in ("0.0", "0.5")
+        assert {"loss_dmd", "eval_mode_kl", "eval_off_mode_rate"} <= child.data.metrics.keys()
+        assert {"config.yaml", "generator", "samples.png"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"sweep.md", "pareto.png"} <= parent_artifacts
+    parent_metrics = client.get_run(result.parent_run_id).data.metrics
+    assert parent_metrics and all(k.startswith(("picked_eval_", "picked_diversity", "picked_quality"))
+                                  for k in parent_metrics)  # the objectives, none of Tune's bookkeeping
+
+    # A second sweep in the same output directory and MLflow experiment trains its own trials: nothing of the first
+    # one (which trained 4 updates) is picked up. It is Optuna's multi-objective search, which yields a Pareto front
+    # (one sweep for two properties; each was a sweep of its own).
+    optuna = tiny_config(out, *SHARED, "schedule.num_generator_updates=2", "sweep.search=optuna",
+                         "sweep.num_samples=2", "tracking.experiment=sweep-test")
+    again = run_sweep(optuna, to_dict(optuna), space={"loss.diversity_weight": {"uniform": [0.0, 1.0]}})
+    assert again.sweep_dir != result.sweep_dir
+    assert [r["generator_update"] for r in again.rows] == [2, 2]
+    assert len(again.rows) == 2 and again.front
+    assert len({r["params"]["loss.diversity_weight"] for r in again.rows}) == 2
+    with pytest.raises(ConfigError, match="sweep.search"):  # Optuna draws every trial: a grid is refused
+        run_sweep(optuna, to_dict(optuna), space={"loss.diversity_weight": {"grid": [0.0, 1.0]}})
 
 
 def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, out):
@@ -69,13 +111,3 @@ def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
     for name, history in result.histories.items():  # each trial's reports carry the lambda it trained with
         assert set(history["loss.diversity_weight"].dropna()) <= {0.0, 0.5}, name
     assert (result.sweep_dir / "pbt.png").stat().st_size > 1000
-
-
-def test_an_optuna_search_yields_a_pareto_front(ray_cluster, out):
-    config = tiny_config(out, *SHARED, "schedule.num_generator_updates=2", "sweep.search=optuna",
-                         "sweep.num_samples=3", "tracking.experiment=optuna-test")
-    result = run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"uniform": [0.0, 1.0]}})
-    assert len(result.rows) == 3 and result.front
-    assert len({r["params"]["loss.diversity_weight"] for r in result.rows}) == 3
-    with pytest.raises(ConfigError, match="sweep.search"):
-        run_sweep(config, to_dict(config), space={"loss.diversity_weight": {"grid": [0.0, 1.0]}})
