@@ -73,13 +73,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
+    device = runs.device_for(config)
     if args.generator:
-        name, (adapter, net, sampler) = "generator", load_generator(args.generator, family=config.teacher.family)
+        name, (adapter, net, sampler) = "generator", load_generator(args.generator, device, config.teacher.family)
     else:
-        name, (adapter, net) = "teacher", load_teacher(config, vae=True)
+        name, (adapter, net) = "teacher", load_teacher(config, device, vae=True)
         sampler = teacher_sampler(config, adapter)
     run_dir = runs.make_run_dir(config, "evaluate")
-    result = evaluate(config, adapter, net, sampler)
+    result = evaluate(config, adapter, net, sampler, device=device)
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
     save_samples(result, run_dir / f"{name}_samples.npz")
     get_family(config.teacher.family).render({name: result.samples}, result.prompts,
@@ -99,13 +100,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config = recipes.resolve(args.recipe, args.overrides)
     prompts = args.prompt or eval_prompts(config)
     seeds = parse_seeds(args.seeds)
+    device = runs.device_for(config)
     if args.generator:
-        adapter, net, sampler = load_generator(args.generator, family=config.teacher.family)
+        adapter, net, sampler = load_generator(args.generator, device, config.teacher.family)
     else:
-        adapter, net = load_teacher(config, vae=True)
+        adapter, net = load_teacher(config, device, vae=True)
         sampler = teacher_sampler(config, adapter)
     pairs = grid_pairs(prompts, seeds)
-    samples = adapter.decode(sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size))
+    samples = adapter.decode(sample(adapter, net, *pairs, sampler, batch_size=config.evaluation.batch_size,
+                                    device=device))
     out = Path(args.out) if args.out else runs.make_run_dir(config, "sample")
     save_samples(Evaluation(*pairs, samples, {}), out / "samples.npz")
     name = "generator" if args.generator else "teacher"

@@ -25,6 +25,7 @@ import os
 import shutil
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from workers.configure import to_dict
 
 SEED_KEY = "seed"
 TEACHER = "teacher"
+ERROR_LOG = "error.log"  # a failed trial's full traceback, in its run directory
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,7 +324,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     training at that many seconds after the start checkpoint and stop, and the command end without a table:
     the same command with --out continues."""
     from orchestrator.precompute import precompute
-    from orchestrator.runs import make_run_dir, summary
+    from orchestrator.runs import device_for, make_run_dir, summary
     from workers.context import clock
     from workers.teacher import teacher_dir, train_teacher
     from workers.tracking import tracking_uri
@@ -332,7 +334,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     check_space(space)
     if not config.teacher.path and not teacher_dir(config).is_dir():
         print(f"{tag} training the embedded {config.teacher.family} teacher")
-        train_teacher(config, device=_device(config))
+        train_teacher(config, device=device_for(config))
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)
     teacher, cut = evaluate_teacher(config, out_dir, tag)
@@ -386,6 +388,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
     distilled generator has to beat); samples and pictures of the first into out_dir. A continued table reads
     them back from teacher_metrics.json."""
     from models.sampling import Sampler
+    from orchestrator.runs import device_for
     from workers.evaluate import evaluate, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
@@ -396,7 +399,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
         return data["teacher"], data[f"teacher_{n}_steps"]
     print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {n}) "
           f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
-    device = _device(config)
+    device = device_for(config)
     adapter, net = load_teacher(config, device, vae=True)
     result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
     cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),
@@ -407,12 +410,6 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
     (out_dir / "teacher_metrics.json").write_text(json.dumps({"teacher": result.metrics, f"teacher_{n}_steps": cut},
                                                              indent=1))
     return result.metrics, cut
-
-
-def _device(config: RunConfig):
-    import torch
-
-    return torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs: int,
@@ -466,21 +463,47 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
                     continue
                 if isinstance(metrics, Exception):
                     failures.append(f"{run_dir.name}: {metrics!r}")
-                    print(f"[fidelity] trial {run_dir.name} failed: {metrics!r}")
+                    print(f"[fidelity] trial {run_dir.name} failed: {failure_summary(run_dir, metrics)}")
                     continue
+                (run_dir / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
                 row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
                 (run_dir / "result.json").write_text(json.dumps(row, indent=1))
                 rows.append(row)
                 print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(points)} trials failed (the finished ones are kept; rerun the "
-                           f"same command with --out {trials_dir.parent} to run only the rest):\n  "
-                           + "\n  ".join(failures))
+                           f"same command with --out {trials_dir.parent} to run only the rest; each failed trial's "
+                           f"traceback is in its {ERROR_LOG}):\n  " + "\n  ".join(failures))
     if unfinished:
         print(f"[fidelity] {unfinished} of {len(points)} trials stopped at the time limit, checkpointed; rerun the "
               f"same command with --out {trials_dir.parent} to continue them")
         return None
     return rows
+
+
+def record_failure(run_dir: Path | str, err: BaseException) -> Path:
+    """A failed trial's full traceback into its run directory, ERROR_LOG. Written where the exception was caught
+    where possible: one that crosses to another process loses its traceback, except for the text that
+    concurrent.futures keeps as the __cause__ of an exception that ended a task, which is used then."""
+    cause = err.__cause__
+    if type(cause).__name__ == "_RemoteTraceback":  # the trial process's own traceback, as text
+        text = str(cause).strip().strip('"').strip() + "\n"
+    else:
+        text = "".join(traceback.format_exception(err))
+    path = Path(run_dir) / ERROR_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def failure_summary(run_dir: Path, err: BaseException, lines: int = 3) -> str:
+    """One trial's failure as the console shows it: the exception, the last lines of its traceback (where it was
+    raised) and the file with all of it (written here if the trial's process could not)."""
+    log = Path(run_dir) / ERROR_LOG
+    if not log.is_file():
+        record_failure(run_dir, err)
+    tail = [line for line in log.read_text().splitlines() if line.strip(" ^~")][-lines:]  # no caret lines
+    return f"{err!r}\n    " + "\n    ".join(tail) + f"\n    full traceback: {log}"
 
 
 def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int = 1,
@@ -506,11 +529,14 @@ def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int 
     out: list[dict | Exception | None] = []
     for config, run_dir, error, finished in zip(configs, dirs, result.errors, result.finished):
         if error is not None or not finished:
+            if error is not None:
+                record_failure(run_dir, error)
             out.append(error)
             continue
         try:
             out.append(evaluate_generator(config, run_dir / GENERATOR_DIR, run_dir, run_dir.name).metrics)
         except Exception as err:  # noqa: BLE001  (reported as this trial's failure)
+            record_failure(run_dir, err)
             out.append(err)
             continue
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
@@ -531,8 +557,12 @@ def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[s
     run_dir = Path(run_dir)
     recipes.save(config, run_dir)
     torch.set_num_threads(threads)
-    store, _ = precompute(config, use_ray=False, progress=False)
-    result = distill_here(config, run_dir, store, resume=True)
-    evaluation = evaluate_generator(config, result.generator_dir, run_dir, run_dir.name)
+    try:
+        store, _ = precompute(config, use_ray=False, progress=False)
+        result = distill_here(config, run_dir, store, resume=True)
+        evaluation = evaluate_generator(config, result.generator_dir, run_dir, run_dir.name)
+    except Exception as err:
+        record_failure(run_dir, err)
+        raise
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
     return evaluation.metrics

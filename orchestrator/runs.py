@@ -206,15 +206,20 @@ def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -
                                               "resumes": progress.resumes})
 
 
+def device_for(config: RunConfig):
+    """Where a command's own sampling and scoring run: the GPU when the recipe asks for one and there is one."""
+    import torch
+
+    return torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
 def evaluate_generator(config: RunConfig, generator_dir: Path, run_dir: Path, label: str, tracked=None):
     """The generator on the held-out prompts and seeds: samples.npz and samples.png into run_dir, the
     metrics (and the picture) into the MLflow run when there is one. Returns the Evaluation."""
-    import torch
-
     from models.families import get_family
     from workers.evaluate import evaluate, load_generator, save_samples
 
-    device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = device_for(config)
     adapter, net, sampler = load_generator(generator_dir, device)
     evaluation = evaluate(config, adapter, net, sampler, device=device)
     save_samples(evaluation, run_dir / "samples.npz")

@@ -86,19 +86,27 @@ def test_spaces_that_cannot_make_the_table_are_refused(space, message):
         check_space(space)
 
 
-def test_a_failed_trial_loses_nothing_and_a_rerun_runs_only_the_rest(tmp_path):
+def test_a_failed_trial_loses_nothing_says_where_and_a_rerun_runs_only_the_rest(tmp_path, capsys):
     from workers.config import RunConfig
     from workers.configure import to_dict
 
     base = to_dict(RunConfig())
     space = {"loss.diversity_weight": {"grid": [0.0, 0.5]}, "seed": {"grid": [0, 1]}}
-    with pytest.raises(RuntimeError, match="1 of 4 trials failed"):
+    with pytest.raises(RuntimeError, match="1 of 4 trials failed") as failed:
         run_local_trials(base, space, tmp_path, jobs=2, runner=fake_trial)
     assert len(list(tmp_path.glob("*/result.json"))) == 3
+    # what failed and where: the message names the trial's traceback file and the console shows its last lines
+    (log,) = tmp_path.glob("*/error.log")
+    assert "error.log" in str(failed.value)
+    full = log.read_text()
+    assert 'fake_runners.py", line' in full and "in fake_trial" in full and "RuntimeError: out of memory" in full
+    console = capsys.readouterr().out
+    assert f"full traceback: {log}" in console and "in fake_trial" in console
     first = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/result.json")}
     rows = run_local_trials(base, space, tmp_path, jobs=2, runner=fake_trial)
     assert len(rows) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished trials were not rerun
+    assert not list(tmp_path.glob("*/error.log"))  # the failed trial succeeded this time
     row = next(r for r in rows if r["params"] == {"loss.diversity_weight": 0.5, "seed": 1})
     assert row["eval_feature_diversity"] == pytest.approx(0.16)
 

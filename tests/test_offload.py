@@ -146,6 +146,7 @@ def test_compiled_code_keeps_its_graphs_when_the_weights_move(whole):
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream and pinned memory need a GPU")
 @torch.no_grad()
 @pytest.mark.parametrize("late", ["copies", "compute"])

@@ -3,6 +3,7 @@ stopped group continues from its checkpoints."""
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from models.families.shapes import teacher as shapes
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
+from workers.batches import to_device
 from workers.config import ConfigError
 from workers.context import LocalContext
 from workers.train import GENERATOR_DIR, store_source, train
@@ -178,3 +180,32 @@ def test_a_nonfinite_loss_stops_its_trial_only_or_skips_its_step(tmp_path, teach
     else:
         assert batch.active.tolist() == [True, True] and trials[1].error is None
         assert [t.progress.skipped_steps for t in trials] == [0, 2]
+
+
+def test_cycle_inputs_on_the_gpu_already_are_not_pinned_and_host_ones_are():
+    """The cause of every trial failing on a GPU (below), seen without one: the cycle's inputs were pinned before
+    their copy to the GPU wherever they were, and pinning a tensor that is on the GPU raises. A tensor that says it
+    is on the GPU stands in for one (no CUDA here)."""
+    cuda = torch.device("cuda")
+    on_gpu = mock.Mock(spec=torch.Tensor, device=torch.device("cuda", 0))
+    assert to_device(on_gpu, cuda) is on_gpu.to.return_value
+    on_gpu.pin_memory.assert_not_called()
+    on_gpu.to.assert_called_once_with(cuda, non_blocking=True)
+    on_host = mock.Mock(spec=torch.Tensor, device=torch.device("cpu"))
+    assert to_device(on_host, cuda) is on_host.pin_memory.return_value.to.return_value
+    on_host.pin_memory.return_value.to.assert_called_once_with(cuda, non_blocking=True)
+    on_cpu = torch.arange(3.0)  # and for a CPU run, the tensor as it is
+    assert to_device(on_cpu, torch.device("cpu")) is on_cpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_trials_together_train_from_the_rows_the_read_ahead_put_there(tmp_path, teacher_path):
+    """On one H200 (main at 0c8298f) every trial trained together failed at its first cycle: the cycle's inputs
+    were pinned in host memory before their copy to the GPU, and the anchor rows that the store's read-ahead had
+    put on the GPU already cannot be pinned ("cannot pin 'torch.cuda.FloatTensor'")."""
+    cs = configs(tmp_path, teacher_path, "distributed.use_gpu=true")
+    store, _ = precompute(cs[0], use_ray=False, progress=False)
+    result = train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store)
+    assert result.errors == [None, None] and result.finished == [True, True]
+    assert all((tmp_path / f"t{i}" / GENERATOR_DIR / "dpdmd_generator.json").is_file() for i in range(2))

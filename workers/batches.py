@@ -14,6 +14,14 @@ import torch
 from models.adapter import Conditioning
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device. A copy from host memory to a GPU goes through pinned memory, which makes it asynchronous;
+    a tensor on a GPU already (rows the store's read-ahead put there) cannot be pinned and needs no copy."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclass
 class AnchorBatch:
     """One generator batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the

@@ -38,7 +38,7 @@ from models.adapter import Conditioning
 from models.flow import interpolate, sample_sigmas, x0_from_velocity
 from models.losses import NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss, dmd_loss
 from models.rollout import generator_rollout
-from workers.batches import TrainingData
+from workers.batches import TrainingData, to_device
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name
@@ -385,8 +385,7 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
                     "v_target": anchor_velocity(anchors.eps, anchors.z, anchors.t_anchor)})
 
     def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-        out = torch.cat(tensors)
-        return (out.pin_memory() if device.type == "cuda" else out).to(device, non_blocking=True)
+        return to_device(torch.cat(tensors), device)
 
     def cond(items: list[Conditioning]) -> Conditioning:
         joined = Conditioning.cat(items)
