@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from workers.config import ConfigError, RunConfig, teacher_location
-from workers.configure import build, set_dotted, to_dict
+from workers.configure import build, check_prompt_files, set_dotted, to_dict
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -72,8 +72,10 @@ PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("storag
 
 def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The validated RunConfig for a recipe plus overrides, local paths made absolute (URLs such as
-    s3://... are kept). Raises ConfigError naming the bad key."""
-    return resolve_mapping(load_recipe(recipe), overrides)
+    s3://... are kept), its prompt files read. Raises ConfigError naming the bad key."""
+    config = resolve_mapping(load_recipe(recipe), overrides)
+    check_prompt_files(config)  # here, so that every command refuses a bad one before it starts
+    return config
 
 
 def resolve_mapping(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:

@@ -1,5 +1,6 @@
 """Config precedence (defaults <- recipe <- overrides), every validation error path, and saving."""
 
+import re
 import subprocess
 import sys
 
@@ -203,6 +204,47 @@ def test_every_key_can_be_overridden_with_its_own_value():
         assert resolve(None, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]) == config, key
 
 
+def _float_keys() -> list[str]:
+    """Every config key whose field takes a float (alone, in a list, or or None), found from the dataclasses."""
+    import dataclasses
+    import typing
+
+    def takes_float(tp) -> bool:
+        return tp is float or any(takes_float(arg) for arg in typing.get_args(tp))
+
+    found = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            tp, key = hints[field.name], f"{prefix}{field.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{key}.")
+            elif takes_float(tp):
+                found.append((key, typing.get_origin(tp) is list))
+    walk(RunConfig, "")
+    return found
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_every_float_key_refuses_a_number_that_is_not_finite(value):
+    """`loss.diversity_weight=.inf`, `generator.optim.lr=.inf` and `teacher.guidance_scale=.inf` were accepted
+    (exit 0, the value printed back); .nan was refused only where a bound happened to compare against it."""
+    keys = _float_keys()
+    assert {"loss.diversity_weight", "generator.optim.lr", "teacher.guidance_scale"} <= {k for k, _ in keys}
+    for key, is_list in keys:
+        given = f"[{value}]" if is_list else value
+        with pytest.raises(ConfigError, match="finite number") as err:
+            resolve("toy2d", [f"{key}={given}"])
+        assert err.value.key.startswith(key), (key, err.value.key)
+
+
+def test_the_config_command_names_a_number_that_is_not_finite(capsys):
+    assert cli.main(["config", "--recipe", "toy2d", "loss.diversity_weight=.inf"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.diversity_weight" in err and "finite number" in err and "Traceback" not in err
+
+
 def test_build_rejects_a_non_mapping_section():
     with pytest.raises(ConfigError, match="mapping"):
         build(RunConfig, {"teacher": [1, 2]})
@@ -238,3 +280,34 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
     assert config.storage.output_dir == str(tmp_path / "out")
     assert config.storage.trajectory_root == "s3://bucket/anchors"
     assert config.teacher.path == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a red cat\ncaf\xe9 au lait\n", r"is not UTF-8 text \(line 2 holds the byte b'\\xe9'\): save it as UTF-8"),
+    (b"", "holds no prompts: write one prompt a line"),
+    (b"# only a comment\n\n   \n", "holds no prompts"),
+    (b"a red cat\n" + b"x" * 5000 + b"\n", "line 2: 5000 characters, more than one prompt"),
+])
+def test_a_bad_prompt_file_is_refused_by_every_command_before_it_starts(tmp_path, capsys, content, message):
+    """A prompt file that was not UTF-8 failed once a run had started, with a decode error naming neither the file
+    nor the fix; `dpdmd config` did not read it at all."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    for key in ("trajectories.prompts", "evaluation.prompts"):
+        for command in (["config"], ["distill", "--no-ray"], ["precompute", "--no-ray"]):
+            code = cli.main([*command, "--recipe", "toy2d", f"{key}={prompts}", f"storage.output_dir={tmp_path}"])
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err, (command, err)
+            assert f"{key}: prompt file {prompts}" in err, err
+            assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]  # nothing started
+
+
+def test_a_missing_prompt_file_is_named_and_good_ones_are_read(tmp_path):
+    with pytest.raises(ConfigError, match="evaluation.prompts.*does not exist"):
+        resolve("toy2d", [f"evaluation.prompts={tmp_path / 'nope.txt'}"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# held out\na red cat\n\n  a blue dog  \n", encoding="utf-8")
+    from workers.evaluate import eval_prompts
+
+    assert eval_prompts(resolve("toy2d", [f"evaluation.prompts={prompts}"])) == ["a red cat", "a blue dog"]

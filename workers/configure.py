@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from workers.config import ConfigError, RunConfig
@@ -24,6 +26,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check (and lightly coerce: int -> float) a plain value against a field's annotation."""
+    if isinstance(value, float) and not math.isfinite(value):  # YAML's .inf and .nan; no field takes them
+        raise _not_finite(key, value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -32,8 +36,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as err:
+                if "finite" in err.message:  # a number, of the wrong size: that is what to say
+                    raise
         raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -47,9 +52,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 1e308:  # float() of it overflows
+                raise _not_finite(key, value)
             return float(value)
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+            number = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+            if not math.isfinite(number):  # 1e999
+                raise _not_finite(key, value)
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -59,6 +69,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _not_finite(key: str, value: Any) -> ConfigError:
+    return ConfigError(key, f"expected a finite number, got {value!r}: give a number such as 0.5 or 1e-4")
 
 
 def _join(prefix: str, key: str) -> str:
@@ -127,3 +141,42 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+MAX_PROMPT_CHARS = 2000  # far beyond any text encoder's context (CLIP: 77 tokens, T5: 256-512)
+
+
+def read_prompts(path: str, key: str = "prompts") -> list[str]:
+    """Prompts from a UTF-8 text file, one a line; blank lines and lines starting with # are skipped. A file that
+    cannot be one (missing, not UTF-8, no prompts, a line too long to be one prompt) is a ConfigError naming key,
+    the file, the line and the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(key, f"prompt file {path} does not exist: give a text file with one prompt a line")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(key, f"prompt file {path} is not UTF-8 text (line {line} holds the byte "
+                               f"{data[err.start:err.start + 1]!r}): save it as UTF-8") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if len(line) > MAX_PROMPT_CHARS:
+            raise ConfigError(key, f"prompt file {path}, line {number}: {len(line)} characters, more than one prompt "
+                                   f"can be ({MAX_PROMPT_CHARS}): the file takes one prompt a line, as plain text")
+        if line and not line.startswith("#"):
+            prompts.append(line)
+    if not prompts:
+        raise ConfigError(key, f"prompt file {path} holds no prompts: write one prompt a line (lines starting with # "
+                               "are comments)")
+    return prompts
+
+
+def check_prompt_files(config: RunConfig) -> None:
+    """Read every prompt file the config names, so that a bad one is refused before any work starts."""
+    for key, path in (("trajectories.prompts", config.trajectories.prompts),
+                      ("evaluation.prompts", config.evaluation.prompts)):
+        if path:
+            read_prompts(path, key)

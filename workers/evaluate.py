@@ -13,18 +13,7 @@ from models.adapter import LoadOptions, TeacherAdapter
 from models.families import get_family
 from models.sampling import Sampler, grid_pairs, sample
 from workers.config import ConfigError, RunConfig
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a text file, one a line; blank lines and lines starting with # are skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist: give a text file with one prompt a line")
-    prompts = [line.strip() for line in file.read_text().splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
+from workers.configure import read_prompts
 
 
 def training_prompts(config: RunConfig) -> list[str]:
@@ -42,7 +31,7 @@ def eval_prompts(config: RunConfig) -> list[str]:
 def config_prompts(config: RunConfig, key: str, path: str) -> list[str]:
     """The prompts of the file at path (the value of key), or the family's built-in ones when path is empty."""
     if path:
-        return read_prompts(path)
+        return read_prompts(path, key)
     found = get_family(config.teacher.family)
     if not found.prompts:
         raise ConfigError(key, f"the {found.name} family has no built-in prompts: set {key} to a text file with one "
