@@ -15,7 +15,7 @@ from workers.engines import build_engine, distributed
 from workers.distill import copy_for_training
 from workers.evaluate import load_generator
 from workers.teacher import load_teacher
-from workers.train import GENERATOR_DIR, store_source, train
+from workers.train import ENGINE_TAGS, GENERATOR_DIR, store_source, train
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +108,42 @@ def test_resume_continues_to_the_same_weights(out, tmp_path):
     assert (resumed.generator_updates, resumed.critic_updates) == (4, 8)
     assert (resumed.rows_consumed, resumed.prompt_rows_consumed) == (32, 64)
 
+    # a checkpoint of the layout before the engines had tags of their own (their files in the export's
+    # directory) resumes too
+    old = tmp_path / "c"
+    train(half, LocalContext(old, resume=False), store_source(store), store.negative())
+    step = old / "checkpoints" / "step-0000002"
+    for tag in ENGINE_TAGS:
+        for file in (step / ENGINE_TAGS[tag]).iterdir():
+            (step / tag).mkdir(exist_ok=True)
+            file.rename(step / tag / file.name)
+        (step / ENGINE_TAGS[tag]).rmdir()
+    train(config, LocalContext(old, resume=True), store_source(store), store.negative())
+
     _, a, _ = load_generator(tmp_path / "a" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
-    _, b, sampler = load_generator(tmp_path / "b" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
-    for x, y in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+    for run in ("b", "c"):
+        _, b, sampler = load_generator(tmp_path / run / "checkpoints" / "step-0000004" / GENERATOR_DIR)
+        for x, y in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
     assert sampler.guidance_scale is None and len(sampler.sigmas) == config.generator.num_steps + 1
+
+
+def test_the_export_holds_no_pickles_and_the_engines_sit_beside_it(out, tmp_path):
+    """The export (what `dpdmd sample` and the diffusers pipeline class load) was also DeepSpeed's checkpoint
+    directory of the generator: its pickled module and optimizer states, several times the model's bytes, went
+    wherever the generator was shared, and loading them runs code."""
+    config = tiny_config(out, "schedule.num_generator_updates=2")
+    store = _store(config)
+    train(config, LocalContext(tmp_path, resume=False), store_source(store), store.negative())
+    step = tmp_path / "checkpoints" / "step-0000002"
+    export = step / GENERATOR_DIR
+    files = {p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()}
+    assert "dpdmd_generator.json" in files and any(f.endswith(".safetensors") for f in files), files
+    assert not [f for f in files if f.rsplit(".", 1)[-1] in ("pt", "pth", "pkl", "pickle", "bin", "ckpt")], files
+    for tag in ENGINE_TAGS.values():  # DeepSpeed's own checkpoint, for --resume
+        assert list((step / tag).glob("*model_states.pt")), tag
+    _, net, _ = load_generator(export)
+    assert sum(p.numel() for p in net.parameters()) > 0
 
 
 def test_gradient_checkpointing_is_refused_where_the_network_lacks_it(out, tmp_path):

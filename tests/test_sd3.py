@@ -203,6 +203,8 @@ def test_the_train_function_loads_the_transformer_alone(tmp_path, teacher_path, 
     from orchestrator.recipe import save
 
     generator = tmp_path / "run" / "checkpoints" / "step-0000001" / "generator"
+    pickles = [p.name for p in generator.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")]
+    assert not pickles and list(generator.rglob("*.safetensors"))  # the export: what the pipeline class loads
     out = tmp_path / "samples"
     assert cli.main(["sample", "--recipe", str(save(config, tmp_path / "recipe")), "--generator", str(generator),
                      "--prompt", "a red cat", "--seeds", "0-1", "--out", str(out)]) == 0

@@ -35,7 +35,9 @@ from workers.progress import Progress, read_progress, write_progress
 from workers.teacher import load_teacher
 from workers.tracking import metric_logger
 
-GENERATOR_DIR = "generator"
+GENERATOR_DIR = "generator"  # the export: what the family's pipeline class loads, safetensors and configs only
+# DeepSpeed's checkpoint of each engine (pickled: its module and optimizer states), beside the export, never in it
+ENGINE_TAGS = {"generator": "generator_engine", "critic": "critic_engine"}
 
 DataSource = Callable[[RunConfig, WorkerContext, Progress], TrainingData]
 """source(config, ctx, progress) -> this rank's anchor and prompt streams, positioned where progress stands."""
@@ -129,8 +131,10 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     progress = Progress()
     checkpoint = ctx.latest_checkpoint()
     if checkpoint is not None:
-        generator.load_checkpoint(str(checkpoint), tag="generator")
-        critic.load_checkpoint(str(checkpoint), tag="critic")
+        # checkpoints written before the engines had tags of their own kept them in the export's directory
+        tags = ENGINE_TAGS if (Path(checkpoint) / ENGINE_TAGS["generator"]).is_dir() else {k: k for k in ENGINE_TAGS}
+        generator.load_checkpoint(str(checkpoint), tag=tags["generator"])
+        critic.load_checkpoint(str(checkpoint), tag=tags["critic"])
         progress = read_progress(checkpoint, rng, ctx.rank)
         progress.resumes += 1
 
@@ -195,8 +199,8 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
             logger.log({k: v for k, v in metrics.items() if not k.startswith(LIVE)}, step)  # the evaluator logs those
         if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
             directory = ctx.checkpoint_staging_dir(checkpoint_name(step))
-            generator.save_checkpoint(str(directory), tag="generator")
-            critic.save_checkpoint(str(directory), tag="critic")
+            generator.save_checkpoint(str(directory), tag=ENGINE_TAGS["generator"])
+            critic.save_checkpoint(str(directory), tag=ENGINE_TAGS["critic"])
             write_progress(directory, progress, rng, ctx.rank)
             if last:
                 export_generator(config, adapter, generator, directory / GENERATOR_DIR, ctx.rank)
