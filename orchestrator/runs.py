@@ -133,6 +133,7 @@ def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, call
     from workers.store import StoreError
 
     dist = config.distributed
+    record_data(run_dir, store, config, dist.num_workers)
     mlflow = (tracked.uri, tracked.run_id) if tracked else None
     # Each rank streams its own shards straight from Parquet (store.batches). A Ray Dataset with
     # streaming_split made the small-model loop many times slower here (a coordinator round trip per
@@ -187,6 +188,16 @@ def live_evaluator(config: RunConfig, run_dir: Path, mlflow_run: tuple[str, str]
         asdict(config), str(run_dir), mlflow_run, device)
 
 
+DATA_RECORD = "data.json"
+
+
+def record_data(run_dir: Path, store, config: RunConfig, world_size: int) -> None:
+    """Which rows the run reads: the store, its key, how many of its shards (Store.for_run) and on how many ranks,
+    into run_dir/DATA_RECORD. With the config and its seed, that is all a rerun needs to read the same rows."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / DATA_RECORD).write_text(json.dumps(store.identity(config, world_size), indent=1) + "\n")
+
+
 def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -> Distilled:
     """The same train function in this process (or as one rank under torchrun); metrics go to
     run_dir/metrics.jsonl, and with evaluation.every > 0 live evaluations to run_dir/live_eval.jsonl (from
@@ -196,6 +207,8 @@ def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -
     from workers.train import store_source, train
 
     ctx = LocalContext(run_dir, resume=resume)
+    if ctx.rank == 0:
+        record_data(run_dir, store, config, ctx.world_size)
     live = LiveEvaluation.in_process(config, run_dir) if config.evaluation.every and ctx.rank == 0 else None
     progress = train(config, ctx, store_source(store), store.negative(), live=live)
     generator_dir = run_dir / GENERATOR_DIR

@@ -200,6 +200,32 @@ def test_the_store_holds_every_row_a_run_consumes_and_a_longer_run_extends_it(tm
     assert two.rows == 160
 
 
+def test_a_run_reads_the_same_rows_and_makes_the_same_generator_after_another_run_extended_the_store(tmp_path):
+    """Two runs of one config and seed made different generators when another run had extended the shared store
+    in between: each rank read every shard the store held at the time, in an order drawn over their number."""
+    import json
+
+    from orchestrator.runs import distill_here
+    from workers.train import GENERATOR_DIR
+
+    config = tiny_config(tmp_path, "trajectories.seeds_per_prompt=0")
+    store, _ = precompute(config, use_ray=False, progress=False)
+    first = distill_here(config, tmp_path / "first", store, resume=False)
+    longer = tiny_config(tmp_path, "trajectories.seeds_per_prompt=0", "schedule.num_generator_updates=10")
+    extended, _ = precompute(longer, use_ray=False, progress=False)
+    again_store, _ = precompute(config, use_ray=False, progress=False)  # the shared store as it is now
+    assert again_store.root == store.root and len(again_store.shards) > len(store.shards)
+    again = distill_here(config, tmp_path / "again", again_store, resume=False)
+
+    weights = [sorted((p.relative_to(run.generator_dir).as_posix(), p.read_bytes())
+                      for p in run.generator_dir.rglob("*.safetensors")) for run in (first, again)]
+    assert weights[0] and weights[0] == weights[1]  # bit-identical
+    records = [json.loads((run.run_dir / "data.json").read_text()) for run in (first, again)]
+    assert records[0] == records[1]
+    assert records[0]["store"] == store.root and (records[0]["shards"], records[0]["rows"]) == (2, 32)
+    assert records[0]["world_size"] == 1 and (tmp_path / "first" / GENERATOR_DIR).is_dir()
+
+
 def test_a_store_too_small_for_the_run_is_refused_before_training(tmp_path):
     from workers.context import LocalContext
     from workers.train import store_source, train

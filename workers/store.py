@@ -381,6 +381,25 @@ class Store:
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
+    def for_run(self, config: RunConfig, world_size: int) -> Store:
+        """The store as a run of config on world_size ranks reads it: its first shards_needed shards, whatever
+        other runs have added since (a store grows by whole shards at its end, and shard i holds the same rows in
+        any store of the same key). The rows a run reads, and their order, so follow from its config, seed and
+        world size alone."""
+        needed = shards_needed(config, len(self.manifest["prompts"]), world_size)
+        if needed >= len(self.shards):
+            return self
+        return Store(self.fs, self.root, {**self.manifest, "shards": self.shards[:needed],
+                                          "num_rows": sum(s["rows"] for s in self.shards[:needed])})
+
+    def identity(self, config: RunConfig, world_size: int) -> dict:
+        """What a run records about the rows it reads: the store, its key, and the shards and rows it reads."""
+        view = self.for_run(config, world_size)
+        return {"store": self.root, "key": posixpath.basename(self.root.rstrip("/")),
+                "shards": len(view.shards), "rows": view.num_rows, "world_size": world_size,
+                "rule": "the store's first `shards` shards; rank r reads shards r, r + world_size, ... in an order "
+                        "seeded by the config's seed"}
+
     @property
     def num_rows(self) -> int:
         return self.manifest["num_rows"]

@@ -53,13 +53,15 @@ def inline_source(adapter, teacher, device) -> DataSource:
     return source
 
 
-def store_source(store) -> DataSource:
-    """This rank's share of a trajectory store (workers/store.py), read directly with pyarrow: generator
-    updates take new anchor rows (at most trajectories.max_reuse passes, checked before training), critic
-    updates read the prompts' conditioning only. On a GPU both are read ahead on threads (workers/prefetch.py):
+def store_source(shared) -> DataSource:
+    """This rank's share of the rows its run reads from a shared trajectory store (Store.for_run: the same rows
+    however many other runs have added), read directly with pyarrow: generator updates take new anchor rows (at
+    most trajectories.max_reuse passes, checked before training), critic updates read the prompts' conditioning
+    only. On a GPU both are read ahead on threads (workers/prefetch.py):
     the loop waits for the GPU once per update (the finite vote, the metrics), and a read after that wait would
     leave the GPU idle for as long as the read takes."""
     def source(config: RunConfig, ctx: WorkerContext, progress: Progress) -> TrainingData:
+        store = shared.for_run(config, ctx.world_size)  # the same rows however many the store holds now
         store.check_capacity(config, ctx.rank, ctx.world_size)
         batch = config.distributed.batch_size_per_worker
         anchors = store.batches(batch, ctx.rank, ctx.world_size, progress.rows_consumed, seed=config.seed,
