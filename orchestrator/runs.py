@@ -70,14 +70,22 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
 
 @contextmanager
 def stop_cleanly(run_dir: Path, resume_command: str):
-    """Ctrl-C ends the command with one line: where the last checkpoint is and how to continue."""
+    """Ctrl-C ends the command with one line: where the last checkpoint is and how to continue. A trajectory
+    store found damaged mid-run (its error names the shard and the repair command) says the same."""
+    from workers.store import StoreError
+
+    def where() -> str:
+        last = last_checkpoint(run_dir)
+        return f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+
     try:
         yield
     except KeyboardInterrupt:
-        last = last_checkpoint(run_dir)
-        where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
-        print(f"\ndpdmd: stopped; {where}. Continue with: {resume_command}", file=sys.stderr, flush=True)
+        print(f"\ndpdmd: stopped; {where()}. Continue with: {resume_command}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except StoreError as err:
+        raise StoreError(f"{err}\nThe run stopped; {where()}. Once the store is repaired, continue with: "
+                         f"{resume_command}") from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -126,6 +126,8 @@ INVALID = [
     ("tracking.tracking_uri=https://me:secret@mlflow.example.com", "tracking.tracking_uri"),
     ("storage.trajectory_root=s3://key:secret@bucket/prefix", "storage.trajectory_root"),
     ("storage.s3_endpoint_url=http://user:pw@localhost:9000", "storage.s3_endpoint_url"),
+    ("storage.s3_endpoint_url=http://localhost:9000/?X-Amz-Signature=planted", "storage.s3_endpoint_url"),
+    ("storage.trajectory_root=s3://bucket/prefix?token=planted", "storage.trajectory_root"),
     ("sweep.num_samples=0", "sweep.num_samples"),
     ("sweep.max_concurrent_trials=-1", "sweep.max_concurrent_trials"),
     ("sweep.trial_cpus=0", "sweep.trial_cpus"),
@@ -145,6 +147,17 @@ def test_every_invalid_value_names_its_key(override, key):
         resolve(None, [override])
     assert info.value.key == key
     assert len(info.value.message) > 10  # says what is expected, not just "invalid"
+
+
+def test_a_token_in_a_storage_url_is_refused_without_being_repeated(capsys, tmp_path):
+    """A signature in the query of storage.s3_endpoint_url was written to config.yaml (the run's and the
+    store's) and to MLflow params; credentials in a URL's user part were refused already."""
+    url = "http://localhost:9000/?X-Amz-Signature=planted-secret"
+    assert cli.main(["config", f"storage.s3_endpoint_url={url}"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.s3_endpoint_url" in err and "query string" in err and "planted-secret" not in err
+    local = tmp_path / "runs#1"  # a local path may hold '#' and '?'
+    assert resolve(None, [f"storage.output_dir={local}"]).storage.output_dir == str(local)
 
 
 @pytest.mark.parametrize("override", ["loss.diversity_weight", "=3", "loss..x=1", ".x=1"])

@@ -118,6 +118,9 @@ def test_a_changed_shard_is_refused_at_its_first_read_and_the_named_command_repa
     err = capsys.readouterr().err
     assert f"{store.root}/shard-00003.parquet" in err and "sha256" in err and "Traceback" not in err
     assert not list((out / "runs").glob("*/generator"))  # nothing trained on it, nothing exported
+    # and how the run goes on once the store is repaired: its last checkpoint and the resume command
+    run_dir = sorted((out / "runs").glob("*-distill-*"))[-1]
+    assert "The run stopped; " in err and f"continue with: dpdmd distill --no-ray --resume {run_dir}" in err
 
     # exactly the command named, as a user runs it: a new process, the Ray actor pool
     proc = subprocess.run([sys.executable, "-m", "orchestrator", *_named_command(err)], cwd=ROOT,

@@ -303,6 +303,10 @@ class StorageConfig:
             url = urlsplit(getattr(self, key))
             _check(url.username is None and url.password is None, key,
                    "must not hold credentials; give them through the AWS environment or profile")
+            # a signature or token in a URL's query would be written to config.yaml, the store and MLflow
+            _check("://" not in getattr(self, key) or not (url.query or url.fragment), key,
+                   "must not hold a query string or fragment (a signature or token there would be written to "
+                   "config.yaml and MLflow); give credentials through the AWS environment or profile")
 
 
 @dataclass
