@@ -28,3 +28,23 @@ def test_every_named_file_exists():
                     or any(ROOT.glob(f"**/{name}") if "/" not in name else [])):
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, "\n".join(missing)
+
+
+def test_installs_pin_every_package_the_tests_passed_with_and_the_license_is_spdx():
+    """scripts/dev installs with constraints-lock.txt: one exact version per package, the project's own
+    dependencies among them, and neither torch (constraints-cpu.txt pins it without a GPU; a GPU machine keeps
+    its own) nor the project itself."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"  # an SPDX expression, not a table
+    lines = [line for line in (ROOT / "constraints-lock.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    pins = dict(line.split("==") for line in lines)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", line) for line in lines), lines
+    names = {re.split(r"[<>=!\[ ]", dep)[0].lower().replace("_", "-")
+             for dep in project["dependencies"] + project["optional-dependencies"]["test"]}
+    assert names - {"torch"} <= {name.lower().replace("_", "-") for name in pins}
+    assert not {"torch", "dpdmd"} & {name.lower() for name in pins}
+    assert "-c constraints-lock.txt" in (ROOT / "scripts" / "dev").read_text()
