@@ -48,11 +48,17 @@ def _kill_a_worker_once(checkpoint: Path, killed: list):
         killed.append(proc.pid)
 
 
-def test_zero3_workers_distill_and_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, out):
-    """One run for two properties (each was a run of its own): two ZeRO-3 workers distil with lambda = 0.5 and
+def test_zero3_workers_distill_and_a_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, out, monkeypatch):
+    """One run for three properties (each was a run of its own): two ZeRO-3 workers distil with lambda = 0.5 and
     log every log_every updates and the last one; a worker killed mid-run is restarted by Ray Train from the
-    last checkpoint, and the run ends where an uninterrupted one would."""
+    last checkpoint, and the run ends where an uninterrupted one would; secrets in the environment appear in
+    none of the files the run writes, MLflow's database included."""
     from mlflow.tracking import MlflowClient
+
+    secrets = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret", "AWS_SESSION_TOKEN": "planted-session-token",
+               "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token", "HF_TOKEN": "planted-hf-token"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
 
     config = tiny_config(out, *TWO_WORKERS, "distributed.zero_stage=3", "loss.diversity_weight=0.5",
                          "schedule.num_generator_updates=60", "schedule.checkpoint_every=10", "schedule.log_every=50",
@@ -90,6 +96,9 @@ def test_zero3_workers_distill_and_a_killed_worker_resumes_from_the_last_checkpo
     # rank 0 logs every log_every updates, and the last one always (60 is not a multiple of 50)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "loss_dmd")) == [50, 60]
     assert {"config.yaml", "generator"} <= {a.path for a in client.list_artifacts(result.run_id)}
+    for path in (p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        assert not [v for v in secrets.values() if v.encode() in data], path
 
 
 def test_an_actor_pool_precompute_survives_a_killed_actor_and_matches_the_in_process_writer(ray_cluster, tmp_path):
