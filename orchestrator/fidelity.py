@@ -31,7 +31,7 @@ from pathlib import Path
 
 from models.families import get_family
 from orchestrator import recipe as recipes
-from orchestrator.sweep import grid_points, load_space, trial_config, trial_name
+from orchestrator.sweep import grid_points, load_space, trial_config, trial_name, trial_title
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 
@@ -444,7 +444,7 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
         threads = max(1, (os.cpu_count() or 1) // jobs)
 
         def config_of(params, run_dir):
-            return to_dict(trial_config(base, params, **{"tracking.run_name": run_dir.name}))
+            return to_dict(trial_config(base, params, **{"tracking.run_name": trial_title(params)}))
         if together > 1:
             pending = {pool.submit(runner or run_trial_group, [config_of(*t) for t in group],
                                    [str(t[1]) for t in group], threads, deadline): group for group in groups}

@@ -10,6 +10,7 @@ evaluated runs samples.npz and samples.png.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -104,6 +105,14 @@ def preflight(config: RunConfig) -> None:
 # MLflow
 
 
+def run_title(run_dir: Path) -> str:
+    """A run's MLflow name: <command>-<recipe>-<time> from its directory's <time>-<command>-<recipe>, so that
+    runs sort and read by what they are in MLflow's list (a sweep's trial directory is named by its settings)."""
+    name = Path(run_dir).name
+    found = re.fullmatch(r"(\d{8}-\d{6})-(.+)", name)
+    return f"{found[2]}-{found[1]}" if found else name
+
+
 def tracked_run(config: RunConfig, run_dir: Path, kind: str, parent_run_id: str | None = None):
     """The run directory's MLflow run: a new one, or, when the directory already has one (a resumed run),
     that one again."""
@@ -111,7 +120,7 @@ def tracked_run(config: RunConfig, run_dir: Path, kind: str, parent_run_id: str 
 
     record = Path(run_dir) / MLFLOW_FILE
     existing = json.loads(record.read_text())["run_id"] if record.is_file() else None
-    return mlflow_run(config, config.tracking.run_name or Path(run_dir).name, kind, parent_run_id, existing,
+    return mlflow_run(config, config.tracking.run_name or run_title(run_dir), kind, parent_run_id, existing,
                       on_open=lambda tracked: record.write_text(json.dumps({"uri": tracked.uri,
                                                                             "run_id": tracked.run_id})))
 

@@ -70,9 +70,22 @@ def grid_points(space: dict[str, dict]) -> list[dict]:
 
 
 def trial_name(params: dict) -> str:
-    """A trial's directory and run name from its parameters, e.g. diversity_weight=0.05-seed=1."""
+    """A trial's directory from its parameters, e.g. diversity_weight=0.05-seed=1 (six significant digits:
+    trials an optimizer samples must not share one)."""
     return "-".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                     for k, v in sorted(params.items())) or "trial"
+
+
+# the paper's symbols for the settings a sweep varies most
+SYMBOLS = {"loss.diversity_weight": "lambda", "loss.anchor_step": "K"}
+
+
+def trial_title(params: dict) -> str:
+    """A trial's MLflow run name: its settings with short numbers, the paper's symbols first, e.g.
+    `lambda=0.05 K=5 seed=1` (a sampled 0.0512345678 reads 0.0512)."""
+    order = sorted(params, key=lambda k: (k not in SYMBOLS, list(SYMBOLS).index(k) if k in SYMBOLS else 0, k))
+    return " ".join(f"{SYMBOLS.get(k, k.split('.')[-1])}={params[k]:.3g}" if isinstance(params[k], float)
+                    else f"{SYMBOLS.get(k, k.split('.')[-1])}={params[k]}" for k in order) or "trial"
 
 
 def trial_config(base: dict, params: dict, **extra: Any) -> RunConfig:
@@ -121,7 +134,7 @@ def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> N
     from orchestrator.distill import run_distill
 
     name = trial_name(params)
-    config = trial_config(base, params, **{"tracking.run_name": name})
+    config = trial_config(base, params, **{"tracking.run_name": trial_title(params)})
     sweep = config.sweep
     if sweep.scheduler == "pbt":
         return _pbt_trial(config, params, parent_run_id, Path(sweep_dir))
@@ -300,7 +313,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         if result.rows:
             points = [(r["diversity"], r["quality"]) for r in result.rows]
             result.front, result.picked = pareto_front(points), pick(points, sweep.quality_drop_from_best)
-        table = sweep_table(result, config.teacher.family)
+        table = sweep_table(result, config.teacher.family, sweep.quality_drop_from_best)
         (sweep_dir / "sweep.md").write_text(table + "\n")
         (sweep_dir / "sweep.json").write_text(json.dumps(
             {"rows": result.rows, "front": result.front, "picked": result.picked}, indent=1, default=str))
@@ -456,7 +469,7 @@ def trial_progress(total: int):
     return TrialProgress()
 
 
-def sweep_table(result: SweepResult, family: str) -> str:
+def sweep_table(result: SweepResult, family: str, tolerance: float = 0.0) -> str:
     """The trials that finished (their objectives, the Pareto front, the pick), then those stopped early and why."""
     (d_name, _), (q_name, _) = get_family(family).diversity, get_family(family).quality
     stopped = [f"- {trial_name(t['params'])}: {t['reason']}" for t in result.stopped]
@@ -470,7 +483,30 @@ def sweep_table(result: SweepResult, family: str) -> str:
         cells += [f"{row['eval_' + d_name]:.4g}", f"{row['eval_' + q_name]:.4g}",
                   "yes" if i in result.front else "", "<-" if i == result.picked else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", pick_sentence(result, family, tolerance)]
     return "\n".join(lines) + ("\n\nStopped early:\n" + "\n".join(stopped) if stopped else "")
+
+
+def pick_sentence(result: SweepResult, family: str, tolerance: float) -> str:
+    """Why the picked trial was picked, in one sentence: the rule and the numbers that decided it."""
+    (d_name, d_sign), (q_name, q_sign) = get_family(family).diversity, get_family(family).quality
+    rows, front = result.rows, result.front
+    best = max(front, key=lambda i: rows[i]["quality"])
+    picked = rows[result.picked]
+    eligible = [i for i in front if rows[i]["quality"] >= rows[best]["quality"] - tolerance]
+    d_word = "higher" if d_sign > 0 else "lower"
+    q_word = "higher" if q_sign > 0 else "lower"
+    others = [i for i in eligible if i != result.picked]
+    values = ", ".join(f"{trial_title(rows[i]['params'])} {rows[i]['eval_' + d_name]:.4g}" for i in others)
+    beaten = f" (the other eligible ones: {values})" if others else ""
+    passed = [i for i in front if i not in eligible and rows[i]["diversity"] > picked["diversity"]]
+    beaten += "".join(f"; {trial_title(rows[i]['params'])} has the better {d_name} ({rows[i]['eval_' + d_name]:.4g}) "
+                      f"but its {q_name} ({rows[i]['eval_' + q_name]:.4g}) is outside the tolerance" for i in passed)
+    return (f"Picked {trial_title(picked['params'])}: of the {len(front)} trials no other trial beats on both "
+            f"{d_name} ({d_word} is better) and {q_name} ({q_word} is better), the {len(eligible)} whose {q_name} "
+            f"is within sweep.quality_drop_from_best = {tolerance:g} of the best ({trial_title(rows[best]['params'])}, "
+            f"{rows[best]['eval_' + q_name]:.4g}) are eligible, and it has the best {d_name} of them "
+            f"({picked['eval_' + d_name]:.4g}){beaten}.")
 
 
 def plot_pareto(result: SweepResult, family: str, path: Path) -> Path:

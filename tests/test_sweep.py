@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep import SPACE_DIR, grid_points, load_space, pareto_front, pick, trial_config
+from orchestrator.sweep import (SPACE_DIR, grid_points, load_space, pareto_front, pick, trial_config, trial_name,
+                                trial_title)
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 
@@ -85,3 +86,48 @@ def test_pbt_trials_that_end_on_the_same_config_keep_a_history_each():
               for tid in ("a1", "b2")] + [SimpleNamespace(config=same, metrics=None, metrics_dataframe=None)]
     histories = trial_histories(trials)
     assert sorted(histories) == ["a1", "b2"] and histories["b2"]["x"].tolist() == ["b2"]
+
+
+def test_trials_and_runs_are_named_so_that_people_can_compare_them():
+    """MLflow named standalone runs by their time only and trials that Optuna sampled by every digit of a float."""
+    from orchestrator.runs import run_title
+
+    params = {"seed": 1, "loss.anchor_step": 5, "loss.diversity_weight": 0.0512345678}
+    assert trial_title(params) == "lambda=0.0512 K=5 seed=1"
+    assert trial_title({"loss.diversity_weight": 0.0, "generator.optim.lr": 1e-4}) == "lambda=0 lr=0.0001"
+    assert trial_title({}) == "trial"
+    # directories keep six digits: two sampled trials must not share one
+    assert trial_name(params) != trial_name({**params, "loss.diversity_weight": 0.0512399})
+    assert run_title(Path("/x/runs/20261205-065233-distill-toy2d")) == "distill-toy2d-20261205-065233"
+    assert run_title(Path("/x/runs/20261205-065233-distill-sd35m-512")) == "distill-sd35m-512-20261205-065233"
+    assert run_title(Path("/x/sweep/diversity_weight=0.5")) == "diversity_weight=0.5"
+
+
+def test_the_pick_says_why_in_one_sentence_and_a_planted_better_trial_is_picked():
+    """A toy2d sweep picked DMD though a DP-DMD trial had the better mode KL, and nothing said why."""
+    from orchestrator.sweep import SweepResult, objectives, sweep_table
+    from models.families import get_family
+
+    (d_name, _), (q_name, _) = get_family("toy2d").diversity, get_family("toy2d").quality
+
+    def row(weight, diversity, quality):  # toy2d: mode KL and off-mode rate, both lower is better
+        metrics = {d_name: diversity, q_name: quality}
+        d, q = objectives("toy2d", metrics)
+        return {"params": {"loss.diversity_weight": weight}, "diversity": d, "quality": q,
+                **{f"eval_{k}": v for k, v in metrics.items()}}
+
+    # DP-DMD (0.5) has the better mode KL, DMD the better off-mode rate by more than the tolerance: DMD is picked,
+    # and the sentence says that lambda=0.5 was not eligible
+    rows = [row(0.0, 0.20, 0.050), row(0.5, 0.14, 0.060), row(0.2, 0.25, 0.070)]
+    planted = row(0.05, 0.10, 0.040)  # better than every other trial on both
+    for candidates, expect in ((rows, 0.0), ([*rows, planted], 0.05)):
+        result = SweepResult(Path("."), rows=candidates)
+        points = [(r["diversity"], r["quality"]) for r in candidates]
+        result.front, result.picked = pareto_front(points), pick(points, 0.005)
+        sentence = sweep_table(result, "toy2d", 0.005).splitlines()[-1]
+        assert candidates[result.picked]["params"]["loss.diversity_weight"] == expect
+        assert sentence.startswith(f"Picked lambda={expect:g}: of the {len(result.front)} trials"), sentence
+        assert "sweep.quality_drop_from_best = 0.005" in sentence and d_name in sentence and q_name in sentence
+    assert result.front == [3]
+    assert "lambda=0.5 has the better mode_kl (0.14) but its off_mode_rate (0.06) is outside the tolerance" in sweep_table(SweepResult(Path("."), rows=rows, front=[1, 0],
+                                                                            picked=0), "toy2d", 0.005)

@@ -4,10 +4,11 @@ collapsing trial is stopped by the guard with its reason recorded and its live e
 and PBT perturbs lambda and continues from checkpoints."""
 
 import json
+import re
 
 import pytest
 
-from helpers import tiny_config
+from helpers import mlflow_server, tiny_config
 from orchestrator.sweep import run_sweep
 from workers.config import ConfigError
 from workers.configure import to_dict
@@ -27,18 +28,45 @@ def out(tmp_path_factory):
     return path
 
 
-def test_a_two_trial_sweep_nests_its_runs_in_mlflow_and_an_optuna_search_yields_a_pareto_front(ray_cluster, out):
+def _rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API (what its UI reads): GET with a query, or POST with a JSON body."""
+    import urllib.request
+
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if body is None:
+        return json.loads(urllib.request.urlopen(url, timeout=30).read())
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_a_two_trial_sweep_nests_its_runs_in_mlflow_and_an_optuna_search_yields_a_pareto_front(ray_cluster, out,
+                                                                                                 tmp_path):
+    """Also: what the MLflow UI shows of a sweep, read through a tracking server's REST API: the parent run, its
+    nested trials named by their settings, their params, metrics and artifacts."""
+    server, uri = mlflow_server(tmp_path)
+    try:
+        _two_sweeps(out, uri)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _two_sweeps(out, uri):
     from mlflow.tracking import MlflowClient
 
-    config = tiny_config(out, *SHARED, "sweep.space=lambda", "tracking.experiment=sweep-test")
+    config = tiny_config(out, *SHARED, "sweep.space=lambda", "tracking.experiment=sweep-test",
+                         f"tracking.tracking_uri={uri}")
     result = run_sweep(config, to_dict(config))
     assert sorted(r["params"]["loss.diversity_weight"] for r in result.rows) == [0.0, 0.5]
     assert result.front and 0 <= result.picked < 2
     assert (result.sweep_dir / "pareto.png").stat().st_size > 1000
+    assert "sweep.quality_drop_from_best" in (result.sweep_dir / "sweep.md").read_text()  # why it picked what it did
     client = MlflowClient(tracking_uri(config))
     children = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 2
+    assert sorted(c.info.run_name for c in children) == ["lambda=0", "lambda=0.5"]  # their settings
+    assert re.fullmatch(r"sweep-toy2d-\d{8}-\d{6}", client.get_run(result.parent_run_id).info.run_name)
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["loss.diversity_weight"] in ("0.0", "0.5")
@@ -50,16 +78,39 @@ def test_a_two_trial_sweep_nests_its_runs_in_mlflow_and_an_optuna_search_yields_
     assert parent_metrics and all(k.startswith(("picked_eval_", "picked_diversity", "picked_quality"))
                                   for k in parent_metrics)  # the objectives, none of Tune's bookkeeping
 
+    # the same, as the UI reads it over HTTP
+    experiment = _rest(uri, "experiments/get-by-name?experiment_name=sweep-test")["experiment"]["experiment_id"]
+    parent = _rest(uri, f"runs/get?run_id={result.parent_run_id}")["run"]
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_name"].startswith("sweep-toy2d-")
+    assert {m["key"] for m in parent["data"]["metrics"]} == set(parent_metrics)
+    found = _rest(uri, "runs/search", {"experiment_ids": [experiment],
+                                       "filter": f"tags.mlflow.parentRunId = '{result.parent_run_id}'"})["runs"]
+    assert sorted(r["info"]["run_name"] for r in found) == ["lambda=0", "lambda=0.5"]
+    for run in found:
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["loss.diversity_weight"] in ("0.0", "0.5") and params["teacher.family"] == "toy2d"
+        history = _rest(uri, f"metrics/get-history?run_id={run['info']['run_id']}&metric_key=loss_dmd")["metrics"]
+        assert [m["step"] for m in history] == list(range(1, 5))  # every log_every (1) update
+        listed = _rest(uri, f"artifacts/list?run_id={run['info']['run_id']}")["files"]
+        assert {"config.yaml", "generator", "samples.png"} <= {f["path"] for f in listed}
+        inside = _rest(uri, f"artifacts/list?run_id={run['info']['run_id']}&path=generator")["files"]
+        assert "generator/dpdmd_generator.json" in {f["path"] for f in inside}
+
     # A second sweep in the same output directory and MLflow experiment trains its own trials: nothing of the first
     # one (which trained 4 updates) is picked up. It is Optuna's multi-objective search, which yields a Pareto front
     # (one sweep for two properties; each was a sweep of its own).
     optuna = tiny_config(out, *SHARED, "schedule.num_generator_updates=2", "sweep.search=optuna",
-                         "sweep.num_samples=2", "tracking.experiment=sweep-test")
+                         "sweep.num_samples=2", "tracking.experiment=sweep-test", f"tracking.tracking_uri={uri}")
     again = run_sweep(optuna, to_dict(optuna), space={"loss.diversity_weight": {"uniform": [0.0, 1.0]}})
     assert again.sweep_dir != result.sweep_dir
     assert [r["generator_update"] for r in again.rows] == [2, 2]
     assert len(again.rows) == 2 and again.front
     assert len({r["params"]["loss.diversity_weight"] for r in again.rows}) == 2
+    sampled = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                                 f"tags.mlflow.parentRunId = '{again.parent_run_id}'")
+    for child in sampled:  # a sampled lambda reads with three significant digits, not all of a float's
+        value = child.info.run_name.removeprefix("lambda=")
+        assert value == f"{float(value):.3g}" and len(value) <= 8, child.info.run_name
     with pytest.raises(ConfigError, match="sweep.search"):  # Optuna draws every trial: a grid is refused
         run_sweep(optuna, to_dict(optuna), space={"loss.diversity_weight": {"grid": [0.0, 1.0]}})
 
