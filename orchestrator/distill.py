@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from orchestrator.runs import (Distilled, distill_here, distill_with_ray, evaluate_generator, finished, make_run_dir,
-                               preflight, stop_cleanly, summary, tracked_run)
+                               preflight, require_gpu, stop_cleanly, summary, tracked_run)
 from workers.config import ConfigError, RunConfig
 from workers.context import CHECKPOINTS, clock
 from workers.tracking import tracking_uri
@@ -90,8 +90,11 @@ def run_local(config: RunConfig, run_dir: Path | None = None) -> Path:
     from orchestrator.precompute import precompute
     from workers.engines import init_distributed
 
+    import torch
+
     start = time.time()
     preflight(config)
+    require_gpu(config, "distributed.use_gpu", torch.cuda.device_count())
     init_distributed(config.distributed.use_gpu)
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     shared = [None]

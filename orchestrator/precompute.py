@@ -9,6 +9,7 @@ computed by a pool of Ray actors (Ray Data map_batches with AnchorWriter), each 
 from __future__ import annotations
 
 import posixpath
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -17,6 +18,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from orchestrator import recipe as recipes
+from orchestrator.runs import require_gpu
+from workers.context import clock
 from workers.config import RunConfig
 from workers.evaluate import training_prompts
 from workers.precompute import AnchorWriter
@@ -97,6 +100,9 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     start = time.time()
     url = store_url(config, spec)
     fs, root = filesystem(config, url)
+    if config.trajectories.gpus_per_actor > 0 and not _complete(fs, root, spec):  # before anything is written
+        require_gpu(config, "trajectories.gpus_per_actor", _gpus(use_ray), "the Ray cluster" if use_ray else
+                    "this machine")
     write_config(fs, root, recipes.dump(config))
     listed: dict[int, ShardInfo] = {}
     if not repair and fs.exists(posixpath.join(root, MANIFEST)):
@@ -123,17 +129,70 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     todo = [i for i in range(spec.num_shards) if i not in done]
     if repair and not todo and not _readable(fs, posixpath.join(root, NEGATIVE)):
         AnchorWriter(config, spec, url)  # it writes the negative conditioning as it starts
+    writers = min(config.trajectories.num_actors, len(todo)) if use_ray else 1
+    if todo and progress:
+        print(f"[precompute] plan: {len(todo) * spec.rows_per_shard:,} rows to compute, {len(todo)} shards of "
+              f"{spec.rows_per_shard} ({spec.num_shards - len(todo)} of {spec.num_shards} there already), into {url}, "
+              f"by {writers} writer{'s' * (writers > 1)}"
+              f"{' on the GPU' if config.trajectories.gpus_per_actor > 0 else ' on CPUs'}; "
+              "its size and time follow from the first shard")
+    tty = sys.stderr.isatty()
     bar = tqdm(total=spec.num_rows, initial=sum(s.rows for i, s in done.items() if i < spec.num_shards), unit="row",
-               desc="precompute anchors", disable=not progress)
-    written = 0
+               desc="precompute anchors", disable=not progress, file=sys.stderr if tty else LogLines(sys.stderr),
+               mininterval=0.1 if tty else 30)
+    written, writing = 0, time.time()
     for info in _run_writers(config, spec, url, todo, use_ray):
         done[info["index"]] = _shard_info(info)
         written += info["bytes"]
+        if progress and len(done) - (spec.num_shards - len(todo)) == 1 and len(todo) > 1:
+            seconds, rest = time.time() - writing, len(todo) - 1
+            bar.write(f"[precompute] first shard: {info['rows']} rows, {info['bytes'] / 2**20:.1f} MiB in {seconds:.0f} s "
+                      f"(loading the teacher included); the other {rest} shards: about "
+                      f"{info['bytes'] * rest / 2**30:.2f} GiB and at most {clock(seconds * rest / writers)} more",
+                      file=sys.stderr)
         bar.update(info["rows"])
     bar.close()
     write_manifest(fs, root, spec, done)
     store = open_store(fs, root)
     return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start, verified)
+
+
+class LogLines:
+    """A progress bar's output as whole lines, for a console that is a log file, not a terminal: each refresh is
+    one line (tqdm redraws its line with carriage returns, which a file keeps as one ever-growing line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _complete(fs, root: str, spec: StoreSpec) -> bool:
+    """Whether the store holds the shards spec asks for already (nothing to compute)."""
+    try:
+        return fs.exists(posixpath.join(root, MANIFEST)) and len(open_store(fs, root).shards) >= spec.num_shards
+    except StoreError:
+        return False
+
+
+def _gpus(use_ray: bool) -> float:
+    """GPUs the precompute's writers could use: the Ray cluster's, or this machine's."""
+    if use_ray:
+        import ray
+
+        from orchestrator.cluster import ensure_ray
+
+        ensure_ray()
+        return ray.cluster_resources().get("GPU", 0)
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _listed_count(fs, root: str) -> int:

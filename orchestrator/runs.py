@@ -93,6 +93,18 @@ def stop_cleanly(run_dir: Path, resume_command: str):
 # Before anything is reserved
 
 
+CPU_OVERRIDES = "distributed.use_gpu=false trajectories.gpus_per_actor=0"
+
+
+def require_gpu(config: RunConfig, key: str, gpus: float, where: str = "this machine") -> None:
+    """Refuse a recipe whose key asks for GPUs where there are none (gpus: how many there are), naming the
+    overrides that run it on CPUs: a real teacher's store and training take days there."""
+    asks = config.distributed.use_gpu if key == "distributed.use_gpu" else config.trajectories.gpus_per_actor > 0
+    if asks and gpus <= 0:
+        raise ConfigError(key, f"the recipe asks for a GPU and {where} has none; to run on CPUs anyway (a real "
+                               f"teacher takes days there, the embedded ones minutes), add {CPU_OVERRIDES}")
+
+
 def preflight(config: RunConfig) -> None:
     """Every check that needs no cluster, before a run directory, an MLflow run or a worker exists: the
     teacher is where the config says."""

@@ -1,6 +1,7 @@
 """The trajectory store: exact rows, anchors equal to an independent rollout, reuse, new stores on new
 settings, corruption named, killed runs completed without duplicates; local and S3 (moto)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,42 @@ def test_generator_batches_never_repeat_a_row_and_ranks_never_share_one(tmp_path
     with pytest.raises(StopIteration):  # one pass over the rank's rows, then the stream ends
         for _ in range(10):
             next(stream)
+
+
+def test_precompute_prints_its_plan_first_and_one_line_per_interval_into_a_log(tmp_path):
+    """`dpdmd precompute` started at once with nothing said of its size until a progress bar, which in a log file
+    was one ever-growing line of carriage returns."""
+    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
+
+    tiny_config(tmp_path)  # the teacher
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "precompute", "--no-ray", "--recipe", "toy2d",
+                           *TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, "trajectories.seeds_per_prompt=64",
+                           f"storage.output_dir={tmp_path}"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    plan = console.index("[precompute] plan: 256 rows to compute, 16 shards of 16 (0 of 16 there already), into ")
+    first = console.index("[precompute] first shard: 16 rows")
+    assert plan < first and "the other 15 shards: about" in console
+    assert "\r" not in proc.stderr  # a log, not a terminal: whole lines
+    assert re.search(r"precompute anchors: 100%.*256/256", proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("command, key", [(["precompute", "--no-ray"], "trajectories.gpus_per_actor"),
+                                          (["distill", "--no-ray"], "distributed.use_gpu")])
+def test_a_gpu_recipe_without_a_gpu_is_refused_naming_the_cpu_overrides(tmp_path, capsys, command, key):
+    """A recipe that asks for GPUs (the SD3.5 and SDXL ones) started on a machine without one, at CPU speed:
+    with real weights, days."""
+    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
+    from orchestrator import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    tiny_config(tmp_path)  # the teacher
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = cli.main([*command, "--recipe", "toy2d", *TINY_TEACHER, *TINY_STORE, *TINY_DISTILL,
+                     f"storage.output_dir={tmp_path}", f"{key}={'1' if 'gpus' in key else 'true'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err and "has none" in err and "Traceback" not in err
+    assert "distributed.use_gpu=false trajectories.gpus_per_actor=0" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
