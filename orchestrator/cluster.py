@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -32,9 +33,8 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         return
     level = logging.INFO if VERBOSE else logging.ERROR
     logging.getLogger("ray.data").setLevel(level)  # Ray Data's execution plans, in this (the driver's) process
-    options = dict(runtime_env={"env_vars": worker_env(),
-                                "worker_process_setup_hook": "orchestrator.cluster.pin_cluster_address"},
-                   log_to_driver=True, logging_level=level,
+    ours = {"env_vars": worker_env(), "worker_process_setup_hook": "orchestrator.cluster.pin_cluster_address"}
+    options = dict(runtime_env=beside_the_job(ours), log_to_driver=True, logging_level=level,
                    logging_config=ray.LoggingConfig(log_level=logging.getLevelName(level)))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
@@ -43,6 +43,29 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         # the one-per-core the raylet starts at a time and warns about
         ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
                  configure_logging=True, _system_config={"worker_maximum_startup_concurrency": 16}, **options)
+
+
+def beside_the_job(ours: dict, job_config_json: str | None = None) -> dict:
+    """Our runtime environment for ray.init, without what the submitted job's own sets (inside `ray job submit`,
+    whose runtime environment Ray merges with ray.init's and refuses on any shared key, an environment variable
+    such as HF_HUB_OFFLINE included): the job's values win, ours fill in the rest. job_config_json: the job's
+    config as Ray hands it to the driver (read from the environment by default)."""
+    raw = job_config_json if job_config_json is not None else os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job = (json.loads(raw).get("runtime_env") or {}) if raw else {}
+    merged = {k: v for k, v in ours.items() if k != "env_vars" and k not in job}
+    env_vars = {k: v for k, v in ours.get("env_vars", {}).items() if k not in (job.get("env_vars") or {})}
+    return {**merged, **({"env_vars": env_vars} if env_vars else {})}
+
+
+def as_a_job(command: str) -> str:
+    """command (`dpdmd ...`) as the user runs it here: inside `ray job submit`, a job with this interpreter (the
+    command as given otherwise)."""
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return command
+    import sys
+
+    return (f"ray job submit --address <your dashboard address> --working-dir . -- {sys.executable} -m orchestrator "
+            + command.removeprefix("dpdmd "))
 
 
 def pin_cluster_address() -> None:

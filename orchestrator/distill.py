@@ -44,7 +44,7 @@ def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: s
     directory by default; an existing one is continued from its last checkpoint."""
     import ray
 
-    from orchestrator.cluster import ensure_ray
+    from orchestrator.cluster import as_a_job, ensure_ray
     from orchestrator.precompute import precompute
 
     start = time.time()
@@ -62,7 +62,7 @@ def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: s
             print(f"[distill] {'resuming ' if resuming else ''}{run_dir.name}: {dist.num_workers} workers, "
                   f"ZeRO-{dist.zero_stage}, {dist.precision}, {config.schedule.num_generator_updates} generator "
                   "updates")
-        with stop_cleanly(run_dir, f"dpdmd distill --resume {run_dir}"):
+        with stop_cleanly(run_dir, as_a_job(f"dpdmd distill --resume {run_dir}")):
             result = distill_with_ray(config, run_dir, store, tracked, callbacks)
         tracked.log_artifact(run_dir / "config.yaml")
         tracked.log_artifact(result.generator_dir, "generator")

@@ -241,7 +241,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     import ray
     from ray import tune
 
-    from orchestrator.cluster import ensure_ray, quiet_tune, trials_that_fit
+    from orchestrator.cluster import as_a_job, ensure_ray, quiet_tune, trials_that_fit
     from orchestrator.precompute import precompute
     from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
 
@@ -259,7 +259,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
 
     sweep = config.sweep
     with tracked_run(config, sweep_dir, "sweep") as parent, \
-            stop_cleanly(sweep_dir, f"dpdmd sweep --resume {sweep_dir}"):
+            stop_cleanly(sweep_dir, as_a_job(f"dpdmd sweep --resume {sweep_dir}")):
         dist = config.distributed
         # a PBT trial trains in its own process (see _pbt_trial): it holds the training worker's resources too
         resources = ({"CPU": sweep.trial_cpus + dist.cpus_per_worker, "GPU": int(dist.use_gpu)}

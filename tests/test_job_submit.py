@@ -110,6 +110,34 @@ def head(tmp_path):
         _stop(proc)
 
 
+def test_our_runtime_environment_steps_aside_for_what_the_job_sets():
+    """Ray merges a submitted job's runtime environment with the one ray.init asks for, and refuses any key both
+    set, an environment variable such as HF_HUB_OFFLINE included."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env  # as ray.init runs it inside a job
+
+    from orchestrator.cluster import beside_the_job
+
+    ours = {"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}, "worker_process_setup_hook": "x"}
+    job = {"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "0", "MINE": "1"}, "working_dir": "."}}
+    assert _merge_runtime_env(job["runtime_env"], ours) is None  # ours as it was: refused
+    merged = _merge_runtime_env(job["runtime_env"], beside_the_job(ours, json.dumps(job)))
+    assert merged["env_vars"] == {"HF_HUB_OFFLINE": "0", "MINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert merged["worker_process_setup_hook"] == "x" and merged["working_dir"] == "."
+    assert beside_the_job(ours, "") == ours  # not inside a job
+
+
+def test_inside_a_job_the_resume_hint_is_a_job(monkeypatch):
+    """After a job stopped, the hint to continue it was a local command."""
+    from orchestrator.cluster import as_a_job
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert as_a_job("dpdmd distill --resume /runs/x") == "dpdmd distill --resume /runs/x"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    hint = as_a_job("dpdmd distill --resume /runs/x")
+    assert hint.startswith("ray job submit --address ") and "--working-dir . --" in hint
+    assert hint.endswith(f"-- {sys.executable} -m orchestrator distill --resume /runs/x")
+
+
 def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(head, tmp_path):
     """One run for three properties (each was a run of its own): `ray job submit` runs a tiny distillation; two
     ZeRO-2 workers distil and export a generator that loads; rank 0 logs params, every update's metrics and the
@@ -129,7 +157,10 @@ def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(he
     try:
         overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}", *two_zero2,
                      f"tracking.tracking_uri={uri}", "tracking.experiment=server-test"]
-        runtime_env = {"excludes": [".venv", "outputs", ".git", "*.egg-info"]}
+        # the job's own environment variables beside the project's (one of them the project sets too): Ray refused
+        # to merge them and the job died before it started
+        runtime_env = {"excludes": [".venv", "outputs", ".git", "*.egg-info"],
+                       "env_vars": {"HF_HUB_OFFLINE": "1", "DPDMD_JOB_MARK": "kept"}}
         working_dir = _checkout(tmp_path / "checkout")
         for _ in range(30):  # a fresh head's job agent registers a little after its dashboard answers
             proc = subprocess.run(
