@@ -513,7 +513,7 @@ def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int 
     import torch
 
     from orchestrator.precompute import precompute
-    from orchestrator.runs import evaluate_generator
+    from orchestrator.runs import evaluate_generator, record_data
     from workers.configure import build
     from workers.context import CHECKPOINTS
     from workers.train import GENERATOR_DIR
@@ -525,6 +525,8 @@ def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int 
         recipes.save(config, run_dir)
     torch.set_num_threads(threads)
     store, _ = precompute(configs[0], use_ray=False, progress=False)
+    for config, run_dir in zip(configs, dirs):
+        record_data(run_dir, store, config, 1)
     result = train_trials(configs, dirs, store, deadline=deadline)
     out: list[dict | Exception | None] = []
     for config, run_dir, error, finished in zip(configs, dirs, result.errors, result.finished):

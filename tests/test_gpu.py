@@ -102,6 +102,7 @@ def test_shapes_fidelity_trials_trained_together_stop_at_the_time_limit_and_cont
     console = dpdmd(*command[:5], "60", "--out", str(table_dir), *command[6:], out=tmp_path)
     assert "| DMD | 2 |" in console and (table_dir / "fidelity.md").is_file()
     assert len(list((table_dir / "trials").glob("*/generator/dpdmd_generator.json"))) == 2
+    assert len(list((table_dir / "trials").glob("*/data.json"))) == 2  # the rows each trial read
 
 
 def test_shapes_fidelity_a_process_per_trial_and_a_rerun_runs_nothing_twice(shapes_out, tmp_path):

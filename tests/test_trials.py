@@ -209,3 +209,18 @@ def test_on_a_gpu_trials_together_train_from_the_rows_the_read_ahead_put_there(t
     result = train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store)
     assert result.errors == [None, None] and result.finished == [True, True]
     assert all((tmp_path / f"t{i}" / GENERATOR_DIR / "dpdmd_generator.json").is_file() for i in range(2))
+
+
+def test_a_trial_group_trains_exports_and_evaluates_each_trial_and_records_its_rows(tmp_path, teacher_path):
+    """`dpdmd fidelity --together` in one process, on the CPU: every trial's generator exported and scored, its
+    checkpoints dropped, and data.json naming the rows it read (the same for both: one store, one world size)."""
+    from orchestrator.fidelity import run_trial_group
+    from workers.configure import to_dict
+
+    dirs = [tmp_path / "t0", tmp_path / "t1"]
+    out = run_trial_group([to_dict(c) for c in configs(tmp_path, teacher_path)], [str(d) for d in dirs])
+    assert all(isinstance(m, dict) and 0 <= m["adherence"] <= 1 for m in out), out
+    records = [json.loads((d / "data.json").read_text()) for d in dirs]
+    assert records[0] == records[1] and records[0]["world_size"] == 1 and records[0]["rows"] >= 2 * UPDATES
+    for d in dirs:
+        assert (d / GENERATOR_DIR / "dpdmd_generator.json").is_file() and not (d / "checkpoints").exists()
