@@ -52,14 +52,14 @@ class PrecomputeSummary:
 
 
 def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True,
-               world_size: int | None = None) -> tuple[Store, PrecomputeSummary]:
+               world_size: int | None = None, plan: bool = True) -> tuple[Store, PrecomputeSummary]:
     """Fill the store for config (or find it big enough) and return it opened.
 
     The store holds every anchor row a run of world_size ranks (default distributed.num_workers) consumes,
     so that no generator update sees a row twice; an existing store of the same settings that is too small
     is extended, its shards kept. A damaged store (see fill_store) is repaired on the way."""
     spec = store_spec(config, training_prompts(config), teacher_dir(config), world_size)
-    return fill_store(config, spec, use_ray, progress)
+    return fill_store(config, spec, use_ray, progress, plan=plan)
 
 
 def repair_store(url: str, overrides: list[str], use_ray: bool = True,
@@ -89,8 +89,9 @@ def repair_store(url: str, overrides: list[str], use_ray: bool = True,
 
 
 def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progress: bool = True,
-               repair: bool = False) -> tuple[Store, PrecomputeSummary]:
-    """Write the shards of spec that the store lacks, then its manifest.
+               repair: bool = False, plan: bool = True) -> tuple[Store, PrecomputeSummary]:
+    """Write the shards of spec that the store lacks, then its manifest. progress: a progress bar; plan: before
+    any shard is computed, what will be (rows, shards, where), and after the first, its size and time.
 
     Shards a sound manifest lists are kept as they are (each is checked at its first read). Every other
     shard found is read whole and verified (verified_shards: sha256 against its sidecar, its rows against
@@ -130,12 +131,12 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     if repair and not todo and not _readable(fs, posixpath.join(root, NEGATIVE)):
         AnchorWriter(config, spec, url)  # it writes the negative conditioning as it starts
     writers = min(config.trajectories.num_actors, len(todo)) if use_ray else 1
-    if todo and progress:
+    if todo and plan:
         print(f"[precompute] plan: {len(todo) * spec.rows_per_shard:,} rows to compute, {len(todo)} shards of "
               f"{spec.rows_per_shard} ({spec.num_shards - len(todo)} of {spec.num_shards} there already), into {url}, "
               f"by {writers} writer{'s' * (writers > 1)}"
               f"{' on the GPU' if config.trajectories.gpus_per_actor > 0 else ' on CPUs'}; "
-              "its size and time follow from the first shard")
+              "its size and time follow from the first shard", flush=True)
     tty = sys.stderr.isatty()
     bar = tqdm(total=spec.num_rows, initial=sum(s.rows for i, s in done.items() if i < spec.num_shards), unit="row",
                desc="precompute anchors", disable=not progress, file=sys.stderr if tty else LogLines(sys.stderr),
@@ -144,12 +145,12 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     for info in _run_writers(config, spec, url, todo, use_ray):
         done[info["index"]] = _shard_info(info)
         written += info["bytes"]
-        if progress and len(done) - (spec.num_shards - len(todo)) == 1 and len(todo) > 1:
+        if plan and len(done) - (spec.num_shards - len(todo)) == 1 and len(todo) > 1:
             seconds, rest = time.time() - writing, len(todo) - 1
-            bar.write(f"[precompute] first shard: {info['rows']} rows, {info['bytes'] / 2**20:.1f} MiB in {seconds:.0f} s "
-                      f"(loading the teacher included); the other {rest} shards: about "
-                      f"{info['bytes'] * rest / 2**30:.2f} GiB and at most {clock(seconds * rest / writers)} more",
-                      file=sys.stderr)
+            print(f"[precompute] first shard: {info['rows']} rows, {info['bytes'] / 2**20:.1f} MiB in {seconds:.0f} s "
+                  f"(loading the teacher included); the other {rest} shards: about "
+                  f"{info['bytes'] * rest / 2**30:.2f} GiB and at most {clock(seconds * rest / writers)} more",
+                  flush=True)
         bar.update(info["rows"])
     bar.close()
     write_manifest(fs, root, spec, done)
