@@ -147,15 +147,22 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
         written += info["bytes"]
         if plan and len(done) - (spec.num_shards - len(todo)) == 1 and len(todo) > 1:
             seconds, rest = time.time() - writing, len(todo) - 1
-            print(f"[precompute] first shard: {info['rows']} rows, {info['bytes'] / 2**20:.1f} MiB in {seconds:.0f} s "
+            print(f"[precompute] first shard: {info['rows']} rows, {_size(info['bytes'])} in {seconds:.0f} s "
                   f"(loading the teacher included); the other {rest} shards: about "
-                  f"{info['bytes'] * rest / 2**30:.2f} GiB and at most {clock(seconds * rest / writers)} more",
-                  flush=True)
+                  f"{_size(info['bytes'] * rest)} and at most {clock(seconds * rest / writers)} more", flush=True)
         bar.update(info["rows"])
     bar.close()
     write_manifest(fs, root, spec, done)
     store = open_store(fs, root)
     return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start, verified)
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 512 B, 37.2 KiB, 1.3 MiB, 14.70 GiB."""
+    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 1), ("KiB", 2**10, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} B"
 
 
 class LogLines:
