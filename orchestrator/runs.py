@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -71,8 +72,9 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
 
 @contextmanager
 def stop_cleanly(run_dir: Path, resume_command: str):
-    """Ctrl-C ends the command with one line: where the last checkpoint is and how to continue. A trajectory
-    store found damaged mid-run (its error names the shard and the repair command) says the same."""
+    """Ctrl-C (or SIGTERM, which Ray's driver turns into an exit) ends the command with one line: where the last
+    checkpoint is and how to continue. A trajectory store found damaged mid-run (its error names the shard and
+    the repair command) says the same."""
     from workers.store import StoreError
 
     def where() -> str:
@@ -84,6 +86,12 @@ def stop_cleanly(run_dir: Path, resume_command: str):
     except KeyboardInterrupt:
         print(f"\ndpdmd: stopped; {where()}. Continue with: {resume_command}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:
+            raise
+        # Ray's driver turns SIGTERM (`ray job stop`, a scheduler's preemption) into sys.exit(15)
+        print(f"\ndpdmd: terminated; {where()}. Continue with: {resume_command}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except StoreError as err:
         raise StoreError(f"{err}\nThe run stopped; {where()}. Once the store is repaired, continue with: "
                          f"{resume_command}") from None

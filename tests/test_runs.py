@@ -160,3 +160,21 @@ print(json.dumps([code, lines]))
     code, lines = json.loads(out.stdout.splitlines()[-1])
     assert code == 2
     assert lines == ["[distill] generator update 100/400 (25%), 0:08 elapsed, 0:24 left | loss_dmd=0.1344"] * 2, lines
+
+
+def test_sigterm_to_a_ray_driver_says_how_to_continue(tmp_path):
+    """`ray job stop` sends SIGTERM, which ray.init's handler turns into sys.exit(15) in the driver: the command
+    ended without the line that says how to continue (Ctrl-C had it)."""
+    script = f"""
+import os, signal, time, ray
+from orchestrator.runs import stop_cleanly
+ray.init(address="local", include_dashboard=False, num_cpus=1)
+with stop_cleanly({str(tmp_path)!r}, "dpdmd distill --resume RUN"):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**_env(), "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 128 + 15, proc.stderr[-3000:]
+    assert "dpdmd: terminated; no checkpoint was written yet. Continue with: dpdmd distill --resume RUN" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
