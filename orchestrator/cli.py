@@ -69,11 +69,12 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from models.families import get_family
     from orchestrator import runs
+    from workers.context import device_for
     from workers.evaluate import evaluate, format_table, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
-    device = runs.device_for(config)
+    device = device_for(config.distributed.use_gpu)
     if args.generator:
         name, (adapter, net, sampler) = "generator", load_generator(args.generator, device, config.teacher.family)
     else:
@@ -94,13 +95,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from models.families import get_family
     from orchestrator import runs
     from models.sampling import grid_pairs, sample
+    from workers.context import device_for
     from workers.evaluate import Evaluation, eval_prompts, load_generator, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
     config = recipes.resolve(args.recipe, args.overrides)
     prompts = args.prompt or eval_prompts(config)
     seeds = parse_seeds(args.seeds)
-    device = runs.device_for(config)
+    device = device_for(config.distributed.use_gpu)
     if args.generator:
         adapter, net, sampler = load_generator(args.generator, device, config.teacher.family)
     else:

@@ -7,6 +7,9 @@ import logging
 import os
 from contextlib import contextmanager
 
+# set by `ray job submit` in its entrypoint's environment: the job's config, its runtime environment included
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
 VERBOSE = False  # `dpdmd --verbose`: Ray's, its workers' and the libraries' log lines on the console too
 
 
@@ -50,7 +53,7 @@ def beside_the_job(ours: dict, job_config_json: str | None = None) -> dict:
     whose runtime environment Ray merges with ray.init's and refuses on any shared key, an environment variable
     such as HF_HUB_OFFLINE included): the job's values win, ours fill in the rest. job_config_json: the job's
     config as Ray hands it to the driver (read from the environment by default)."""
-    raw = job_config_json if job_config_json is not None else os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    raw = job_config_json if job_config_json is not None else os.environ.get(JOB_CONFIG_ENV)
     job = (json.loads(raw).get("runtime_env") or {}) if raw else {}
     merged = {k: v for k, v in ours.items() if k != "env_vars" and k not in job}
     env_vars = {k: v for k, v in ours.get("env_vars", {}).items() if k not in (job.get("env_vars") or {})}
@@ -60,7 +63,7 @@ def beside_the_job(ours: dict, job_config_json: str | None = None) -> dict:
 def as_a_job(command: str) -> str:
     """command (`dpdmd ...`) as the user runs it here: inside `ray job submit`, a job with this interpreter (the
     command as given otherwise)."""
-    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    if not os.environ.get(JOB_CONFIG_ENV):
         return command
     import sys
 

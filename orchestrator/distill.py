@@ -85,16 +85,16 @@ def run_local(config: RunConfig, run_dir: Path | None = None) -> Path:
     orchestrator distill --no-ray ...`. Rank 0 fills the store; every rank then streams its own shards.
     Metrics go to <run dir>/metrics.jsonl (no MLflow); returns the run directory. run_dir: an earlier run
     to continue from its last checkpoint."""
+    import torch
     import torch.distributed as torch_dist
 
     from orchestrator.precompute import precompute
     from workers.engines import init_distributed
 
-    import torch
-
     start = time.time()
     preflight(config)
-    require_gpu(config, "distributed.use_gpu", torch.cuda.device_count())
+    if config.distributed.use_gpu:
+        require_gpu("distributed.use_gpu", torch.cuda.device_count())
     init_distributed(config.distributed.use_gpu)
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     shared = [None]

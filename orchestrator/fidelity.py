@@ -324,8 +324,8 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     training at that many seconds after the start checkpoint and stop, and the command end without a table:
     the same command with --out continues."""
     from orchestrator.precompute import precompute
-    from orchestrator.runs import device_for, make_run_dir, summary
-    from workers.context import clock
+    from orchestrator.runs import make_run_dir, summary
+    from workers.context import clock, device_for
     from workers.teacher import teacher_dir, train_teacher
     from workers.tracking import tracking_uri
 
@@ -334,7 +334,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     check_space(space)
     if not config.teacher.path and not teacher_dir(config).is_dir():
         print(f"{tag} training the embedded {config.teacher.family} teacher")
-        train_teacher(config, device=device_for(config))
+        train_teacher(config, device=device_for(config.distributed.use_gpu))
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)
     teacher, cut = evaluate_teacher(config, out_dir, tag)
@@ -388,7 +388,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
     distilled generator has to beat); samples and pictures of the first into out_dir. A continued table reads
     them back from teacher_metrics.json."""
     from models.sampling import Sampler
-    from orchestrator.runs import device_for
+    from workers.context import device_for
     from workers.evaluate import evaluate, save_samples, teacher_sampler
     from workers.teacher import load_teacher
 
@@ -399,7 +399,7 @@ def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") 
         return data["teacher"], data[f"teacher_{n}_steps"]
     print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {n}) "
           f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
-    device = device_for(config)
+    device = device_for(config.distributed.use_gpu)
     adapter, net = load_teacher(config, device, vae=True)
     result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
     cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),

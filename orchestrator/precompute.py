@@ -101,22 +101,23 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     start = time.time()
     url = store_url(config, spec)
     fs, root = filesystem(config, url)
-    if config.trajectories.gpus_per_actor > 0 and not _complete(fs, root, spec):  # before anything is written
-        require_gpu(config, "trajectories.gpus_per_actor", _gpus(use_ray), "the Ray cluster" if use_ray else
-                    "this machine")
-    write_config(fs, root, recipes.dump(config))
-    listed: dict[int, ShardInfo] = {}
+    store = None
     if not repair and fs.exists(posixpath.join(root, MANIFEST)):
         try:
             store = open_store(fs, root)
         except StoreError as err:
             print(f"{err}\n[precompute] verifying every shard of {url} and recomputing the ones that fail")
             repair = True
-        else:
-            if len(store.shards) >= spec.num_shards:
-                return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
-            print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
-            listed = {s["index"]: ShardInfo(**s) for s in store.shards}
+    complete = store is not None and len(store.shards) >= spec.num_shards
+    if config.trajectories.gpus_per_actor > 0 and not complete:  # before anything is written
+        require_gpu("trajectories.gpus_per_actor", _gpus(use_ray), "the Ray cluster" if use_ray else "this machine")
+    write_config(fs, root, recipes.dump(config))
+    listed: dict[int, ShardInfo] = {}
+    if complete:
+        return store, PrecomputeSummary(url, True, store.num_rows, 0, 0, time.time() - start)
+    if store is not None:
+        print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
+        listed = {s["index"]: ShardInfo(**s) for s in store.shards}
 
     done, problems = verified_shards(fs, root, spec, skip=listed, progress=progress)
     verified = len(done) + len(problems)
@@ -142,10 +143,10 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
                desc="precompute anchors", disable=not progress, file=sys.stderr if tty else LogLines(sys.stderr),
                mininterval=0.1 if tty else 30)
     written, writing = 0, time.time()
-    for info in _run_writers(config, spec, url, todo, use_ray):
+    for count, info in enumerate(_run_writers(config, spec, url, todo, use_ray), start=1):
         done[info["index"]] = _shard_info(info)
         written += info["bytes"]
-        if plan and len(done) - (spec.num_shards - len(todo)) == 1 and len(todo) > 1:
+        if plan and count == 1 and len(todo) > 1:
             seconds, rest = time.time() - writing, len(todo) - 1
             print(f"[precompute] first shard: {info['rows']} rows, {_size(info['bytes'])} in {seconds:.0f} s "
                   f"(loading the teacher included); the other {rest} shards: about "
@@ -179,14 +180,6 @@ class LogLines:
 
     def flush(self) -> None:
         self.stream.flush()
-
-
-def _complete(fs, root: str, spec: StoreSpec) -> bool:
-    """Whether the store holds the shards spec asks for already (nothing to compute)."""
-    try:
-        return fs.exists(posixpath.join(root, MANIFEST)) and len(open_store(fs, root).shards) >= spec.num_shards
-    except StoreError:
-        return False
 
 
 def _gpus(use_ray: bool) -> float:

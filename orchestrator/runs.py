@@ -21,7 +21,7 @@ from pathlib import Path
 
 from orchestrator import recipe as recipes
 from workers.config import ConfigError, RunConfig
-from workers.context import CHECKPOINTS, checkpoint_name
+from workers.context import CHECKPOINTS, checkpoint_name, device_for
 from workers.train import GENERATOR_DIR
 
 MLFLOW_FILE = "mlflow.json"
@@ -104,11 +104,10 @@ def stop_cleanly(run_dir: Path, resume_command: str):
 CPU_OVERRIDES = "distributed.use_gpu=false trajectories.gpus_per_actor=0"
 
 
-def require_gpu(config: RunConfig, key: str, gpus: float, where: str = "this machine") -> None:
+def require_gpu(key: str, gpus: float, where: str = "this machine") -> None:
     """Refuse a recipe whose key asks for GPUs where there are none (gpus: how many there are), naming the
     overrides that run it on CPUs: a real teacher's store and training take days there."""
-    asks = config.distributed.use_gpu if key == "distributed.use_gpu" else config.trajectories.gpus_per_actor > 0
-    if asks and gpus <= 0:
+    if gpus <= 0:
         raise ConfigError(key, f"the recipe asks for a GPU and {where} has none; to run on CPUs anyway (a real "
                                f"teacher takes days there, the embedded ones minutes), add {CPU_OVERRIDES}")
 
@@ -256,20 +255,13 @@ def distill_here(config: RunConfig, run_dir: Path, store, resume: bool = True) -
                                               "resumes": progress.resumes})
 
 
-def device_for(config: RunConfig):
-    """Where a command's own sampling and scoring run: the GPU when the recipe asks for one and there is one."""
-    import torch
-
-    return torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
 def evaluate_generator(config: RunConfig, generator_dir: Path, run_dir: Path, label: str, tracked=None):
     """The generator on the held-out prompts and seeds: samples.npz and samples.png into run_dir, the
     metrics (and the picture) into the MLflow run when there is one. Returns the Evaluation."""
     from models.families import get_family
     from workers.evaluate import evaluate, load_generator, save_samples
 
-    device = device_for(config)
+    device = device_for(config.distributed.use_gpu)
     adapter, net, sampler = load_generator(generator_dir, device)
     evaluation = evaluate(config, adapter, net, sampler, device=device)
     save_samples(evaluation, run_dir / "samples.npz")

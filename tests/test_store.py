@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import tiny_config
+from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, tiny_config
 from models.flow import ode_rollout, sampling_sigmas
 from orchestrator.precompute import precompute
 from workers.store import StoreError, open_store
@@ -260,7 +260,6 @@ def test_generator_batches_never_repeat_a_row_and_ranks_never_share_one(tmp_path
 def test_precompute_prints_its_plan_first_and_one_line_per_interval_into_a_log(tmp_path):
     """`dpdmd precompute` started at once with nothing said of its size until a progress bar, which in a log file
     was one ever-growing line of carriage returns."""
-    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
 
     tiny_config(tmp_path)  # the teacher
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "precompute", "--no-ray", "--recipe", "toy2d",
@@ -281,7 +280,6 @@ def test_precompute_prints_its_plan_first_and_one_line_per_interval_into_a_log(t
 def test_a_gpu_recipe_without_a_gpu_is_refused_naming_the_cpu_overrides(tmp_path, capsys, command, key):
     """A recipe that asks for GPUs (the SD3.5 and SDXL ones) started on a machine without one, at CPU speed:
     with real weights, days."""
-    from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
     from orchestrator import cli
 
     if torch.cuda.is_available():

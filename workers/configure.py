@@ -36,9 +36,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                if "finite" in err.message:  # a number, of the wrong size: that is what to say
-                    raise
+            except NotFinite:  # a number, of the wrong size: that is what to say
+                raise
+            except ConfigError:
+                pass
         raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -71,8 +72,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _not_finite(key: str, value: Any) -> ConfigError:
-    return ConfigError(key, f"expected a finite number, got {value!r}: give a number such as 0.5 or 1e-4")
+class NotFinite(ConfigError):
+    """A float field given inf, nan or a number too large for a float."""
+
+
+def _not_finite(key: str, value: Any) -> NotFinite:
+    return NotFinite(key, f"expected a finite number, got {value!r}: give a number such as 0.5 or 1e-4")
 
 
 def _join(prefix: str, key: str) -> str:

@@ -21,6 +21,12 @@ def checkpoint_name(generator_updates: int) -> str:
     return f"step-{generator_updates:07d}"
 
 
+def device_for(use_gpu: bool) -> torch.device:
+    """Where one process computes: the GPU when asked for and there is one, else the CPU (a command's own
+    sampling and scoring, trials trained together; a rank of a run uses WorkerContext.device)."""
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
 def clock(seconds: float) -> str:
     """1:02:03 / 2:03 for a duration in seconds."""
     minutes, s = divmod(int(round(seconds)), 60)

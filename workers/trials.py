@@ -41,7 +41,7 @@ from models.rollout import generator_rollout
 from workers.batches import TrainingData, to_device
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
-from workers.context import CHECKPOINTS, LocalContext, checkpoint_name
+from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_for
 from workers.distill import copy_for_training
 from workers.progress import Progress, read_progress, write_progress
 
@@ -442,7 +442,7 @@ def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, a
 
     check_batchable(configs)
     config = configs[0]
-    device = torch.device("cuda") if config.distributed.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    device = device_for(config.distributed.use_gpu)
     torch.manual_seed(config.seed)
     every = config.evaluation.every
     adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(every))
