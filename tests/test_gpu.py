@@ -3,7 +3,7 @@
 shapes domain's precompute, distillation in bf16 and fp32, sampling, evaluation and both ways of running the
 fidelity table (trials trained together, and a process per trial), each stopped and continued; the SD3 and SDXL
 families on tiny random pipelines built in code (precompute, distillation with the teacher streamed from host
-memory and activation checkpointing, for SD3 in compiled blocks that keep their attention outputs, export, the
+memory, compiled blocks and activation checkpointing (for SD3 the kind that keeps attention outputs), export, the
 diffusers pipeline class loading the export, sampling, evaluation); and the SD3.5-Medium benchmark at two blocks.
 Marked gpu: skipped on machines without CUDA (CI)."""
 
@@ -131,9 +131,9 @@ def _pretrained_family(tmp_path: Path, family: str) -> tuple[list[str], type]:
         from diffusers import StableDiffusionXLPipeline as pipeline_class
 
         teacher = save_tiny_sdxl(tmp_path / "teacher")
-        # the UNet's own checkpointing; not compiled: a UNet has no transformer blocks of its own, so the whole
-        # network would be compiled, which ran past this check's time on an H200 (the SD3 case covers compilation)
-        network = ["generator.gradient_checkpointing=true", "critic.gradient_checkpointing=true"]
+        # the UNet's own checkpointing, and its attention blocks compiled one by one (diffusers' _repeated_blocks)
+        network = ["distributed.compile=true", "generator.gradient_checkpointing=true",
+                   "critic.gradient_checkpointing=true"]
     prompts = prompt_file(tmp_path / "prompts.txt", SD_PROMPTS)
     dino = save_tiny_dino(tmp_path / "dino")
     recipe = "sd35m-512" if family == "sd3" else "sdxl-512"

@@ -324,3 +324,20 @@ def test_the_train_function_loads_the_unet_alone(tmp_path, teacher_path, monkeyp
     progress = train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative())
     assert progress.generator_updates == 1
     assert [(o.text_encoders, o.vae) for o in loaded] == [(False, False)]
+
+
+def test_compile_is_regional_on_the_unet_its_attention_blocks_one_by_one():
+    """distributed.compile=true on SDXL compiles the UNet's BasicTransformerBlocks (diffusers' _repeated_blocks)
+    and not the whole network: the whole UNet compiled ran past the GPU check's time limit on an H200."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from sd_models import tiny_sdxl_pipeline
+    from workers.engines import compile_network
+
+    unet = tiny_sdxl_pipeline().unet
+    compile_network(unet)
+    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == 4  # the tiny UNet's down path 1, middle 1, up path 2
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert unet._compiled_call_impl is None
+    assert not any(m._compiled_call_impl is not None for m in unet.modules() if not isinstance(m, BasicTransformerBlock))

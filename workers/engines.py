@@ -258,9 +258,11 @@ RECOMPILE_LIMIT = 64
 
 
 def compile_network(net: nn.Module, mode: str = "default") -> None:
-    """torch.compile in place: each transformer block on its own where the network has them (regional
-    compilation: one graph serves every block, so compiling takes seconds instead of minutes), else the whole
-    network, with torch.compile's mode. The first call of each compiled piece compiles it.
+    """torch.compile in place, by region where the network has repeated blocks (one graph serves every block of
+    a kind, so compiling takes seconds instead of minutes): the classes diffusers names in the model's
+    _repeated_blocks (SDXL's UNet: its BasicTransformerBlocks, through diffusers' compile_repeated_blocks), else
+    each of its transformer_blocks (SD3.5's transformer), else the whole network; with torch.compile's mode. The
+    first call of each compiled piece compiles it.
 
     One block's code serves several graphs: SD3.5's block kinds (dual attention, plain, the last context-only
     one) times the passes a cycle makes (no-grad, with grad, recomputed under checkpointing). Dynamo's default
@@ -269,6 +271,8 @@ def compile_network(net: nn.Module, mode: str = "default") -> None:
 
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    blocks = transformer_blocks(net)
-    for module in blocks or [net]:
+    if getattr(net, "_repeated_blocks", None):
+        net.compile_repeated_blocks(mode=mode)
+        return
+    for module in transformer_blocks(net) or [net]:
         module.compile(mode=mode)
