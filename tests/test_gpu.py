@@ -61,19 +61,29 @@ def shapes_out(tmp_path_factory):
     return tmp_path_factory.mktemp("gpu-shapes")
 
 
+# The check runs its tests side by side (scripts/dev gpu: pytest -n 4 --dist loadgroup); the tests that share
+# the precomputed shapes store run in one process, in this order
+SHARES_THE_STORE = pytest.mark.xdist_group("shapes-store")
+
+
+@SHARES_THE_STORE
 def test_shapes_precompute_on_the_gpu(shapes_out):
     console = dpdmd("precompute", "--no-ray", *SHAPES, out=shapes_out)
     assert "rows in" in console and list((shapes_out / "trajectories").glob("shapes-*/manifest.json"))
 
 
+@SHARES_THE_STORE
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_shapes_distill_sample_and_evaluate_on_the_gpu(shapes_out, precision):
+    """Distillation in both precisions; sampling and evaluation once (the fidelity table evaluates fp32 trials)."""
     out = shapes_out / precision
     dpdmd("distill", "--no-ray", *SHAPES, f"distributed.precision={precision}",
           f"storage.trajectory_root={shapes_out / 'trajectories'}", out=out)
     generator = run_dir(out, "distill", "shapes") / "generator"
     metrics = [json.loads(line) for line in (generator.parent / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["generator_update"] == 4 and metrics[-1]["skipped_steps"] == 0
+    if precision == "fp32":
+        return
     console = dpdmd("sample", "--generator", str(generator), "--prompt", "a red circle", "--seeds", "0-3", *SHAPES,
                     out=out)
     assert "4 samples" in console
@@ -89,7 +99,7 @@ def _space(path: Path) -> Path:
     return path
 
 
-def test_shapes_fidelity_trials_trained_together_stop_at_the_time_limit_and_continue(shapes_out, tmp_path):
+def test_shapes_fidelity_trials_trained_together_stop_at_the_time_limit_and_continue(tmp_path):
     """The README's one-GPU table command (--together, --time-limit, fp32), two trials: stopped at the time limit,
     then the same command with --out continues them to the table."""
     command = ["fidelity", "--no-ray", "--together", "2", "--time-limit", "0.05", *SHAPES,
@@ -105,7 +115,7 @@ def test_shapes_fidelity_trials_trained_together_stop_at_the_time_limit_and_cont
     assert len(list((table_dir / "trials").glob("*/data.json"))) == 2  # the rows each trial read
 
 
-def test_shapes_fidelity_a_process_per_trial_and_a_rerun_runs_nothing_twice(shapes_out, tmp_path):
+def test_shapes_fidelity_a_process_per_trial_and_a_rerun_runs_nothing_twice(tmp_path):
     command = ["fidelity", "--no-ray", "--jobs", "2", *SHAPES, "distributed.precision=bf16",
                f"sweep.space={_space(tmp_path / 'space.yaml')}"]
     console = dpdmd(*command, out=tmp_path)
