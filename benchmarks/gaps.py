@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-REGION_PREFIX = "dpdmd/"  # workers.distill.REGION; not imported, so that --base runs older trees (tests hold them equal)
+REGION_PREFIX = "dpdmd/"  # workers.cycle.REGION; not imported, so that --base runs older trees (tests hold them equal)
 NO_HOST_EVENT = "(no host event open)"
 OUTSIDE = "(outside every region)"
 

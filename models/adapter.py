@@ -4,7 +4,7 @@ so that losses and training loops never ask which family they are running."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -108,13 +108,15 @@ class TeacherAdapter(ABC):
     adapter turns (network, x_t, t, conditioning) into a velocity in the flow convention of models.flow.
 
     Subclasses implement the abstract methods; a family whose diversity target is not the flow form (SDXL's
-    epsilon prediction) overrides diversity_loss and sets anchor_x0.
+    epsilon prediction) overrides diversity_terms and diversity_fn and sets anchor_x0.
     """
 
     family: ClassVar[str]
     # Whether the anchors keep the teacher's guided x0 estimate at z_K (one more teacher call per anchor), for
     # a diversity target in x-prediction form.
     anchor_x0: ClassVar[bool] = False
+    # Loss 1 on diversity_terms' (prediction, target): models.losses' flow form unless the family's differs
+    diversity_fn: ClassVar[Callable[[torch.Tensor, torch.Tensor], LossOutput]] = staticmethod(diversity_loss)
 
     @property
     @abstractmethod
@@ -190,13 +192,15 @@ class TeacherAdapter(ABC):
         v_uncond, v_cond = v.chunk(2)
         return cfg_combine(v_uncond, v_cond, guidance_scale)
 
-    def diversity_loss(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
-                       z_anchor: torch.Tensor, t_anchor: torch.Tensor, x0_anchor: torch.Tensor | None) -> LossOutput:
-        """Loss 1 in the teacher's parameterisation (docs/method.md): for flow teachers the generator's
-        first-step velocity v_first (B, ...), taken at x_start and time t_start, regressed on the average
-        velocity over [t_K, 1] from noise eps to the anchor z_anchor (B, ...) at t_anchor (B,).
-        x0_anchor: the teacher's x0 estimate at z_K, present when anchor_x0 is set."""
-        return diversity_loss(v_first, anchor_velocity(eps, z_anchor, t_anchor))
+    def diversity_terms(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
+                        z_anchor: torch.Tensor, t_anchor: torch.Tensor,
+                        x0_anchor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss 1's prediction and target in the teacher's parameterisation (docs/method.md), row by row: for
+        flow teachers the generator's first-step velocity v_first (B, ...), taken at x_start and time t_start,
+        and the average velocity over [t_K, 1] from noise eps to the anchor z_anchor (B, ...) at t_anchor (B,).
+        x0_anchor: the teacher's x0 estimate at z_K, present when anchor_x0 is set. The loss itself is
+        diversity_fn(prediction, target), which the cycle applies per run or per trial (workers/cycle.py)."""
+        return v_first, anchor_velocity(eps, z_anchor, t_anchor)
 
     def x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return x0_from_velocity(x_t, self.velocity(net, x_t, t, cond), t)

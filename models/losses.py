@@ -143,9 +143,18 @@ def critic_loss(v_critic: torch.Tensor, x_gen: torch.Tensor, eps: torch.Tensor) 
     return flow_matching_loss(v_critic, x_gen, eps, name="critic")
 
 
-def generator_objective(dmd: LossOutput, diversity: LossOutput, diversity_weight: float) -> LossOutput:
-    """Loss 4: L = L_dmd + lambda * L_div; lambda = 0 is plain DMD (the diversity term is still logged)."""
-    loss = dmd.loss + diversity_weight * diversity.loss if diversity_weight else dmd.loss
+def generator_objective(dmd: LossOutput, diversity: LossOutput, diversity_weight: float | torch.Tensor) -> LossOutput:
+    """Loss 4: L = L_dmd + lambda * L_div; lambda = 0 is plain DMD (the diversity term is still logged, and its
+    terms need not be finite). diversity_weight may be one lambda per trial, (N,) against losses of N trials
+    trained together (workers/cycle.py, TrialRows): where it is 0, that trial's loss is its DMD loss alone."""
+    if isinstance(diversity_weight, torch.Tensor):
+        plain = diversity_weight == 0
+        loss = torch.where(plain, dmd.loss, dmd.loss + diversity_weight * diversity.loss)
+        ignored = {k: torch.where(plain.reshape(-1, *[1] * (v.ndim - 1)), torch.zeros((), device=v.device), v.detach())
+                   for k, v in diversity.watched.items()}
+        watched = {**dmd.watched, **ignored, "generator.loss": loss}
+    else:
+        loss = dmd.loss + diversity_weight * diversity.loss if diversity_weight else dmd.loss
+        watched = {**dmd.watched, **(diversity.watched if diversity_weight else {}), "generator.loss": loss}
     metrics = {**dmd.metrics, **diversity.metrics, "loss_generator": loss.detach()}
-    watched = {**dmd.watched, **(diversity.watched if diversity_weight else {}), "generator.loss": loss}
     return LossOutput(loss, metrics, watched)

@@ -320,7 +320,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     parent run, which also gets the table.
 
     Without Ray: together > 1 trains up to that many trials per process as one batched computation
-    (workers/trials.py: small embedded teachers, fp32); time_limit_s (with together > 1) makes trials still
+    (workers/trials.py: fp32, not sd3); time_limit_s (with together > 1) makes trials still
     training at that many seconds after the start checkpoint and stop, and the command end without a table:
     the same command with --out continues."""
     from orchestrator.precompute import precompute

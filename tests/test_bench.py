@@ -324,10 +324,11 @@ def test_the_training_loop_names_its_regions_for_the_profiler(tmp_path, monkeypa
 
     from torch.profiler import ProfilerActivity, profile
 
+    import workers.cycle
     import workers.distill
     import workers.train
     from benchmarks.gaps import REGION_PREFIX, from_profiler
-    from workers.distill import REGION
+    from workers.cycle import REGION
 
     assert REGION_PREFIX == REGION
     entered: list[str] = []
@@ -337,7 +338,7 @@ def test_the_training_loop_names_its_regions_for_the_profiler(tmp_path, monkeypa
         entered.append(name)
         yield
 
-    for module in (workers.distill, workers.train):
+    for module in (workers.cycle, workers.distill, workers.train):
         monkeypatch.setattr(module, "record_function", recorded)
     _toy_run(tmp_path, "schedule.num_generator_updates=1")
     assert {name[len(REGION):] for name in entered if name.startswith(REGION)} >= {

@@ -112,6 +112,42 @@ def test_only_seed_and_lambda_may_differ_and_only_in_fp32(tmp_path, teacher_path
         check_batchable(configs(tmp_path, teacher_path, "distributed.precision=bf16"))
     with pytest.raises(ConfigError, match="small teacher on the device"):
         check_batchable(configs(tmp_path, teacher_path, "distributed.use_gpu=true", "distributed.offload_teacher=true"))
+    with pytest.raises(ConfigError, match="critic.gradient_checkpointing.*set it to false"):
+        check_batchable(configs(tmp_path, teacher_path, "critic.gradient_checkpointing=true"))
+    sd3 = [resolve("sd35m-512", [f"seed={seed}", "distributed.num_workers=1", "distributed.precision=fp32"])
+           for seed in (0, 1)]
+    with pytest.raises(ConfigError, match="teacher.family.*joint attention.*--jobs"):
+        check_batchable(sd3)
+
+
+def test_an_epsilon_teacher_trains_together_as_train_trains_each_trial_alone(tmp_path):
+    """SDXL's epsilon prediction (its own diversity target, the anchors' x0 estimates, a UNet whose call takes a
+    dict of tensors and returns a tuple) through the same cycle in both trainers: the same losses per trial."""
+    from sd_models import prompt_file, save_tiny_sdxl
+
+    torch.set_num_threads(1)
+    teacher, prompts = save_tiny_sdxl(tmp_path / "sdxl"), prompt_file(tmp_path / "prompts.txt", ["a cat", "a dog"])
+    cs = [resolve(None, ["teacher.family=sdxl", f"teacher.path={teacher}", "teacher.shift=1.0", "teacher.resolution=0",
+                         "teacher.guidance_scale=8.0", "trajectories.seeds_per_prompt=4", f"trajectories.prompts={prompts}",
+                         f"evaluation.prompts={prompts}", f"storage.output_dir={tmp_path}", *TINY,
+                         f"schedule.num_generator_updates={UPDATES}", f"seed={seed}", f"loss.diversity_weight={weight}",
+                         "distributed.precision=fp32"])
+          for seed, weight in TRIALS]
+    store, _ = precompute(cs[0], use_ray=False, progress=False)
+    assert next(store.batches(2)).x0_anchor is not None  # the epsilon teacher's diversity target
+    alone = []
+    for i, config in enumerate(cs):
+        seen: list[dict] = []
+        train(config, LocalContext(tmp_path / f"alone{i}"), store_source(store), store.negative(),
+              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=False)
+        alone.append(seen)
+    together: list[dict] = []
+    train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store, on_cycle=_record(together), save=False)
+    for i in range(len(TRIALS)):
+        for cycle in range(UPDATES):
+            for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
+                assert together[cycle][key][i] == pytest.approx(alone[i][cycle][key], rel=1e-4, abs=1e-6), (i, cycle, key)
+    assert together[0]["loss_generator"][1] > together[0]["loss_dmd"][1]  # lambda 0.5: the diversity term counts
 
 
 def test_stacked_adamw_is_torch_adamw_per_trial_and_a_masked_trial_stays_put():
@@ -171,14 +207,14 @@ def test_a_nonfinite_loss_stops_its_trial_only_or_skips_its_step(tmp_path, teach
     batch = TrialBatch(cs, adapter, net, adapter.negative_conditioning(1), torch.device("cpu"))
     for update, flags in ((3, [True, False]), (4, [True, False])):
         finite = {"dmd.loss": torch.tensor(flags), "div.loss": torch.tensor([True, True])}
-        assert batch._vote(finite, torch.tensor(update)).tolist() == flags
+        assert batch.vote(finite, torch.tensor(update)).tolist() == flags
     trials = [Trial(c, LocalContext(tmp_path / f"t{i}"), torch.Generator(), Progress()) for i, c in enumerate(cs)]
     _read(trials, batch, {"loss_dmd": torch.tensor([0.1, float("nan")])}, 4, 1.0, 4)
     if on_nonfinite == "raise":
-        assert batch.active.tolist() == [True, False] and trials[0].error is None
+        assert batch.vote.active.tolist() == [True, False] and trials[0].error is None
         assert "generator update 3" in str(trials[1].error) and trials[1].error.terms == ["dmd.loss"]
     else:
-        assert batch.active.tolist() == [True, True] and trials[1].error is None
+        assert batch.vote.active.tolist() == [True, True] and trials[1].error is None
         assert [t.progress.skipped_steps for t in trials] == [0, 2]
 
 

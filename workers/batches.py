@@ -48,6 +48,16 @@ class AnchorBatch:
     def pin_memory(self) -> AnchorBatch:
         return self._map(torch.Tensor.pin_memory)
 
+    @staticmethod
+    def cat(batches: list[AnchorBatch]) -> AnchorBatch:
+        """The batches' rows one after another (trials trained together: trial-major)."""
+        def joined(name):
+            values = [getattr(b, name) for b in batches]
+            return None if values[0] is None else torch.cat(values)
+
+        return AnchorBatch(joined("eps"), joined("z"), joined("t_anchor"), Conditioning.cat([b.cond for b in batches]),
+                           joined("prompt_ids"), joined("seeds"), joined("x0_anchor"))
+
     def _map(self, fn) -> AnchorBatch:
         return AnchorBatch(fn(self.eps), fn(self.z), fn(self.t_anchor),
                            Conditioning({k: fn(t) for k, t in self.cond.tensors.items()}), fn(self.prompt_ids),

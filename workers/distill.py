@@ -1,4 +1,4 @@
-"""The DP-DMD training loop that runs on every worker: critic_step() and generator_step() in a short loop.
+"""One run's updates, as the training loop on every worker takes them: critic_step() and generator_step().
 
 The loop knows nothing of Ray: a WorkerContext (workers/context.py) supplies rank, data, reporting and
 checkpoints, so the same function runs under Ray Train, torchrun or a single process.
@@ -13,19 +13,17 @@ from torch import nn
 from torch.profiler import record_function
 
 from models.adapter import Conditioning, TeacherAdapter
-from models.flow import interpolate, sample_sigmas, x0_from_velocity
-from models.losses import LossOutput, NonFiniteLossError, critic_loss, dmd_loss, generator_objective
-from models.rollout import GeneratorRollout, generator_rollout
+from models.flow import sample_sigmas
+from models.losses import LossOutput, NonFiniteLossError
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
+from workers.cycle import REGION, FiniteVote, Networks, Rows, critic_loss, generator_loss, generator_samples
 from workers.offload import ParkedNetwork
 
 
-REGION = "dpdmd/"  # the profiler's name for each part of a cycle (benchmarks/gaps.py charges idle GPU time to them)
-
-
 class Distiller:
-    """Holds the three networks and takes one critic or generator update at a time.
+    """Holds the three networks and takes one critic or generator update at a time: the cycle's steps
+    (workers/cycle.py) on one run's rows, each update applied once every rank agrees its loss is finite.
 
     generator and critic are engines (DeepSpeed, or anything with .module, .backward(loss), .step()),
     initialised from the teacher; the teacher is a frozen module. States, noise, flow times and Euler steps
@@ -44,72 +42,53 @@ class Distiller:
                                                         "generator").to(device)
         self.loss_sigmas = adapter.training_sigmas(config.teacher.shift)  # drawn from on the CPU, with rng
         self.all_finite = all_finite or (lambda flag: bool(flag))
-        self.skipped = 0
+        self.rows = Rows()
+        self.vote = FiniteVote(config.schedule.on_nonfinite, 1, device)
+
+    @property
+    def skipped(self) -> int:
+        """Updates skipped on a non-finite loss or gradients (schedule.on_nonfinite=skip), resumes included."""
+        return int(self.vote.skipped[0])
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.vote.skipped.fill_(value)
 
     # -- the two updates -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generator_samples(self, batches: list[PromptBatch]) -> list[torch.Tensor]:
         """Fresh no-grad generator samples for a cycle's critic updates, one per batch, from one rollout of
         all of them: the generator does not change between critic updates."""
-        with record_function(f"{REGION}critic samples"):
-            sizes = [b.cond.batch_size for b in batches]
-            cond = Conditioning.cat([b.cond for b in batches])
-            eps = self._noise((sum(sizes), *self.adapter.latent_shape))
-            x_gen = generator_rollout(self._velocity_fn(self.generator.module, cond), self._start(eps),
-                                      self.generator_sigmas).x_gen
-            return list(x_gen.split(sizes))
+        sizes = [b.cond.batch_size for b in batches]
+        cond = Conditioning.cat([b.cond for b in batches])
+        eps = self._noise((sum(sizes), *self.adapter.latent_shape))
+        x_gen = generator_samples(self.adapter, self.generator.module, eps, cond, self.generator_sigmas)
+        return list(x_gen.split(sizes))
 
     def critic_step(self, batch: PromptBatch, x_gen: torch.Tensor, where: str) -> dict[str, float]:
-        """Loss 5: flow matching on x_gen, a fresh no-grad generator sample for the batch's prompts
-        (generator_samples)."""
-        with record_function(f"{REGION}critic loss"):
-            t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
-            x_t = interpolate(x_gen, eps2, t)
-            out = critic_loss(self.adapter.velocity(self.critic.module, x_t, t, batch.cond), x_gen, eps2)
+        """Loss 5 on x_gen, a fresh no-grad generator sample for the batch's prompts (generator_samples)."""
+        t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
+        out = critic_loss(self.adapter, self.critic.module, x_gen, t, eps2, batch.cond, self.rows)
         return self._apply(self.critic, out, where)
 
     def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
         """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
-        loss_cfg = self.config.loss
-        if self.teacher_weights is not None:
-            self.teacher_weights.fetch()  # what its score needs first, copied beside the rollout
-        with record_function(f"{REGION}generator rollout"):
-            x_start = self._start(batch.eps)
-            rollout = generator_rollout(self._velocity_fn(self.generator.module, batch.cond), x_start,
-                                        self.generator_sigmas, loss_cfg.detach_first_step)
-            div = self._diversity(rollout, x_start, batch)
-        with record_function(f"{REGION}teacher and critic scores"), torch.no_grad():
-            t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
-            x_t = interpolate(rollout.x_gen.detach(), eps2, t)
-            uncond = self.negative.expand(len(x_t))
-            v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, batch.cond, uncond,
-                                                     self.config.teacher.guidance_scale)
-            v_critic = self.adapter.velocity(self.critic.module, x_t, t, batch.cond)
-            if self.teacher_weights is not None:
-                self.teacher_weights.park()  # out of the way of the generator's backward, where memory peaks
-        dmd = dmd_loss(rollout.x_gen, x0_from_velocity(x_t, v_teacher, t), x0_from_velocity(x_t, v_critic, t),
-                       x_t, loss_cfg.normaliser)
-        return self._apply(self.generator, generator_objective(dmd, div, loss_cfg.diversity_weight), where)
-
-    def _diversity(self, rollout: GeneratorRollout, x_start: torch.Tensor, batch: AnchorBatch) -> LossOutput:
-        """Loss 1 in the teacher's parameterisation, which the adapter knows (docs/method.md)."""
-        return self.adapter.diversity_loss(rollout.v_first, x_start, self.generator_sigmas[0], batch.eps, batch.z,
-                                           batch.t_anchor, batch.x0_anchor)
+        t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
+        nets = Networks(self.adapter, self.teacher, self.generator.module, self.critic.module, self.negative,
+                        self.teacher_weights)
+        out = generator_loss(nets, batch, t, eps2, self.generator_sigmas, self.config, self.rows,
+                             self.config.loss.diversity_weight)
+        return self._apply(self.generator, out, where)
 
     # -- helpers ---------------------------------------------------------------------------------------
-
-    def _start(self, eps: torch.Tensor) -> torch.Tensor:
-        """The generator's starting state for noise eps: eps itself at t = 1 (flow families)."""
-        return self.adapter.initial_state(eps, self.generator_sigmas, "generator")
 
     def _apply(self, engine, out: LossOutput, where: str) -> dict[str, float]:
         """Backward and step, once every rank agrees the loss is finite (one sync per step); an update whose
         gradients were not finite was not applied (workers/engines.py) and counts as skipped, or raises."""
         with record_function(f"{REGION}finite vote"):
-            finite = self.all_finite(out.finite_flag())
-        if not finite:
-            return self._nonfinite(out.nonfinite_terms() or ["(another rank)"], where)
+            agree = lambda ok: torch.tensor([self.all_finite(ok[0])], device=ok.device)  # noqa: E731
+            if not bool(self.vote(self.rows.flags(out), agree=agree)[0]):
+                return self._nonfinite(out.nonfinite_terms() or ["(another rank)"], where)
         with record_function(f"{REGION}backward"):
             engine.backward(out.loss)
         with record_function(f"{REGION}optimizer step"):
@@ -119,18 +98,16 @@ class Distiller:
             guard = getattr(engine, "nonfinite_gradients", None)  # workers/engines.py: skipped on the GPU
             flag = guard.flag() if guard is not None else None
         if flag is not None and bool(flag):
+            self.vote({"gradients": torch.zeros(1, dtype=torch.bool, device=self.device)})
             return self._nonfinite(["gradients (the update was not applied)"], where)
         return metrics
 
     def _nonfinite(self, terms: list[str], where: str) -> dict[str, float]:
-        """schedule.on_nonfinite for an update that was not applied: raise naming terms, or count the skip."""
-        if self.config.schedule.on_nonfinite == "raise":
+        """What the vote decided for an update that was not applied: raise naming terms (on_nonfinite=raise),
+        or report the skip it counted."""
+        if self.vote.stops:
             raise NonFiniteLossError(terms, where)
-        self.skipped += 1
         return {"skipped": 1.0}
-
-    def _velocity_fn(self, net: nn.Module, cond: Conditioning):
-        return lambda x_t, t: self.adapter.velocity(net, x_t, t, cond)
 
     def _noise(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.rng).to(self.device)

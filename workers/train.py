@@ -24,7 +24,8 @@ from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
-from workers.distill import REGION, Distiller, copy_for_training
+from workers.cycle import REGION
+from workers.distill import Distiller, copy_for_training
 from workers.engines import build_engine, checkpoint_keeping_attention, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE

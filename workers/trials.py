@@ -5,11 +5,12 @@ The trials differ only in their training seed and lambda (loss.diversity_weight)
 parameters are stacked on a leading trial dim and every network call runs all trials at once through
 torch.func.vmap (StackedNetwork); the frozen teacher sees all trials' rows as one batch. Each trial does what
 workers.train.train does with its own config: the same data streams and positions, the same noise from the
-same RNG in the same order, the same losses (models/losses.py, applied per trial), gradient clipping as
-DeepSpeed ZeRO does it and AdamW, in float32 (on a GPU with TF32 matrix products, see train_trials;
-tests/test_trials.py compares the losses with train's on the CPU). What
-differs is how it is run: no host sync per update (finiteness and metrics stay on the device and are read
-every log interval).
+same RNG in the same order, the same cycle (workers/cycle.py, its losses applied per trial: TrialRows),
+gradient clipping as DeepSpeed ZeRO does it and AdamW, in float32 (on a GPU with TF32 matrix products, see
+train_trials; tests/test_trials.py compares the losses with train's on the CPU, for a flow and an epsilon
+teacher). What differs is how it is run: no host sync per update (finiteness and metrics stay on the device
+and are read every log interval). Every trial holds its own generator and critic with their optimizer state:
+the small embedded teachers and small pretrained ones suit it; SD3's joint attention is refused.
 
     from workers.trials import train_trials
     results = train_trials(configs, run_dirs, store)          # one Progress (or error) per trial
@@ -33,15 +34,16 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
 
 from models.adapter import Conditioning
-from models.flow import interpolate, sample_sigmas, x0_from_velocity
-from models.losses import NonFiniteLossError, anchor_velocity, critic_loss, diversity_loss, dmd_loss
-from models.rollout import generator_rollout
-from workers.batches import TrainingData, to_device
+from models.flow import sample_sigmas
+from models.losses import NonFiniteLossError
+from workers.batches import AnchorBatch, TrainingData, to_device
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_for
+from workers.cycle import FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples
 from workers.distill import copy_for_training
 from workers.progress import Progress, read_progress, write_progress
 
@@ -69,9 +71,14 @@ def check_batchable(configs: list[RunConfig]) -> None:
     if config.distributed.offload_teacher:
         raise ConfigError("distributed.offload_teacher", "trials trained together keep their small teacher on the "
                                                          "device; set it to false")
-    if config.teacher.family in ("sd3", "sdxl") or config.generator.gradient_checkpointing:
-        raise ConfigError("teacher.family", "training trials together is for the small embedded teachers; run "
-                                            "large teachers one trial at a time")
+    if config.teacher.family == "sd3":
+        raise ConfigError("teacher.family", "trials trained together run attention as batched matrix products "
+                                            "(diffusers' AttnProcessor), which has no form of SD3's joint attention; "
+                                            "run sd3 trials one at a time (dpdmd fidelity --jobs)")
+    for section in ("generator", "critic"):
+        if getattr(config, section).gradient_checkpointing:
+            raise ConfigError(f"{section}.gradient_checkpointing", "trials trained together keep their activations "
+                                                                  "(no checkpointing); set it to false")
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -126,22 +133,23 @@ class StackedNetwork(nn.Module):
         if batch % n:
             raise ValueError(f"a batch of {batch} rows does not split into {n} trials")
 
-        def split(value):
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-                return value.reshape(n, batch // n, *value.shape[1:])
-            return value
+        def rows(value) -> bool:
+            return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
 
         names = list(kwargs)
-        tensors = [split(a) for a in (*args, *kwargs.values())]
-        dims = [0 if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == batch else None
-                for a in (*args, *kwargs.values())]
+        values = (*args, *kwargs.values())  # tensors, or containers of them (SDXL's added_cond_kwargs)
+        dims = tree_map(lambda v: 0 if rows(v) else None, values)
+        tensors = tree_map(lambda v: v.reshape(n, batch // n, *v.shape[1:]) if rows(v) else v, values)
+        returned_tuple = []
 
         def one(params, *values):
             out = functional_call(template, params, values[:len(args)], dict(zip(names, values[len(args):])))
-            return out.sample if hasattr(out, "sample") else out
+            returned_tuple.append(isinstance(out, tuple))  # diffusers' return_dict=False
+            return out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out
 
         out = vmap(one, in_dims=(0, *dims))(self.params, *tensors)
-        return SimpleNamespace(sample=out.reshape(batch, *out.shape[2:]))
+        out = out.reshape(batch, *out.shape[2:])
+        return (out,) if returned_tuple[-1] else SimpleNamespace(sample=out)
 
     def trial_module(self, index: int) -> nn.Module:
         """Trial index's network as a module of its own (a copy of the template with its parameters)."""
@@ -213,15 +221,6 @@ def _trial_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def per_trial(loss_fn: Callable, num_trials: int, *tensors: torch.Tensor, **kwargs):
-    """A models.losses function on each trial's rows of trial-major (N * B, ...) tensors, under vmap:
-    (loss (N,), metrics {name: (N,)}, finite {watched name: (N,) bool})."""
-    def one(*rows):
-        out = loss_fn(*rows, **kwargs)
-        return out.loss, out.metrics, {k: torch.isfinite(v.detach()).all() for k, v in out.watched.items()}
-    return vmap(one)(*(t.reshape(num_trials, -1, *t.shape[1:]) for t in tensors))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The trials' cycle
 
@@ -247,9 +246,7 @@ class CycleInputs:
     critic_cond: Conditioning  # (N * C * B, ...) their prompts
     critic_t: list[torch.Tensor]  # C x (N * B,)
     critic_eps2: list[torch.Tensor]  # C x (N * B, ...)
-    cond: Conditioning  # (N * B, ...) the generator update's prompts
-    eps: torch.Tensor  # (N * B, ...) its anchor rows' noise
-    v_target: torch.Tensor  # (N * B, ...) its anchor target (eps - z_K) / (1 - t_K)
+    anchors: AnchorBatch  # (N * B, ...) the generator update's anchor rows and prompts
     t: torch.Tensor  # (N * B,)
     eps2: torch.Tensor  # (N * B, ...)
 
@@ -272,73 +269,37 @@ class TrialBatch:
                                                         "generator").to(device)
         self.loss_sigmas = adapter.training_sigmas(config.teacher.shift)
         self.weights = torch.tensor([c.loss.diversity_weight for c in configs], device=device)
-        self.active = torch.ones(n, dtype=torch.bool, device=device)  # trials whose updates are applied
-        # Per trial: the first generator update (1-based) whose loss was non-finite under "raise", 0 if none.
-        self.failed_at = torch.zeros(n, dtype=torch.long, device=device)
-        self.failed_terms: dict[str, torch.Tensor] = {}
-        self.skipped = torch.zeros(n, device=device)
+        self.rows = TrialRows(n)
+        # Each trial's finite vote; under on_nonfinite=raise a trial that voted no stops (its updates are no
+        # longer applied) and is reported at the next read, under skip that update is skipped and counted
+        self.vote = FiniteVote(config.schedule.on_nonfinite, n, device)
 
     def _optimizer(self, net: StackedNetwork, optim) -> StackedAdamW:
         return StackedAdamW({"flat": net.flat}, optim.lr, tuple(optim.betas), optim.weight_decay, optim.grad_clip)
 
     # -- the two updates, all trials at once -----------------------------------------------------------
 
-    @torch.no_grad()
     def generator_samples(self, eps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        velocity = lambda x_t, t: self.adapter.velocity(self.generator, x_t, t, cond)  # noqa: E731
-        return generator_rollout(velocity, eps, self.generator_sigmas).x_gen
+        return generator_samples(self.adapter, self.generator, eps, cond, self.generator_sigmas)
 
     def critic_step(self, x_gen: torch.Tensor, t: torch.Tensor, eps2: torch.Tensor, cond: Conditioning,
                     update: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_t = interpolate(x_gen, eps2, t)
-        v = self.adapter.velocity(self.critic, x_t, t, cond)
-        loss, metrics, finite = per_trial(critic_loss, self.num_trials, v, x_gen, eps2)
-        ok = self._vote(finite, update)
-        loss.sum().backward()
-        self.critic_optim.step(ok & self.active)
-        return metrics
+        out = critic_loss(self.adapter, self.critic, x_gen, t, eps2, cond, self.rows)
+        return self._apply(self.critic_optim, out, update)
 
     def generator_step(self, inputs: CycleInputs, update: torch.Tensor) -> dict[str, torch.Tensor]:
-        config = self.configs[0]
-        loss_cfg = config.loss
-        velocity = lambda x_t, t: self.adapter.velocity(self.generator, x_t, t, inputs.cond)  # noqa: E731
-        rollout = generator_rollout(velocity, inputs.eps, self.generator_sigmas, loss_cfg.detach_first_step)
-        div, div_metrics, div_finite = per_trial(diversity_loss, self.num_trials, rollout.v_first, inputs.v_target)
-        t = inputs.t
-        x_t = interpolate(rollout.x_gen.detach(), inputs.eps2, t)
-        with torch.no_grad():
-            uncond = self.negative.expand(len(x_t))
-            v_teacher = self.adapter.guided_velocity(self.teacher, x_t, t, inputs.cond, uncond,
-                                                     config.teacher.guidance_scale)
-            v_critic = self.adapter.velocity(self.critic, x_t, t, inputs.cond)
-        dmd, metrics, finite = per_trial(
-            dmd_loss, self.num_trials, rollout.x_gen, x0_from_velocity(x_t, v_teacher, t),
-            x0_from_velocity(x_t, v_critic, t), x_t, normaliser=loss_cfg.normaliser)
-        # Loss 4 with each trial's lambda; lambda = 0 is DMD alone, its diversity term only logged (as in
-        # models.losses.generator_objective, whose watched terms these are).
-        plain = self.weights == 0
-        loss = torch.where(plain, dmd, dmd + self.weights * div)
-        finite = {**finite, **{k: v | plain for k, v in div_finite.items()}, "generator.loss": torch.isfinite(loss)}
-        ok = self._vote(finite, update)
-        loss.sum().backward()
-        self.generator_optim.step(ok & self.active)
-        return {**metrics, **div_metrics, "loss_generator": loss.detach()}
+        nets = Networks(self.adapter, self.teacher, self.generator, self.critic, self.negative)
+        out = generator_loss(nets, inputs.anchors, inputs.t, inputs.eps2, self.generator_sigmas, self.configs[0],
+                             self.rows, self.weights)
+        return self._apply(self.generator_optim, out, update)
 
-    def _vote(self, finite: dict[str, torch.Tensor], update: torch.Tensor) -> torch.Tensor:
-        """Each trial's "every watched term is finite" flag, on the device. Under on_nonfinite=raise a trial
-        whose flag is False stops (its updates are no longer applied; it is reported at the next read);
-        under skip only this step is skipped and counted."""
-        ok = torch.stack(list(finite.values())).all(0)
-        bad = ~ok & self.active
-        if self.configs[0].schedule.on_nonfinite == "raise":
-            self.failed_at.copy_(torch.where(bad & (self.failed_at == 0), update, self.failed_at))
-            for name, flag in finite.items():
-                seen = self.failed_terms.setdefault(name, torch.zeros_like(ok))
-                seen |= bad & ~flag
-            self.active &= ok
-        else:
-            self.skipped += bad.float()
-        return ok
+    def _apply(self, optim: StackedAdamW, out, update: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backward of every trial's loss, and the update of the trials whose vote was yes (and still train):
+        nothing is read back from the device."""
+        ok = self.vote(self.rows.flags(out), update)
+        out.loss.sum().backward()
+        optim.step(ok & self.vote.active)
+        return out.metrics
 
     # -- per-trial state -------------------------------------------------------------------------------
 
@@ -346,7 +307,7 @@ class TrialBatch:
         return {"generator": {k: p[index].detach().clone() for k, p in self.generator.params.items()},
                 "critic": {k: p[index].detach().clone() for k, p in self.critic.params.items()},
                 "generator_optim": self.generator_optim.trial_state(index),
-                "critic_optim": self.critic_optim.trial_state(index), "skipped": self.skipped[index].clone()}
+                "critic_optim": self.critic_optim.trial_state(index), "skipped": self.vote.skipped[index].clone()}
 
     def load_trial_state(self, index: int, state: dict) -> None:
         with torch.no_grad():
@@ -355,7 +316,7 @@ class TrialBatch:
                     p[index].copy_(state[key][name])
         self.generator_optim.load_trial_state(index, state["generator_optim"])
         self.critic_optim.load_trial_state(index, state["critic_optim"])
-        self.skipped[index] = state["skipped"]
+        self.vote.skipped[index] = state["skipped"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,10 +340,7 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
                   for _ in range(num_critic)]
         anchors = trial.data.next_anchors(f"generator update {progress.generator_updates + 1}")
         t, eps2 = sample_sigmas(loss_sigmas, batch, rng), torch.randn(anchors.eps.shape, generator=rng)
-        if adapter.anchor_x0:  # the adapter's own diversity loss (an epsilon teacher's): not batched here
-            raise ValueError("training trials together supports flow (velocity) teachers only")
-        per.append({"prompts": prompts, "eps": eps, "critic": critic, "anchors": anchors, "t": t, "eps2": eps2,
-                    "v_target": anchor_velocity(anchors.eps, anchors.z, anchors.t_anchor)})
+        per.append({"prompts": prompts, "eps": eps, "critic": critic, "anchors": anchors, "t": t, "eps2": eps2})
 
     def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
         return to_device(torch.cat(tensors), device)
@@ -396,8 +354,9 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
         critic_cond=cond([b.cond for p in per for b in p["prompts"]]),
         critic_t=[cat([p["critic"][j][0] for p in per]) for j in range(num_critic)],
         critic_eps2=[cat([p["critic"][j][1] for p in per]) for j in range(num_critic)],
-        cond=cond([p["anchors"].cond for p in per]), eps=cat([p["anchors"].eps for p in per]),
-        v_target=cat([p["v_target"] for p in per]), t=cat([p["t"] for p in per]), eps2=cat([p["eps2"] for p in per]))
+        anchors=AnchorBatch.cat([p["anchors"] for p in per])._map(lambda v: to_device(v, device)),
+        t=cat([p["t"] for p in per]),
+        eps2=cat([p["eps2"] for p in per]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -524,8 +483,8 @@ def _read(trials: list[Trial], batch: TrialBatch, means: dict[str, torch.Tensor]
           cycles: int) -> None:
     """The one host sync of a log interval: the trials' mean metrics, skipped steps and non-finite losses."""
     values = {k: v.tolist() for k, v in means.items()}
-    failed_at, skipped = batch.failed_at.tolist(), batch.skipped.tolist()
-    terms = {k: v.tolist() for k, v in batch.failed_terms.items()}
+    failed_at, skipped = batch.vote.failed_at.tolist(), batch.vote.skipped.tolist()
+    terms = {k: v.tolist() for k, v in batch.vote.failed_terms.items()}
     total = trials[0].config.schedule.num_generator_updates
     for index, trial in enumerate(trials):
         trial.progress.skipped_steps = int(skipped[index])
@@ -578,7 +537,7 @@ def _save(trials: list[Trial], batch: TrialBatch, step: int) -> None:
             continue
         directory = Path(trial.ctx.run_dir) / CHECKPOINTS / checkpoint_name(step)
         directory.mkdir(parents=True, exist_ok=True)
-        trial.progress.skipped_steps = int(batch.skipped[index])
+        trial.progress.skipped_steps = int(batch.vote.skipped[index])
         torch.save(batch.trial_state(index), directory / f"{TRIAL_STATE}.tmp")
         write_progress(directory, trial.progress, trial.rng, 0)
         (directory / f"{TRIAL_STATE}.tmp").replace(directory / TRIAL_STATE)  # last: the checkpoint is complete

@@ -28,7 +28,7 @@ from models.errors import ConfigError
 from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
                                        read_component_config, read_model_index)
 from models.flow import expand_t, x0_from_velocity
-from models.losses import LossOutput, diversity_loss_x0
+from models.losses import diversity_loss_x0
 
 NAME = "sdxl"
 
@@ -204,14 +204,17 @@ class SDXLAdapter(TeacherAdapter):
 
     # -- the diversity target ------------------------------------------------------------------------------
 
-    def diversity_loss(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
-                       z_anchor: torch.Tensor, t_anchor: torch.Tensor, x0_anchor: torch.Tensor | None) -> LossOutput:
+    diversity_fn = staticmethod(diversity_loss_x0)
+
+    def diversity_terms(self, v_first: torch.Tensor, x_start: torch.Tensor, t_start: torch.Tensor, eps: torch.Tensor,
+                        z_anchor: torch.Tensor, t_anchor: torch.Tensor,
+                        x0_anchor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss 1 in the x-prediction form of epsilon-prediction teachers (docs/method.md): the generator's x0
-        estimate at its first step against the teacher's guided x0 estimate at z_K."""
+        estimate at its first step, and the teacher's guided x0 estimate at z_K (diversity_loss_x0)."""
         if x0_anchor is None:
             raise ValueError("this epsilon-prediction teacher's diversity target needs the anchors' x0 estimates "
                              "(x0_anchor), which these anchor rows lack; precompute them again")
-        return diversity_loss_x0(x0_from_velocity(x_start, v_first, t_start), x0_anchor)
+        return x0_from_velocity(x_start, v_first, t_start), x0_anchor
 
     # -- the rest ------------------------------------------------------------------------------------------
 
