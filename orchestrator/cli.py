@@ -286,9 +286,11 @@ def quiet_ray_console() -> None:
     """What Ray's driver does with the lines its workers print, set before ray is first imported (it reads these
     then; nothing the command has imported so far imports ray): each trial's progress line as printed (Ray would
     fold alike lines from two workers into one with a "[repeated 2x across cluster] (Ray deduplicates logs by
-    default...)" note), and RAY_NOISE dropped. A user's own settings of these variables win."""
+    default...)" note), and RAY_NOISE dropped; and Tune's legacy console reporter, which at verbose=0 prints
+    nothing (the new one prints an experiment box and result paths even then). A user's own settings win."""
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINE)
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 
 # set by `ray job submit` in its entrypoint's environment: the job's config, its runtime environment included
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -90,21 +89,3 @@ def trials_that_fit(resources: dict, trial_cpus: float, worker_cpus: float, work
     if workers_gpus:
         fit = min(fit, int(resources.get("GPU", 0) // workers_gpus))
     return max(1, fit)
-
-
-@contextmanager
-def quiet_tune():
-    """Tune's console reporter prints an experiment box and result paths even at verbose=0; its legacy
-    reporter at verbose=0 prints nothing. For the duration of a fit only, unless VERBOSE."""
-    if VERBOSE:
-        yield
-        return
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before

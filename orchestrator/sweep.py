@@ -241,7 +241,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     import ray
     from ray import tune
 
-    from orchestrator.cluster import as_a_job, ensure_ray, quiet_tune, trials_that_fit
+    from orchestrator.cluster import as_a_job, ensure_ray, trials_that_fit
     from orchestrator.precompute import precompute
     from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
 
@@ -289,8 +289,7 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
                                           stop=guard, checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler == "pbt" else 2)),
             )
         print(f"[sweep] {progress.total} trials in {sweep_dir}")
-        with quiet_tune():
-            grid = tuner.fit()
+        grid = tuner.fit()
         result = SweepResult(sweep_dir, parent_run_id=parent.run_id, teacher_metrics=teacher_metrics or {})
         for trial in grid:
             if trial.error:

@@ -20,7 +20,10 @@ from workers.config import OptimConfig, RunConfig
 @contextmanager
 def distributed(use_gpu: bool):
     """The process group (init_distributed) plus what DeepSpeed's engines read from the environment while they
-    run: LOCAL_RANK, which a world of one lacks. It is set for the duration only and removed afterwards."""
+    run: LOCAL_RANK, which a world of one lacks. It is set for the duration only and removed afterwards: the one
+    environment write outside the entry points (the `dpdmd` command, the Ray worker's setup hook), because
+    DeepSpeed reads the local rank from nowhere else, and train() is also called as a library function
+    (tests/test_distill_local.py holds that such a call leaves os.environ as it found it)."""
     init_distributed(use_gpu)
     if "LOCAL_RANK" in os.environ:
         yield
