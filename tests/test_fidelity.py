@@ -9,7 +9,10 @@ import pytest
 from fake_runners import fake_trial
 from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER
 from orchestrator.cli import main
-from orchestrator.fidelity import aggregate, check_space, format_fidelity, run_local_trials
+from orchestrator.fidelity import check_space
+from orchestrator.reports import format_fidelity
+from orchestrator.results import aggregate
+from orchestrator.trial_runs import run_local_trials
 from workers.config import ConfigError
 
 TEACHER = {"feature_diversity": 0.14, "attribute_spread": 0.24, "adherence": 1.0, "frechet_distance": 76.0}

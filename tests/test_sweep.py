@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweep import (SPACE_DIR, grid_points, load_space, pareto_front, pick, trial_config, trial_name,
-                                trial_title)
+from orchestrator.results import pareto_front, pick
+from orchestrator.spaces import SPACE_DIR, grid_points, load_space, trial_config, trial_name, trial_title
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 
@@ -79,7 +79,7 @@ def test_pbt_trials_that_end_on_the_same_config_keep_a_history_each():
 
     import pandas as pd
 
-    from orchestrator.sweep import trial_histories
+    from orchestrator.results import trial_histories
 
     same = {"loss.diversity_weight": 0.5, "seed": 0}
     trials = [SimpleNamespace(config=same, metrics={"trial_id": tid}, metrics_dataframe=pd.DataFrame({"x": [tid]}))
@@ -105,7 +105,8 @@ def test_trials_and_runs_are_named_so_that_people_can_compare_them():
 
 def test_the_pick_says_why_in_one_sentence_and_a_planted_better_trial_is_picked():
     """A toy2d sweep picked DMD though a DP-DMD trial had the better mode KL, and nothing said why."""
-    from orchestrator.sweep import SweepResult, objectives, sweep_table
+    from orchestrator.reports import sweep_table
+    from orchestrator.results import SweepResult, objectives
     from models.families import get_family
 
     (d_name, _), (q_name, _) = get_family("toy2d").diversity, get_family("toy2d").quality

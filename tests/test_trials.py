@@ -174,7 +174,7 @@ def test_stacked_adamw_is_torch_adamw_per_trial_and_a_masked_trial_stays_put():
 
 
 def test_fidelity_groups_trials_and_a_time_limit_leaves_the_rest_for_the_next_run(tmp_path):
-    from orchestrator.fidelity import run_local_trials
+    from orchestrator.trial_runs import run_local_trials
     from tests.fake_runners import fake_group
     from workers.config import RunConfig
     from workers.configure import to_dict
@@ -250,7 +250,7 @@ def test_on_a_gpu_trials_together_train_from_the_rows_the_read_ahead_put_there(t
 def test_a_trial_group_trains_exports_and_evaluates_each_trial_and_records_its_rows(tmp_path, teacher_path):
     """`dpdmd fidelity --together` in one process, on the CPU: every trial's generator exported and scored, its
     checkpoints dropped, and data.json naming the rows it read (the same for both: one store, one world size)."""
-    from orchestrator.fidelity import run_trial_group
+    from orchestrator.trial_runs import run_trial_group
     from workers.configure import to_dict
 
     dirs = [tmp_path / "t0", tmp_path / "t1"]

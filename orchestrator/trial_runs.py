@@ -1,0 +1,353 @@
+"""Running trials: a Ray Tune trial (distillation, then evaluation; population-based training's in its own
+process), its progress line and a stopped trial's record; without Ray, trials as processes of their own
+(`--jobs`) or trained together (`--together`), the teacher's evaluation, and a failed trial's log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from models.families import get_family
+from orchestrator import recipe as recipes
+from orchestrator.results import TEACHER, objectives
+from orchestrator.spaces import PBT_KEYS, grid_points, trial_config, trial_name, trial_title
+from workers.config import RunConfig
+from workers.configure import to_dict
+
+REPORT_FILE = "report.json"  # a PBT trial's last report, beside its checkpoint
+
+def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
+    """Tune's trainable: distil with the trial's settings in the trial's own run directory (a restarted trial
+    continues from its last checkpoint there), evaluate, report the objectives. Training reports reach Tune
+    while the trial runs whenever something acts on them (ASHA, PBT, the collapse guard)."""
+    from ray import tune
+
+    from orchestrator.distill import run_distill
+
+    name = trial_name(params)
+    config = trial_config(base, params, **{"tracking.run_name": trial_title(params)})
+    sweep = config.sweep
+    if sweep.scheduler == "pbt":
+        return _pbt_trial(config, params, parent_run_id, Path(sweep_dir))
+    callbacks = []
+    if sweep.scheduler != "none" or sweep.collapse_fraction:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    result = run_distill(config, run_dir=Path(sweep_dir) / name, parent_run_id=parent_run_id, callbacks=callbacks,
+                         quiet=True, evaluate=True)
+    tune.report(_final_report(config, result))
+
+
+def _final_report(config: RunConfig, result) -> dict:
+    """The trial's last report: the last training report's numbers (ASHA and PBT read them), the evaluation's,
+    and the two objectives."""
+    metrics = result.evaluation.metrics
+    diversity, quality = objectives(config.teacher.family, metrics)
+    training = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return {**training, **{f"eval_{k}": v for k, v in metrics.items()}, "diversity": diversity, "quality": quality,
+            "run_dir": str(result.run_dir), "mlflow_run_id": result.run_id}
+
+
+def _pbt_trial(config: RunConfig, params: dict, parent_run_id: str, sweep_dir: Path) -> None:
+    """A PBT trial trains in the trial's own process (one training process: Tune pauses and restarts trials,
+    and a Ray Train run started inside a trial would leave its resources behind when the trial is stopped).
+    Each training report goes to Tune with its checkpoint (both engines, optimizers, progress and RNG). When
+    PBT hands a trial a better trial's perturbed settings, Tune restarts it with that trial's checkpoint:
+    training continues from it under the new settings, in a run directory (and MLflow run) of its own, one per
+    segment."""
+    from ray import tune
+
+    from orchestrator.precompute import precompute
+    from orchestrator.runs import (GENERATOR_DIR, Distilled, evaluate_generator, live_evaluator, make_run_dir,
+                                   tracked_run)
+    from workers.context import LocalContext
+    from workers.live_eval import LiveEvaluation
+    from workers.train import store_source, train
+
+    trial_id = tune.get_context().get_trial_id()
+    segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
+    run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
+    start = tune.get_checkpoint()
+    store, _ = precompute(config, use_ray=False, progress=False)  # the sweep made it: this only opens it
+    hyper = {k: v for k, v in params.items() if k in PBT_KEYS}
+
+    class TrialContext(LocalContext):
+        """Checkpoints in the segment's run directory, each report also to Tune; the first checkpoint to
+        resume from is the one Tune hands over."""
+
+        last: dict = {}
+
+        def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+            super().report(metrics, checkpoint_dir)
+            self.last = metrics
+            if checkpoint_dir is not None:  # the report goes along: a segment handed the last checkpoint reads it
+                (checkpoint_dir / REPORT_FILE).write_text(json.dumps(metrics))
+            tune.report({**metrics, **hyper},
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+        def latest_checkpoint(self) -> Path | None:
+            return super().latest_checkpoint() or (Path(start.to_directory()) if start else None)
+
+    with tracked_run(config, run_dir, "distill", parent_run_id) as tracked:
+        mlflow = (tracked.uri, tracked.run_id)
+        actor = live_evaluator(config, run_dir, mlflow)
+        ctx = TrialContext(run_dir)
+        progress = train(config, ctx, store_source(store), store.negative(), mlflow,
+                         live=LiveEvaluation.ray_actor(actor) if actor is not None else None)
+        last = ctx.latest_checkpoint()  # this segment's, or the one handed over when nothing was left to train
+        generator_dir = run_dir / GENERATOR_DIR
+        shutil.copytree(last / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
+        metrics = ctx.last or json.loads((last / REPORT_FILE).read_text())
+        result = Distilled(run_dir, generator_dir, {**metrics, "generator_update": progress.generator_updates,
+                                                    "resumes": progress.resumes}, tracked.run_id)
+        result.evaluation = evaluate_generator(config, generator_dir, run_dir, run_dir.name, tracked)
+    tune.report({**_final_report(config, result), **hyper})
+
+
+
+
+def _teacher_metrics(config: RunConfig) -> dict[str, float]:
+    """The teacher's metrics on the held-out set, for a guard that needs them when no table provides them."""
+    from workers.evaluate import evaluate, teacher_sampler
+    from workers.teacher import load_teacher
+
+    adapter, net = load_teacher(config, vae=True)
+    return evaluate(config, adapter, net, teacher_sampler(config, adapter)).metrics
+
+
+def _record_stop(config: RunConfig, run_dir: Path, reason: str) -> None:
+    """A stopped trial's MLflow run: KILLED, with the reason as the tag dpdmd.stop_reason."""
+    record = run_dir / "mlflow.json"
+    if not record.is_file():
+        return
+    from mlflow.tracking import MlflowClient
+
+    from workers.tracking import STOP_REASON, tracking_uri
+
+    client = MlflowClient(tracking_uri(config))
+    run_id = json.loads(record.read_text())["run_id"]
+    client.set_tag(run_id, STOP_REASON, reason)
+    client.set_terminated(run_id, "KILLED")
+
+
+def trial_progress(total: int):
+    """A Tune callback that prints one line per finished trial, with the time since the start and an estimate
+    of the time left."""
+    from ray.tune import Callback
+
+    from workers.context import clock
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.total, self.done, self.start = total, 0, time.time()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed")
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            elapsed = time.time() - self.start
+            print(f"[sweep] trial {trial_name(dict(trial.config))} {what} ({self.done}/{self.total}), "
+                  f"{clock(elapsed)} elapsed, about {clock(elapsed / self.done * (self.total - self.done))} left",
+                  flush=True)
+
+    return TrialProgress()
+
+
+ERROR_LOG = "error.log"  # a failed trial's full traceback, in its run directory
+
+
+def evaluate_teacher(config: RunConfig, out_dir: Path, tag: str = "[fidelity]") -> tuple[dict[str, float], dict[str, float]]:
+    """The teacher's metrics with its own sampler, and cut to the generator's number of Euler steps (what a
+    distilled generator has to beat); samples and pictures of the first into out_dir. A continued table reads
+    them back from teacher_metrics.json."""
+    from models.sampling import Sampler
+    from workers.context import device_for
+    from workers.evaluate import evaluate, save_samples, teacher_sampler
+    from workers.teacher import load_teacher
+
+    n = config.generator.num_steps
+    saved = out_dir / "teacher_metrics.json"
+    if saved.is_file() and (out_dir / "teacher_samples.npz").is_file():
+        data = json.loads(saved.read_text())
+        return data["teacher"], data[f"teacher_{n}_steps"]
+    print(f"{tag} evaluating the teacher ({config.teacher.num_steps} steps, and cut to {n}) "
+          f"on {config.evaluation.seeds_per_prompt} held-out seeds per prompt")
+    device = device_for(config.distributed.use_gpu)
+    adapter, net = load_teacher(config, device, vae=True)
+    result = evaluate(config, adapter, net, teacher_sampler(config, adapter), device=device)
+    cut = evaluate(config, adapter, net, Sampler(adapter.sampling_sigmas(n, config.generator_shift, "teacher"),
+                                                 config.teacher.guidance_scale), device=device).metrics
+    save_samples(result, out_dir / "teacher_samples.npz")
+    get_family(config.teacher.family).render({TEACHER: result.samples}, result.prompts,
+                                             out_dir / "teacher_samples.png")
+    (out_dir / "teacher_metrics.json").write_text(json.dumps({"teacher": result.metrics, f"teacher_{n}_steps": cut},
+                                                             indent=1))
+    return result.metrics, cut
+
+
+def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs: int,
+                     runner: Callable[[dict, str, int], dict] | None = None, together: int = 1,
+                     deadline: float | None = None) -> list[dict] | None:
+    """Every grid point in a process of its own, jobs at a time, or with together > 1 in groups of up to
+    `together` trials trained as one batched computation per process (workers/trials.py); a trial that
+    already finished (its result.json exists) is not run again, and one that was stopped continues from its
+    last checkpoint, so a rerun after a failure or a time limit picks up where it stopped.
+
+    deadline (a time.time(), groups only): trials still training then checkpoint and stop; returns None when
+    any trial is unfinished (run again to continue), else every trial's row."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    points = grid_points(space)
+    rows, todo = [], []
+    for params in points:
+        run_dir = trials_dir / trial_name(params)
+        done = run_dir / "result.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+        else:
+            todo.append((params, run_dir))
+    groups = [todo[i:i + together] for i in range(0, len(todo), together)]
+    print(f"[fidelity] {len(points)} trials, {len(rows)} already done, {len(todo)} to run, "
+          + (f"{len(groups)} process(es) of up to {together} trials trained together, " if together > 1 else "")
+          + f"{jobs} at a time")
+    failures, unfinished = [], 0
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+
+        def config_of(params, run_dir):
+            return to_dict(trial_config(base, params, **{"tracking.run_name": trial_title(params)}))
+        if together > 1:
+            pending = {pool.submit(runner or run_trial_group, [config_of(*t) for t in group],
+                                   [str(t[1]) for t in group], threads, deadline): group for group in groups}
+        else:
+            pending = {pool.submit(runner or run_local_trial, config_of(*t), str(t[1]), threads): [t] for t in todo}
+        for future in futures.as_completed(pending):
+            group = pending[future]
+            try:
+                results = future.result()
+                results = results if together > 1 else [results]
+            except Exception as err:  # one failed process does not lose the others
+                results = [err] * len(group)
+            for (params, run_dir), metrics in zip(group, results):
+                if metrics is None:
+                    unfinished += 1
+                    continue
+                if isinstance(metrics, Exception):
+                    failures.append(f"{run_dir.name}: {metrics!r}")
+                    print(f"[fidelity] trial {run_dir.name} failed: {failure_summary(run_dir, metrics)}")
+                    continue
+                (run_dir / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
+                row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
+                (run_dir / "result.json").write_text(json.dumps(row, indent=1))
+                rows.append(row)
+                print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(points)} trials failed (the finished ones are kept; rerun the "
+                           f"same command with --out {trials_dir.parent} to run only the rest; each failed trial's "
+                           f"traceback is in its {ERROR_LOG}):\n  " + "\n  ".join(failures))
+    if unfinished:
+        print(f"[fidelity] {unfinished} of {len(points)} trials stopped at the time limit, checkpointed; rerun the "
+              f"same command with --out {trials_dir.parent} to continue them")
+        return None
+    return rows
+
+
+def record_failure(run_dir: Path | str, err: BaseException) -> Path:
+    """A failed trial's full traceback into its run directory, ERROR_LOG. Written where the exception was caught
+    where possible: one that crosses to another process loses its traceback, except for the text that
+    concurrent.futures keeps as the __cause__ of an exception that ended a task, which is used then."""
+    cause = err.__cause__
+    if type(cause).__name__ == "_RemoteTraceback":  # the trial process's own traceback, as text
+        text = str(cause).strip().strip('"').strip() + "\n"
+    else:
+        text = "".join(traceback.format_exception(err))
+    path = Path(run_dir) / ERROR_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def failure_summary(run_dir: Path, err: BaseException, lines: int = 3) -> str:
+    """One trial's failure as the console shows it: the exception, the last lines of its traceback (where it was
+    raised) and the file with all of it (written here if the trial's process could not)."""
+    log = Path(run_dir) / ERROR_LOG
+    if not log.is_file():
+        record_failure(run_dir, err)
+    tail = [line for line in log.read_text().splitlines() if line.strip(" ^~")][-lines:]  # no caret lines
+    return f"{err!r}\n    " + "\n    ".join(tail) + f"\n    full traceback: {log}"
+
+
+def run_trial_group(config_dicts: list[dict], run_dirs: list[str], threads: int = 1,
+                    deadline: float | None = None) -> list[dict | Exception | None]:
+    """Trials trained together in this process (workers/trials.py), continuing from their last checkpoints,
+    then each exported and evaluated; per trial its metrics, its error, or None when the deadline stopped it."""
+    import torch
+
+    from orchestrator.precompute import precompute
+    from orchestrator.runs import evaluate_generator, record_data
+    from workers.configure import build
+    from workers.context import CHECKPOINTS
+    from workers.train import GENERATOR_DIR
+    from workers.trials import train_trials
+
+    configs = [build(RunConfig, d) for d in config_dicts]
+    dirs = [Path(d) for d in run_dirs]
+    for config, run_dir in zip(configs, dirs):
+        recipes.save(config, run_dir)
+    torch.set_num_threads(threads)
+    store, _ = precompute(configs[0], use_ray=False, progress=False)
+    for config, run_dir in zip(configs, dirs):
+        record_data(run_dir, store, config, 1)
+    result = train_trials(configs, dirs, store, deadline=deadline)
+    out: list[dict | Exception | None] = []
+    for config, run_dir, error, finished in zip(configs, dirs, result.errors, result.finished):
+        if error is not None or not finished:
+            if error is not None:
+                record_failure(run_dir, error)
+            out.append(error)
+            continue
+        try:
+            out.append(evaluate_generator(config, run_dir / GENERATOR_DIR, run_dir, run_dir.name).metrics)
+        except Exception as err:  # noqa: BLE001  (reported as this trial's failure)
+            record_failure(run_dir, err)
+            out.append(err)
+            continue
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
+    return out
+
+
+def run_local_trial(config_dict: dict, run_dir: str, threads: int = 1) -> dict[str, float]:
+    """One trial in this process: distil with the train function (continuing from the trial's last checkpoint
+    if an earlier attempt left one), export, evaluate; returns its metrics."""
+    import torch
+
+    from orchestrator.precompute import precompute
+    from orchestrator.runs import distill_here, evaluate_generator
+    from workers.configure import build
+    from workers.context import CHECKPOINTS
+
+    config = build(RunConfig, config_dict)
+    run_dir = Path(run_dir)
+    recipes.save(config, run_dir)
+    torch.set_num_threads(threads)
+    try:
+        store, _ = precompute(config, use_ray=False, progress=False)
+        result = distill_here(config, run_dir, store, resume=True)
+        evaluation = evaluate_generator(config, result.generator_dir, run_dir, run_dir.name)
+    except Exception as err:
+        record_failure(run_dir, err)
+        raise
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the exported generator is what is kept
+    return evaluation.metrics
