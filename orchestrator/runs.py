@@ -89,7 +89,12 @@ def stop_cleanly(run_dir: Path, resume_command: str):
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:
             raise
-        # Ray's driver turns SIGTERM (`ray job stop`, a scheduler's preemption) into sys.exit(15)
+        # Ray's driver turns SIGTERM (`ray job stop`, a scheduler's preemption) into sys.exit(15); its native
+        # handler (abseil's failure handler) has also armed a 3-second SIGALRM that aborts the process, which a
+        # slower teardown (Ray's own shutdown on a busy machine, MLflow's last writes) outlives. No Ray setting
+        # turns it off, so the alarm is cancelled here, where the exit is known to be an orderly one.
+        if hasattr(signal, "alarm"):
+            signal.alarm(0)
         print(f"\ndpdmd: terminated; {where()}. Continue with: {resume_command}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM) from None
     except StoreError as err:

@@ -31,6 +31,15 @@ def ray_cluster():
 
 
 @pytest.fixture
+def ray_env(ray_cluster):
+    """The environment for a `dpdmd` command run as a process of its own that joins the test run's Ray cluster
+    (RAY_ADDRESS, as `ray job submit` sets it) instead of starting one: about 10 CPU-seconds saved a command."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+@pytest.fixture
 def s3_server(monkeypatch):
     """A local S3 endpoint (moto) with test credentials in the environment: .endpoint, and .stop() for a test
     that must show nothing touches S3 any more (the fixture stops it otherwise)."""

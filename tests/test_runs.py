@@ -100,7 +100,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_run_without_ray(tmp_p
     assert again.returncode == 0 and "has finished already" in again.stdout
 
 
-def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_with_a_readable_console(tmp_path):
+def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_with_a_readable_console(tmp_path,
+                                                                                                      ray_env):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.precompute import precompute
@@ -111,7 +112,7 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     # is tested
     precompute(tiny_config(tmp_path, *overrides[len(TINY):]), use_ray=False, progress=False)
     dpdmd = [sys.executable, "-m", "orchestrator", "distill"]
-    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    env = {**ray_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
                                                          tmp_path / "runs", env)
     assert stopped.returncode == 130, stopped.stdout[-3000:]
@@ -162,19 +163,22 @@ print(json.dumps([code, lines]))
     assert lines == ["[distill] generator update 100/400 (25%), 0:08 elapsed, 0:24 left | loss_dmd=0.1344"] * 2, lines
 
 
-def test_sigterm_to_a_ray_driver_says_how_to_continue(tmp_path):
+def test_sigterm_to_a_ray_driver_says_how_to_continue(tmp_path, ray_env):
     """`ray job stop` sends SIGTERM, which ray.init's handler turns into sys.exit(15) in the driver: the command
-    ended without the line that says how to continue (Ctrl-C had it)."""
+    ended without the line that says how to continue (Ctrl-C had it). Ray's native signal handler also arms a
+    3-second abort alarm on SIGTERM, so a teardown slower than that (a busy machine, MLflow's last writes) ended
+    in SIGABRT instead of the exit code; the atexit sleep below stands for such a teardown."""
     script = f"""
-import os, signal, time, ray
+import atexit, os, signal, time, ray
 from orchestrator.runs import stop_cleanly
-ray.init(address="local", include_dashboard=False, num_cpus=1)
+ray.init()  # the test run's cluster, from RAY_ADDRESS
+atexit.register(time.sleep, 4)
 with stop_cleanly({str(tmp_path)!r}, "dpdmd distill --resume RUN"):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(60)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**_env(), "RAY_AUTH_MODE": "disabled"})
+                          env={**ray_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]
     assert "dpdmd: terminated; no checkpoint was written yet. Continue with: dpdmd distill --resume RUN" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
