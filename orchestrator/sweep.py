@@ -15,7 +15,7 @@ from models.families import get_family
 from orchestrator.reports import write_sweep
 from orchestrator.results import SweepResult, pareto_front, pick, trial_histories
 from orchestrator.spaces import PBT_KEYS, grid_points, load_space, trial_config, trial_name, tune_param_space
-from orchestrator.trial_runs import _record_stop, _teacher_metrics, run_trial, trial_progress
+from orchestrator.trial_runs import _record_stop, _teacher_metrics, run_trial, trains_in_trial, trial_progress
 from workers.config import ConfigError, RunConfig
 
 
@@ -72,9 +72,9 @@ def build_tuner(config: RunConfig, base: dict, space: dict[str, dict], sweep_dir
     from orchestrator.cluster import trials_that_fit
 
     sweep, dist = config.sweep, config.distributed
-    # a PBT trial trains in its own process (see _pbt_trial): it holds the training worker's resources too
+    in_process = trains_in_trial(config)  # then the trial holds the training worker's resources too
     resources = ({"CPU": sweep.trial_cpus + dist.cpus_per_worker, "GPU": int(dist.use_gpu)}
-                 if sweep.scheduler == "pbt" else {"CPU": sweep.trial_cpus})
+                 if in_process else {"CPU": sweep.trial_cpus})
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, parent_run_id=parent_run_id, sweep_dir=str(sweep_dir)), resources)
     progress = trial_progress(len(grid_points(space)) * sweep.num_samples)
@@ -95,7 +95,11 @@ def build_tuner(config: RunConfig, base: dict, space: dict[str, dict], sweep_dir
         tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=tune_scheduler(config, space),
                                     search_alg=search_algorithm(config, space), max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0, callbacks=[progress],
-                                  stop=guard, checkpoint_config=keep))
+                                  stop=guard, checkpoint_config=keep,
+                                  # a trial that trains in its own process is restarted by Tune (a Ray Train run
+                                  # restarts its workers itself), from the last checkpoint in its run directory
+                                  failure_config=tune.FailureConfig(max_failures=dist.max_failures if in_process
+                                                                    else 0)))
     return tuner, progress, guard
 
 

@@ -1,5 +1,5 @@
-"""Running trials: a Ray Tune trial (distillation, then evaluation; population-based training's in its own
-process), its progress line and a stopped trial's record; without Ray, trials as processes of their own
+"""Running trials: a Ray Tune trial (distillation, then evaluation; in the trial's own process with one
+training worker or under population-based training), its progress line and a stopped trial's record; without Ray, trials as processes of their own
 (`--jobs`) or trained together (`--together`), the teacher's evaluation, and a failed trial's log."""
 
 from __future__ import annotations
@@ -19,29 +19,34 @@ from orchestrator.spaces import PBT_KEYS, grid_points, trial_config, trial_name,
 from workers.config import RunConfig
 from workers.configure import to_dict
 
-REPORT_FILE = "report.json"  # a PBT trial's last report, beside its checkpoint
+REPORT_FILE = "report.json"  # a trial's last report, beside its checkpoint
 
 def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
     """Tune's trainable: distil with the trial's settings in the trial's own run directory (a restarted trial
     continues from its last checkpoint there), evaluate, report the objectives. Training reports reach Tune
-    while the trial runs whenever something acts on them (ASHA, PBT, the collapse guard)."""
+    while the trial runs (ASHA, PBT and the collapse guard act on them). A trial of one training worker trains
+    in the trial's own process; one of several starts a Ray Train run of its own."""
     from ray import tune
 
     from orchestrator.distill import run_distill
 
-    name = trial_name(params)
     config = trial_config(base, params, **{"tracking.run_name": trial_title(params)})
-    sweep = config.sweep
-    if sweep.scheduler == "pbt":
-        return _pbt_trial(config, params, parent_run_id, Path(sweep_dir))
-    callbacks = []
-    if sweep.scheduler != "none" or sweep.collapse_fraction:
-        from ray.tune.integration.ray_train import TuneReportCallback
+    if trains_in_trial(config):
+        return _trial_in_process(config, params, parent_run_id, Path(sweep_dir))
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-        callbacks.append(TuneReportCallback())
-    result = run_distill(config, run_dir=Path(sweep_dir) / name, parent_run_id=parent_run_id, callbacks=callbacks,
-                         quiet=True, evaluate=True)
+    result = run_distill(config, run_dir=Path(sweep_dir) / trial_name(params), parent_run_id=parent_run_id,
+                         callbacks=[TuneReportCallback()], quiet=True, evaluate=True)
     tune.report(_final_report(config, result))
+
+
+def trains_in_trial(config: RunConfig) -> bool:
+    """Whether a sweep's trial trains in its own process, holding the training worker's resources: with one
+    training worker (a Ray Train run inside the trial would start two more processes, a controller and the
+    worker, each importing torch and the model code again: about 15 CPU-seconds a trial on a 2-core machine),
+    and always under PBT (Tune pauses and restarts its trials, and a Ray Train run started inside one would leave
+    its resources behind when the trial is stopped)."""
+    return config.sweep.scheduler == "pbt" or config.distributed.num_workers == 1
 
 
 def _final_report(config: RunConfig, result) -> dict:
@@ -54,42 +59,52 @@ def _final_report(config: RunConfig, result) -> dict:
             "run_dir": str(result.run_dir), "mlflow_run_id": result.run_id}
 
 
-def _pbt_trial(config: RunConfig, params: dict, parent_run_id: str, sweep_dir: Path) -> None:
-    """A PBT trial trains in the trial's own process (one training process: Tune pauses and restarts trials,
-    and a Ray Train run started inside a trial would leave its resources behind when the trial is stopped).
-    Each training report goes to Tune with its checkpoint (both engines, optimizers, progress and RNG). When
-    PBT hands a trial a better trial's perturbed settings, Tune restarts it with that trial's checkpoint:
-    training continues from it under the new settings, in a run directory (and MLflow run) of its own, one per
-    segment."""
+def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep_dir: Path) -> None:
+    """A trial that trains in its own process (trains_in_trial): the single-run trainer over the sweep's store,
+    checkpoints in the trial's run directory, its training reports also to Tune. A restarted trial continues from
+    its run directory's last checkpoint.
+
+    Under PBT each report goes to Tune with its checkpoint (both engines, optimizers, progress and RNG). When PBT
+    hands a trial a better trial's perturbed settings, Tune restarts it with that trial's checkpoint: training
+    continues from it under the new settings, in a run directory (and MLflow run) of its own, one per segment."""
     from ray import tune
 
     from orchestrator.precompute import precompute
     from orchestrator.runs import (GENERATOR_DIR, Distilled, evaluate_generator, live_evaluator, make_run_dir,
-                                   tracked_run)
+                                   record_data, tracked_run)
     from workers.context import LocalContext
     from workers.live_eval import LiveEvaluation
     from workers.train import store_source, train
 
-    trial_id = tune.get_context().get_trial_id()
-    segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
-    run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
-    start = tune.get_checkpoint()
+    pbt = config.sweep.scheduler == "pbt"
+    start = tune.get_checkpoint() if pbt else None
+    if pbt:
+        trial_id = tune.get_context().get_trial_id()
+        segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
+        run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
+    elif (sweep_dir / trial_name(params) / "config.yaml").is_file():
+        run_dir = sweep_dir / trial_name(params)  # a restarted trial: its checkpoints are there
+    else:
+        run_dir = make_run_dir(config, "distill", sweep_dir, trial_name(params))
     store, _ = precompute(config, use_ray=False, progress=False)  # the sweep made it: this only opens it
-    hyper = {k: v for k, v in params.items() if k in PBT_KEYS}
+    record_data(run_dir, store, config, 1)
+    hyper = {k: v for k, v in params.items() if k in PBT_KEYS} if pbt else {}
+    watched = config.sweep.scheduler != "none" or bool(config.sweep.collapse_fraction)  # who reads training reports
 
     class TrialContext(LocalContext):
-        """Checkpoints in the segment's run directory, each report also to Tune; the first checkpoint to
-        resume from is the one Tune hands over."""
+        """Checkpoints in the trial's run directory, each report also to Tune when a scheduler or the collapse
+        guard reads them; under PBT the first checkpoint to resume from is the one Tune hands over."""
 
         last: dict = {}
 
         def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
             super().report(metrics, checkpoint_dir)
             self.last = metrics
-            if checkpoint_dir is not None:  # the report goes along: a segment handed the last checkpoint reads it
+            if checkpoint_dir is not None:  # the report goes along: a trial restarted at its end reads it
                 (checkpoint_dir / REPORT_FILE).write_text(json.dumps(metrics))
-            tune.report({**metrics, **hyper},
-                        checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+            if watched:
+                tune.report({**metrics, **hyper}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir)
+                            if pbt and checkpoint_dir is not None else None)
 
         def latest_checkpoint(self) -> Path | None:
             return super().latest_checkpoint() or (Path(start.to_directory()) if start else None)
@@ -104,12 +119,12 @@ def _pbt_trial(config: RunConfig, params: dict, parent_run_id: str, sweep_dir: P
         generator_dir = run_dir / GENERATOR_DIR
         shutil.copytree(last / GENERATOR_DIR, generator_dir, dirs_exist_ok=True)
         metrics = ctx.last or json.loads((last / REPORT_FILE).read_text())
+        tracked.log_artifact(run_dir / "config.yaml")
+        tracked.log_artifact(generator_dir, "generator")
         result = Distilled(run_dir, generator_dir, {**metrics, "generator_update": progress.generator_updates,
                                                     "resumes": progress.resumes}, tracked.run_id)
         result.evaluation = evaluate_generator(config, generator_dir, run_dir, run_dir.name, tracked)
     tune.report({**_final_report(config, result), **hyper})
-
-
 
 
 def _teacher_metrics(config: RunConfig) -> dict[str, float]:

@@ -120,6 +120,12 @@ def test_resume_continues_to_the_same_weights(out, tmp_path):
         (step / ENGINE_TAGS[tag]).rmdir()
     train(config, LocalContext(old, resume=True), store_source(store), store.negative())
 
+    # the newest two checkpoints stay, as a Ray Train run keeps them (all four stayed before)
+    train(tiny_config(out, "schedule.checkpoint_every=1"), LocalContext(tmp_path / "d", resume=False),
+          store_source(store), store.negative())
+    assert sorted(p.name for p in (tmp_path / "d" / "checkpoints").iterdir()) == ["latest", "step-0000003",
+                                                                                  "step-0000004"]
+
     _, a, _ = load_generator(tmp_path / "a" / "checkpoints" / "step-0000004" / GENERATOR_DIR)
     for run in ("b", "c"):
         _, b, sampler = load_generator(tmp_path / run / "checkpoints" / "step-0000004" / GENERATOR_DIR)

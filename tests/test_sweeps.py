@@ -128,7 +128,7 @@ def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, o
     # a learning rate that wrecks the generator within a few updates
     result = run_sweep(config, to_dict(config), space={"generator.optim.lr": {"grid": [0.5]}, "seed": {"grid": [0]}})
     (stopped,) = result.stopped
-    # Ray Train's reports reached Tune while the trial ran (the guard and ASHA act on nothing else)
+    # training reports reached Tune while the trial ran (the guard and ASHA act on nothing else)
     reported = [json.loads(line) for path in (result.sweep_dir / "tune").glob("*/result.json")
                 for line in path.read_text().splitlines()]
     assert len(reported) >= 4 and all("loss_dmd" in r for r in reported)

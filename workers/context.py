@@ -71,9 +71,11 @@ class WorkerContext:
 
 
 class LocalContext(WorkerContext):
-    """A single process or one torchrun rank; checkpoints live under run_dir/checkpoints/<name>/."""
+    """A single process or one torchrun rank; checkpoints live under run_dir/checkpoints/<name>/, the newest
+    `keep` of them (as a Ray Train run keeps its own: a real teacher's checkpoint is gigabytes)."""
 
-    def __init__(self, run_dir: Path, resume: bool = True):
+    def __init__(self, run_dir: Path, resume: bool = True, keep: int = 2):
+        self.keep = keep
         self.run_dir = Path(run_dir)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -90,6 +92,10 @@ class LocalContext(WorkerContext):
                 torch.distributed.barrier()  # every rank's shards are written
             if self.rank == 0:
                 (self.run_dir / CHECKPOINTS / "latest").write_text(checkpoint_dir.name)
+                older = sorted(p for p in (self.run_dir / CHECKPOINTS).iterdir()
+                               if p.is_dir() and p.name < checkpoint_dir.name)
+                for path in older[:max(0, len(older) - (self.keep - 1))]:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         marker = self.run_dir / CHECKPOINTS / "latest"

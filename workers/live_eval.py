@@ -154,9 +154,12 @@ class LiveEvaluation:
     @staticmethod
     def ray_actor(actor) -> LiveEvaluation:
         """An Evaluator Ray actor (made by the driver with its own resources, e.g. ray.remote(num_cpus=...)
-        (Evaluator).remote(...)), shared by reference with the training workers."""
+        (Evaluator).remote(...)), shared by reference with the training workers; ready (its model loaded) when
+        this returns, as in_process's is: training that starts before it would hand its first snapshots to an
+        evaluator still starting, and their scores (which the collapse guard and ASHA act on) would come late."""
         import ray
 
+        ray.get(actor.__ray_ready__.remote())
         refs: list = []
 
         def submit(step, state):
