@@ -1,6 +1,7 @@
 """Running trials: a Ray Tune trial (distillation, then evaluation; in the trial's own process with one
-training worker or under population-based training), its progress line and a stopped trial's record; without Ray, trials as processes of their own
-(`--jobs`) or trained together (`--together`), the teacher's evaluation, and a failed trial's log."""
+training worker or under population-based training), its progress line and a stopped trial's record; without
+Ray, trials as processes of their own (`--jobs`) or trained together (`--together`), the teacher's evaluation,
+and a failed trial's log."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ REPORT_FILE = "report.json"  # a trial's last report, beside its checkpoint
 def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> None:
     """Tune's trainable: distil with the trial's settings in the trial's own run directory (a restarted trial
     continues from its last checkpoint there), evaluate, report the objectives. Training reports reach Tune
-    while the trial runs (ASHA, PBT and the collapse guard act on them). A trial of one training worker trains
-    in the trial's own process; one of several starts a Ray Train run of its own."""
+    while the trial runs whenever something acts on them (reports_while_training). A trial of one training
+    worker trains in the trial's own process; one of several starts a Ray Train run of its own."""
     from ray import tune
 
     from orchestrator.distill import run_distill
@@ -33,11 +34,21 @@ def run_trial(params: dict, base: dict, parent_run_id: str, sweep_dir: str) -> N
     config = trial_config(base, params, **{"tracking.run_name": trial_title(params)})
     if trains_in_trial(config):
         return _trial_in_process(config, params, parent_run_id, Path(sweep_dir))
-    from ray.tune.integration.ray_train import TuneReportCallback
+    callbacks = []
+    if reports_while_training(config):
+        from ray.tune.integration.ray_train import TuneReportCallback
 
+        callbacks.append(TuneReportCallback())
     result = run_distill(config, run_dir=Path(sweep_dir) / trial_name(params), parent_run_id=parent_run_id,
-                         callbacks=[TuneReportCallback()], quiet=True, evaluate=True)
+                         callbacks=callbacks, quiet=True, evaluate=True)
     tune.report(_final_report(config, result))
+
+
+def reports_while_training(config: RunConfig) -> bool:
+    """Whether a trial's training reports go to Tune as they come: only when something acts on them (ASHA,
+    PBT, the collapse guard). Otherwise Tune would hold a search algorithm's objectives missing from them (an
+    Optuna search refuses such a report) and record reports nobody reads."""
+    return config.sweep.scheduler != "none" or bool(config.sweep.collapse_fraction)
 
 
 def trains_in_trial(config: RunConfig) -> bool:
@@ -82,14 +93,14 @@ def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep
         trial_id = tune.get_context().get_trial_id()
         segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
         run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
-    elif (sweep_dir / trial_name(params) / "config.yaml").is_file():
-        run_dir = sweep_dir / trial_name(params)  # a restarted trial: its checkpoints are there
     else:
-        run_dir = make_run_dir(config, "distill", sweep_dir, trial_name(params))
+        run_dir = sweep_dir / trial_name(params)
+        if not (run_dir / "config.yaml").is_file():  # else a restarted trial: its checkpoints are there
+            run_dir = make_run_dir(config, "distill", sweep_dir, run_dir.name)
     store, _ = precompute(config, use_ray=False, progress=False)  # the sweep made it: this only opens it
     record_data(run_dir, store, config, 1)
     hyper = {k: v for k, v in params.items() if k in PBT_KEYS} if pbt else {}
-    watched = config.sweep.scheduler != "none" or bool(config.sweep.collapse_fraction)  # who reads training reports
+    watched = reports_while_training(config)
 
     class TrialContext(LocalContext):
         """Checkpoints in the trial's run directory, each report also to Tune when a scheduler or the collapse

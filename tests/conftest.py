@@ -32,11 +32,11 @@ def ray_cluster():
 
 @pytest.fixture
 def ray_env(ray_cluster):
-    """The environment for a `dpdmd` command run as a process of its own that joins the test run's Ray cluster
-    (RAY_ADDRESS, as `ray job submit` sets it) instead of starting one: about 10 CPU-seconds saved a command."""
+    """What a `dpdmd` command run as a process of its own adds to its environment to join the test run's Ray
+    cluster (RAY_ADDRESS, as `ray job submit` sets it) instead of starting one: about 10 CPU-seconds a command."""
     import ray
 
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 @pytest.fixture

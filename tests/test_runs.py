@@ -112,7 +112,7 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     # is tested
     precompute(tiny_config(tmp_path, *overrides[len(TINY):]), use_ray=False, progress=False)
     dpdmd = [sys.executable, "-m", "orchestrator", "distill"]
-    env = {**ray_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**_env(), **ray_env}
     stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
                                                          tmp_path / "runs", env)
     assert stopped.returncode == 130, stopped.stdout[-3000:]
@@ -178,7 +178,7 @@ with stop_cleanly({str(tmp_path)!r}, "dpdmd distill --resume RUN"):
     time.sleep(60)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**ray_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                          env={**_env(), **ray_env})
     assert proc.returncode == 128 + 15, proc.stderr[-3000:]
     assert "dpdmd: terminated; no checkpoint was written yet. Continue with: dpdmd distill --resume RUN" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
