@@ -66,8 +66,8 @@ def s3_server(monkeypatch):
 # The default run spreads whole modules over two processes (pyproject's addopts), each taking the next module as
 # it finishes one. The longest start first, so that neither process is left with a long one at the end (their
 # times: BENCHMARKS.md, "The test suite"); the rest keep their order.
-LONGEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_ray.py", "test_bench.py", "test_sdxl.py", "test_sd3.py",
-                 "test_job_submit.py", "test_fidelity.py", "test_distill_local.py", "test_live_eval.py",
+LONGEST_FIRST = ("test_sweeps.py", "test_runs.py", "test_job_submit.py", "test_sd3.py", "test_sdxl.py",
+                 "test_bench.py", "test_ray.py", "test_distill_local.py", "test_fidelity.py", "test_live_eval.py",
                  "test_store_repair.py")
 
 

@@ -1,5 +1,5 @@
-"""`ray job submit` of a tiny distillation against a head started with `ray start --head`: two ZeRO-2 workers
-that log to an MLflow tracking server over HTTP."""
+"""`ray job submit` of a tiny distillation against a head started with `ray start --head`: two ZeRO-3 workers
+that log to an MLflow tracking server over HTTP, one of them killed mid-run and the run resumed by Ray Train."""
 
 import json
 import os
@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +23,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Ray >= 2.60 turns token authentication on by itself when ~/.ray/auth_token exists; this loopback-only
 # head and its clients agree on it being off, whatever an earlier Ray left in the home directory.
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# Planted in the head's environment, which the job's driver and workers inherit: none of them may reach a file
+# the run writes, MLflow's database included
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret", "AWS_SESSION_TOKEN": "planted-session-token",
+           "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token", "HF_TOKEN": "planted-hf-token"}
 
 
 def _port() -> int:
@@ -96,7 +102,8 @@ def head(tmp_path):
         proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
                                  "--num-cpus=2", "--include-dashboard=true",
-                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=ENV)
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**ENV, **SECRETS})
         proc.gcs_port = gcs
         url = _dashboard_url(gcs, proc)
         if url:
@@ -105,9 +112,27 @@ def head(tmp_path):
     else:
         pytest.fail("no Ray head came up on three tries: " + (tmp_path / "head-2.log").read_text()[-3000:])
     try:
-        yield url
+        yield SimpleNamespace(url=url, proc=proc)
     finally:
         _stop(proc)
+
+
+def _kill_a_worker_once(head: subprocess.Popen, runs: Path, killed: list) -> None:
+    """Once a run's step-20 checkpoint is being written (step 10 is then a committed one to resume from), kill one
+    of its Ray Train workers: a process of our head's node, not of another Ray on the machine."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob("*-distill-killed-run/checkpoints/step-0000020")):
+        time.sleep(0.05)
+    for proc in psutil.Process(head.pid).children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                proc.kill()
+                killed.append(proc.pid)
+                return
+        except psutil.Error:  # it ended meanwhile
+            pass
 
 
 def test_our_runtime_environment_steps_aside_for_what_the_job_sets():
@@ -138,24 +163,30 @@ def test_inside_a_job_the_resume_hint_is_a_job(monkeypatch):
     assert hint.endswith(f"-- {sys.executable} -m orchestrator distill --resume /runs/x")
 
 
-def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(head, tmp_path):
-    """One run for three properties (each was a run of its own): `ray job submit` runs a tiny distillation; two
-    ZeRO-2 workers distil and export a generator that loads; rank 0 logs params, every update's metrics and the
-    artifacts to an MLflow tracking server over HTTP."""
+def test_job_submit_distils_on_two_zero3_workers_survives_a_killed_one_and_logs_to_an_mlflow_server(head, tmp_path):
+    """One run for six properties (each was a run of its own): `ray job submit` runs a tiny distillation; two
+    ZeRO-3 workers distil with lambda = 0.5 and export a generator that loads; a worker killed mid-run is restarted
+    by Ray Train from the last checkpoint, and the run ends where an uninterrupted one would; rank 0 logs params,
+    metrics every log_every updates and at the last one, and the artifacts to an MLflow tracking server over HTTP;
+    secrets in the environment appear in none of the files the run writes, the server's database included."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.precompute import precompute
     from workers.evaluate import load_generator
 
-    two_zero2 = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "distributed.zero_stage=2",
-                 "loss.diversity_weight=0.0", "schedule.log_every=1"]
+    two_zero3 = ["distributed.num_workers=2", "distributed.cpus_per_worker=0.5", "distributed.zero_stage=3",
+                 "loss.diversity_weight=0.5", "schedule.num_generator_updates=40", "schedule.checkpoint_every=10",
+                 "schedule.log_every=30", "name=killed-run"]
     # the teacher and the trajectory store the job will use, made here: the actor pool's precompute has tests of
     # its own (test_ray.py)
-    config = tiny_config(tmp_path, *two_zero2)
+    config = tiny_config(tmp_path, *two_zero3)
     precompute(config, use_ray=False, progress=False)
     server, uri = mlflow_server(tmp_path)
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_a_worker_once, args=(head.proc, tmp_path / "runs", killed), daemon=True)
+    watcher.start()
     try:
-        overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}", *two_zero2,
+        overrides = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={tmp_path}", *two_zero3,
                      f"tracking.tracking_uri={uri}", "tracking.experiment=server-test"]
         # the job's own environment variables beside the project's (one of them the project sets too): Ray refused
         # to merge them and the job died before it started
@@ -164,16 +195,18 @@ def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(he
         working_dir = _checkout(tmp_path / "checkout")
         for _ in range(30):  # a fresh head's job agent registers a little after its dashboard answers
             proc = subprocess.run(
-                [RAY, "job", "submit", "--address", head, "--working-dir", str(working_dir),
+                [RAY, "job", "submit", "--address", head.url, "--working-dir", str(working_dir),
                  "--runtime-env-json", json.dumps(runtime_env), "--",
                  sys.executable, "-m", "orchestrator", "distill", "--recipe", "toy2d", *overrides],
                 capture_output=True, text=True, timeout=600, env=ENV)
             if "No available agent to submit job" not in proc.stderr:
                 break
             time.sleep(2)
+        watcher.join(timeout=5)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout
-        (run_dir,) = (tmp_path / "runs").glob("*-distill-toy2d")
+        assert killed, "no worker was killed"
+        (run_dir,) = (tmp_path / "runs").glob("*-distill-killed-run")
         assert (run_dir / "generator" / "dpdmd_generator.json").is_file() and (run_dir / "config.yaml").is_file()
         adapter, net, sampler = load_generator(run_dir / "generator")
         assert sum(p.numel() for p in net.parameters()) > 0 and len(sampler.sigmas) == 5
@@ -182,16 +215,21 @@ def test_job_submit_distils_on_two_zero2_workers_that_log_to_an_mlflow_server(he
         run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert (run.data.metrics["generator_update"], run.data.metrics["critic_updates"]) == (4, 8)
+        assert run.data.metrics["resumes"] >= 1
+        assert (run.data.metrics["generator_update"], run.data.metrics["critic_updates"]) == (40, 80)
         assert run.data.metrics["skipped_steps"] == 0
-        assert run.data.params["loss.diversity_weight"] == "0.0"
-        assert run.data.params["distributed.zero_stage"] == "2"
+        assert run.data.params["loss.diversity_weight"] == "0.5"
+        assert run.data.params["distributed.zero_stage"] == "3"
         assert run.data.params["loss.anchor_step"] == str(config.loss.anchor_step)
-        # rank 0 logs every log_every updates
-        assert sorted(m.step for m in client.get_metric_history(run_id, "loss_dmd")) == [1, 2, 3, 4]
-        assert len(client.get_metric_history(run_id, "loss_critic")) == 4
+        # rank 0 logs every log_every updates, and the last one always (40 is not a multiple of 30); the worker
+        # was killed at update 20, so neither was logged twice
+        assert sorted(m.step for m in client.get_metric_history(run_id, "loss_dmd")) == [30, 40]
+        assert len(client.get_metric_history(run_id, "loss_critic")) == 2
         assert {"config.yaml", "generator"} <= {a.path for a in client.list_artifacts(run_id)}
         assert list((tmp_path / "artifacts").rglob("dpdmd_generator.json"))  # stored by the server
     finally:
         server.terminate()
         server.wait(timeout=30)
+    for path in (p for p in tmp_path.rglob("*") if p.is_file() and "checkout" not in p.relative_to(tmp_path).parts):
+        data = path.read_bytes()
+        assert not [v for v in SECRETS.values() if v.encode() in data], path
