@@ -143,6 +143,7 @@ def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_p
     from diffusers import StableDiffusion3Pipeline
 
     from orchestrator.distill import run_distill
+    from orchestrator.precompute import precompute
     from workers.evaluate import load_generator
 
     config = sd3_config(tmp_path, teacher_path, "trajectories.seeds_per_prompt=4", "trajectories.rows_per_shard=8",
@@ -151,10 +152,11 @@ def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_p
                         "distributed.batch_size_per_worker=2", "schedule.num_generator_updates=2",
                         "schedule.critic_updates_per_generator=2", "schedule.log_every=1",
                         "generator.optim.lr=1e-3", "critic.optim.lr=1e-3")
+    # the store first, in this process (the actor pool's precompute has tests of its own, test_ray.py); the run
+    # finds it complete
+    precompute(config, use_ray=False, progress=False)
     result = run_distill(config)
     assert result.metrics["generator_update"] == 2 and result.metrics["skipped_steps"] == 0
-
-    from orchestrator.precompute import precompute
 
     store, summary = precompute(config, progress=False)
     assert summary.reused and store.columns["cond.prompt_embeds"].shape == (333, 32)

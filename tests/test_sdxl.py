@@ -263,6 +263,9 @@ def test_precompute_distill_on_two_workers_export_and_sample_with_the_standard_p
                          "distributed.batch_size_per_worker=2", "schedule.num_generator_updates=2",
                          "schedule.critic_updates_per_generator=2", "schedule.log_every=1",
                          "generator.optim.lr=1e-3", "critic.optim.lr=1e-3", "loss.diversity_weight=0.5")
+    # the store first, in this process (the actor pool's precompute has tests of its own, test_ray.py); the run
+    # finds it complete
+    precompute(config, use_ray=False, progress=False)
     result = run_distill(config)
     assert result.metrics["generator_update"] == 2 and result.metrics["skipped_steps"] == 0
     assert result.metrics["loss_div"] > 0
