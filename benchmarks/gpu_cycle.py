@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cycle_flops, gaps, memory_peak, random_sd3
+from models import tiny_pipelines
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -554,7 +555,7 @@ def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict
     the real encoders, outside any measured run)."""
     dtype = torch.bfloat16
     peak_flops = matmul_peak(device)
-    prompts = random_sd3.prompts(NUM_PROMPTS)
+    prompts = tiny_pipelines.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
     text_adapter = text_adapter_for(args, adapter, device, dtype)
     # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each).
@@ -583,7 +584,7 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
     config = run_config(args, use_gpu, world, run.overrides,
                         cycles=args.warmup + args.steps + int(profiled) + int(recorded))
     store = open_store(*filesystem(config, store_root))
-    prompts = random_sd3.prompts(NUM_PROMPTS)
+    prompts = tiny_pipelines.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
     before = live_objects()
     start_gib = gib(device)

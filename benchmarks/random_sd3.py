@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from models.families import sd3
+from models.tiny_pipelines import clip_tokenizer, t5_tokenizer
 
 # The text encoders of stabilityai/stable-diffusion-3.5-medium (text_encoder*/config.json): CLIP-L/14, OpenCLIP
 # bigG/14 and T5 v1.1 XXL. CLIP-L + CLIP-G hidden states (768 + 1280) sit beside T5's 4096 in the 77 + 256 token
@@ -30,18 +31,6 @@ SMOKE_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num
 SMOKE_T5 = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                 relative_attention_num_buckets=8)
 SMOKE_RESOLUTION = 64
-
-WORDS = ("a", "photo", "painting", "of", "red", "blue", "green", "cat", "dog", "house", "tree", "in", "the", "snow")
-
-
-def prompts(count: int) -> list[str]:
-    """count prompts over WORDS (the encoders pad every prompt to full length, so the words do not change
-    their cost)."""
-    pool = [f"{style} {colour} {thing}{where}" for style in ("a photo of a", "a painting of a")
-            for colour in ("red", "blue", "green") for thing in ("cat", "dog", "house", "tree")
-            for where in ("", " in the snow")]
-    return [pool[i % len(pool)] for i in range(count)]
-
 
 def transformer_config(smoke: bool, num_layers: int = 0) -> dict:
     """SD3.5-Medium's transformer config (or the tiny one), optionally cut to its first num_layers blocks."""
@@ -92,31 +81,3 @@ def text_pipeline(smoke: bool, device: torch.device, dtype: torch.dtype, seed: i
                                     text_encoder_3=encoders[2], tokenizer_3=t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def clip_tokenizer(max_length: int = 77):
-    """A CLIP BPE tokenizer over WORDS, built in code; prompts are padded to 77 tokens as with the real one."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[tuple[str, str]] = []
-    for char in sorted(set("".join(WORDS))):
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    for word in WORDS:
-        piece = word[0] if len(word) > 1 else word + "</w>"
-        for i, char in enumerate(word[1:], 1):
-            nxt = char + "</w>" if i == len(word) - 1 else char
-            if (piece, nxt) not in merges:
-                merges.append((piece, nxt))
-            piece += nxt
-            vocab.setdefault(piece, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-def t5_tokenizer():
-    """A T5 unigram tokenizer over WORDS; the pipeline pads to 256 tokens as with the real one."""
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    return T5Tokenizer(vocab=pieces + [("\u2581" + w, -1.0) for w in WORDS], extra_ids=0)

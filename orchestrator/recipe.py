@@ -83,7 +83,7 @@ def resolve_mapping(data: dict[str, Any], overrides: list[str] | None = None) ->
     config = build(RunConfig, apply_overrides(data, overrides or []))
     for section, key in PATH_KEYS:
         value = getattr(getattr(config, section), key)
-        if (section, key) == ("teacher", "path") and value and teacher_location(value) == "hub":
+        if (section, key) == ("teacher", "path") and value and teacher_location(value) in ("hub", "builtin"):
             continue
         if value and "://" not in value:
             setattr(getattr(config, section), key, str(Path(value).expanduser().absolute()))

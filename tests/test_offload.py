@@ -9,7 +9,8 @@ from torch import nn
 from helpers import tiny_config
 from models.adapter import Conditioning
 from orchestrator.precompute import precompute
-from sd_models import tiny_sd3_inputs, tiny_sd3_transformer
+from models.tiny_pipelines import tiny_sd3_transformer
+from sd_models import tiny_sd3_inputs
 from orchestrator.recipe import resolve
 from workers.config import ConfigError
 from workers.context import LocalContext

@@ -15,7 +15,8 @@ from models.adapter import LoadOptions
 from models.flow import sampling_sigmas
 from models.sampling import Sampler, sample, seeded_noise
 from orchestrator.recipe import resolve
-from sd_models import prompt_file, save_tiny_sd3, tiny_sd3_inputs, tiny_sd3_transformer
+from models.tiny_pipelines import tiny_sd3_transformer
+from sd_models import prompt_file, save_tiny_sd3, tiny_sd3_inputs
 from workers.config import ConfigError
 from workers.teacher import load_teacher
 
@@ -80,6 +81,68 @@ def test_each_role_loads_only_what_it_needs(tmp_path, teacher_path):
     adapter, net = load_teacher(config, vae=True, dtype=torch.bfloat16)
     assert net.dtype == torch.bfloat16 and adapter.text_pipeline.text_encoder_3.dtype == torch.bfloat16
     assert adapter.vae is not None
+
+
+def test_loading_a_pipeline_keeps_the_libraries_console_output_to_errors(tmp_path, teacher_path, capfd):
+    """A bar per pipeline component and per weight file and advice to install accelerate filled a newcomer's
+    console before the command's own plan (sd3 and sdxl load through the same function)."""
+    capfd.readouterr()
+    load_teacher(sd3_config(tmp_path, teacher_path), vae=True)
+    out = capfd.readouterr()
+    console = out.out + out.err
+    assert "Loading" not in console and "accelerate" not in console and "torch_dtype" not in console, console
+
+
+def test_the_sd3_tiny_recipe_builds_its_teacher_in_code_once(tmp_path, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    from models import tiny_pipelines
+    from workers.evaluate import eval_prompts, training_prompts
+    from workers.teacher import teacher_dir
+
+    config = resolve("sd3-tiny", [f"storage.output_dir={tmp_path}"])
+    assert config.teacher.path == "builtin:sd3-tiny"  # kept as given, not made a local path
+    path = teacher_dir(config)
+    assert path == tmp_path / "teacher_cache" / "builtin-sd3-tiny"
+    pipe = StableDiffusion3Pipeline.from_pretrained(path)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) > 0
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no half-built copy left
+
+    built = []
+    monkeypatch.setattr(tiny_pipelines, "pipeline", lambda *a: built.append(a))
+    assert teacher_dir(config) == path and not built  # the next command reuses it
+    assert len(training_prompts(config)) == 48 and len(eval_prompts(config)) == 4
+    assert set(" ".join(training_prompts(config)).split()) <= set(tiny_pipelines.WORDS)
+
+    with pytest.raises(ConfigError, match="teacher.family=sd3"):
+        resolve("sd3-tiny", [f"storage.output_dir={tmp_path}", "teacher.family=sdxl"])
+    with pytest.raises(ConfigError, match="builtin:sd3-tiny, builtin:sdxl-tiny"):
+        resolve("sd3-tiny", [f"storage.output_dir={tmp_path}", "teacher.path=builtin:sd9"])
+
+
+@pytest.mark.slow
+def test_the_sd3_tiny_recipe_runs_as_the_readme_says(tmp_path, capfd):
+    """The README's first real-teacher run, on the 2-core machine: distil, sample, evaluate, and the export
+    loaded by the diffusers pipeline class; a console without the libraries' loading chatter."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from orchestrator.cli import main
+
+    out = [f"storage.output_dir={tmp_path}"]
+    assert main(["distill", "--no-ray", "--recipe", "sd3-tiny", *out]) == 0
+    console = "".join(capfd.readouterr())
+    assert "[precompute] plan:" in console and "[distill] generator update 40/40" in console
+    assert "Loading" not in console and "accelerate" not in console, console
+    (generator,) = (tmp_path / "runs").glob("*-distill-sd3-tiny/generator")
+    assert main(["sample", "--recipe", "sd3-tiny", "--generator", str(generator), "--prompt", "a red cat",
+                 "--seeds", "0-3", "--out", str(tmp_path / "samples"), *out]) == 0
+    assert np.load(tmp_path / "samples" / "samples.npz")["sample"].shape == (4, 3, 64, 64)
+    assert main(["evaluate", "--recipe", "sd3-tiny", "--generator", str(generator), *out]) == 0
+    assert "pixel_diversity" in capfd.readouterr().out
+    pipe = StableDiffusion3Pipeline.from_pretrained(generator)
+    image = pipe("a red cat", num_inference_steps=4, guidance_scale=1.0, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
 
 
 def test_resolution_sets_the_latent_shape_and_is_checked(tmp_path, teacher_path):

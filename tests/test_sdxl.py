@@ -17,7 +17,8 @@ from models.flow import euler_step, x0_from_velocity
 from models.rollout import teacher_anchor
 from models.sampling import Sampler, sample, seeded_noise
 from orchestrator.recipe import resolve
-from sd_models import prompt_file, save_tiny_sd3, save_tiny_sdxl, sdxl_scheduler
+from models.tiny_pipelines import sdxl_scheduler
+from sd_models import prompt_file, save_tiny_sd3, save_tiny_sdxl
 from workers.config import ConfigError
 from workers.teacher import load_teacher
 
@@ -334,7 +335,7 @@ def test_compile_is_regional_on_the_unet_its_attention_blocks_one_by_one():
     and not the whole network: the whole UNet compiled ran past the GPU check's time limit on an H200."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    from sd_models import tiny_sdxl_pipeline
+    from models.tiny_pipelines import tiny_sdxl_pipeline
     from workers.engines import compile_network
 
     unet = tiny_sdxl_pipeline().unet

@@ -47,11 +47,18 @@ class TeacherTrainConfig:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def teacher_location(path: str) -> Literal["local", "s3", "hub", "missing"]:
+BUILT_IN_PREFIX = "builtin:"
+
+
+def teacher_location(path: str) -> Literal["local", "s3", "hub", "builtin", "missing"]:
     """Where teacher.path points. A relative path that exists is local; one that does not and reads like
-    owner/name is a hub id."""
+    owner/name is a hub id; builtin:NAME is a tiny random pipeline built in code (models/tiny_pipelines.py)."""
     from pathlib import Path
 
+    from models.tiny_pipelines import BUILT_IN
+
+    if path.startswith(BUILT_IN_PREFIX):
+        return "builtin" if path.removeprefix(BUILT_IN_PREFIX) in BUILT_IN else "missing"
     if path.startswith("s3://"):
         return "s3" if len(path) > len("s3://") else "missing"
     if "://" not in path and Path(path).expanduser().is_dir():
@@ -65,7 +72,8 @@ class TeacherConfig:
 
     family: str = "toy2d"
     # A local directory, an s3://bucket/prefix URL (fetched once into storage.teacher_cache) or a hub id
-    # (owner/name, downloaded by huggingface_hub when online) of a saved teacher; "" = the embedded default.
+    # (owner/name, downloaded by huggingface_hub when online) of a saved teacher; builtin:sd3-tiny or
+    # builtin:sdxl-tiny, a tiny random pipeline built once into storage.teacher_cache; "" = the embedded default.
     path: str = ""
     guidance_scale: float = 3.5  # w in v_u + w (v_c - v_u)
     num_steps: int = 30
@@ -85,9 +93,16 @@ class TeacherConfig:
                f"the {self.family} family has no embedded teacher: set teacher.path to a {pipeline} directory, an "
                "s3://bucket/prefix URL of one, or a hub id")
         if self.path:
+            from models.tiny_pipelines import BUILT_IN
+
+            built_in = ", ".join(BUILT_IN_PREFIX + name for name in BUILT_IN)
             _check(teacher_location(self.path) != "missing", "path",
-                   f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL nor a hub id "
-                   "(owner/name); give one of those")
+                   f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL, a hub id "
+                   f"(owner/name) nor a built-in pipeline ({built_in}); give one of those")
+            family = BUILT_IN.get(self.path.removeprefix(BUILT_IN_PREFIX)) if self.path.startswith(
+                BUILT_IN_PREFIX) else None
+            _check(family in (None, self.family), "path",
+                   f"{self.path} is a {family} pipeline: set teacher.family={family} (it is {self.family})")
         _check(self.resolution >= 0, "resolution", f"must be >= 0 (0 = the model's native size), got {self.resolution}")
         _check(self.guidance_scale >= 0, "guidance_scale",
                f"must be >= 0 (1.0 is the conditional model alone), got {self.guidance_scale}")

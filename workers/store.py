@@ -279,7 +279,7 @@ def verified_shards(fs: fsspec.AbstractFileSystem, root: str, spec: StoreSpec, s
     indices = sorted(i for i in map(shard_index, names) if i is not None and i not in skip)
     good: dict[int, ShardInfo] = {}
     problems: dict[int, str] = {}
-    for index in tqdm(indices, desc="verify shards", unit="shard", disable=not progress):
+    for index in tqdm(indices, desc="verify shards", unit="shard", disable=not (progress and indices)):
         try:
             good[index] = _verify_written(fs, root, spec, index)
         except ShardDamage as err:

@@ -21,7 +21,7 @@ from models.adapter import LoadOptions, cast
 from models.families import Family, get_family
 from models.flow import interpolate
 from models.losses import flow_matching_loss
-from workers.config import ConfigError, RunConfig, teacher_location
+from workers.config import BUILT_IN_PREFIX, ConfigError, RunConfig, teacher_location
 
 
 def embedded_teacher_dir(config: RunConfig) -> Path:
@@ -52,6 +52,8 @@ def teacher_dir(config: RunConfig) -> Path:
         return hub_snapshot(path)
     if location == "s3":
         return fetch_s3_teacher(config, path)
+    if location == "builtin":
+        return built_in_teacher(config, path.removeprefix(BUILT_IN_PREFIX))
     return Path(path)
 
 
@@ -91,6 +93,33 @@ def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
             if local.stat().st_size != info["size"]:
                 raise OSError(f"{path}: fetched {local.stat().st_size} bytes, the listing says {info['size']}")
         (tmp / FETCHED).write_text(json.dumps({"url": url, "files": len(listing)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / FETCHED).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def built_in_teacher(config: RunConfig, name: str) -> Path:
+    """<teacher_cache>/builtin-<name>/: the tiny pipeline of models/tiny_pipelines.py saved once (save_pretrained,
+    seed 0: the same weights on every machine) and reused. Written in a temporary folder and renamed into place,
+    as fetch_s3_teacher does, so that concurrent builders (precompute actors, training workers) share one copy."""
+    from models.families.pretrained import quiet_loading
+
+    target = teacher_cache(config) / f"builtin-{name}"
+    if (target / FETCHED).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with quiet_loading():
+            from models.tiny_pipelines import pipeline
+
+            pipeline(name).save_pretrained(tmp)
+        (tmp / FETCHED).write_text(json.dumps({"built_in": name}))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: use its copy

@@ -4,9 +4,11 @@ Family they build from their own loader (pretrained_family)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +54,30 @@ def read_component_config(path: str | Path, component: str) -> dict:
     raise FileNotFoundError(f"{folder} has no config.json: the pipeline directory is incomplete")
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' own console output while pipelines load and save kept to errors: a progress bar
+    per component and per weight file, advice to install accelerate, the torch_dtype rename (a FutureWarning kept
+    for diffusers < 0.36, which has no `dtype`). The commands print their own plan and progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        for lib, (verbosity, bars) in zip(libraries, before):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def copy_pipeline_components(source: Path | None, target: Path, skip: set[str], family: str) -> None:
     """Copy model_index.json and every component folder of the teacher's pipeline except those in skip:
     an exported generator is the teacher's pipeline with the distilled denoiser and its own scheduler."""
@@ -74,13 +100,14 @@ def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_cl
     without denoiser and VAE, for its encode_prompt."""
     from diffusers import AutoencoderKL
 
-    net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
-    text_pipeline = None
-    if options.text_encoders:
-        text_pipeline = pipeline_class.from_pretrained(path, **{denoiser: None}, vae=None, scheduler=scheduler,
-                                                       torch_dtype=options.dtype)
-        text_pipeline.set_progress_bar_config(disable=True)
+    with quiet_loading():
+        net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
+        text_pipeline = None
+        if options.text_encoders:
+            text_pipeline = pipeline_class.from_pretrained(path, **{denoiser: None}, vae=None, scheduler=scheduler,
+                                                           torch_dtype=options.dtype)
+            text_pipeline.set_progress_bar_config(disable=True)
     return net, vae, text_pipeline
 
 
@@ -150,7 +177,8 @@ def pretrained_family(name: str, pipeline_class: str, denoiser: str,
         writes the generator's scheduler over the teacher's)."""
         path = Path(path)
         copy_pipeline_components(adapter.source, path, {denoiser}, name)
-        net.save_pretrained(path / denoiser)
+        with quiet_loading():
+            net.save_pretrained(path / denoiser)
 
     def evaluate_samples(images: torch.Tensor, prompts: list[str], seed: int = 0) -> dict[str, float]:
         return {"pixel_diversity": pixel_diversity(images, prompts)}

@@ -17,8 +17,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, TeacherAdapter
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
-                                       read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, quiet_loading,
+                                       random_denoiser, read_component_config, read_model_index)
 from models.flow import sampling_sigmas
 
 NAME = "sd3"
@@ -147,7 +147,8 @@ def deterministic_scheduler(path: Path, family: str) -> FlowMatchEulerDiscreteSc
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SD3Adapter, SD3Transformer2DModel]:
     """(adapter, transformer) from a StableDiffusion3Pipeline directory; text encoders and VAE as options say."""
-    from diffusers import StableDiffusion3Pipeline
+    with quiet_loading():  # the pipeline module's first import tells of transformers' image processors
+        from diffusers import StableDiffusion3Pipeline
 
     path = Path(path)
     read_model_index(path, NAME)

@@ -25,8 +25,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
-                                       read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, quiet_loading,
+                                       random_denoiser, read_component_config, read_model_index)
 from models.flow import expand_t, x0_from_velocity
 from models.losses import diversity_loss_x0
 
@@ -275,7 +275,8 @@ def ode_scheduler(path: Path) -> EulerDiscreteScheduler:
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SDXLAdapter, UNet2DConditionModel]:
     """(adapter, UNet) from a StableDiffusionXLPipeline directory; text encoders and VAE as options say."""
-    from diffusers import StableDiffusionXLPipeline
+    with quiet_loading():  # the pipeline module's first import tells of transformers' image processors
+        from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
     read_model_index(path, NAME)
