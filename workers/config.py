@@ -95,14 +95,15 @@ class TeacherConfig:
         if self.path:
             from models.tiny_pipelines import BUILT_IN
 
+            location = teacher_location(self.path)
             built_in = ", ".join(BUILT_IN_PREFIX + name for name in BUILT_IN)
-            _check(teacher_location(self.path) != "missing", "path",
+            _check(location != "missing", "path",
                    f"{self.path!r} is neither an existing directory, an s3://bucket/prefix URL, a hub id "
                    f"(owner/name) nor a built-in pipeline ({built_in}); give one of those")
-            family = BUILT_IN.get(self.path.removeprefix(BUILT_IN_PREFIX)) if self.path.startswith(
-                BUILT_IN_PREFIX) else None
-            _check(family in (None, self.family), "path",
-                   f"{self.path} is a {family} pipeline: set teacher.family={family} (it is {self.family})")
+            if location == "builtin":
+                family = BUILT_IN[self.path.removeprefix(BUILT_IN_PREFIX)]
+                _check(family == self.family, "path",
+                       f"{self.path} is a {family} pipeline: set teacher.family={family} (it is {self.family})")
         _check(self.resolution >= 0, "resolution", f"must be >= 0 (0 = the model's native size), got {self.resolution}")
         _check(self.guidance_scale >= 0, "guidance_scale",
                f"must be >= 0 (1.0 is the conditional model alone), got {self.guidance_scale}")

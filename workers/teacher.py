@@ -11,6 +11,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,9 +68,8 @@ def teacher_cache(config: RunConfig) -> Path:
 def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
     """A local copy of the teacher at url (s3://bucket/prefix), fetched once through s3fs into
     <teacher_cache>/<name>-<hash of url>/ and reused by every later call on this machine (delete the
-    folder to fetch again). The copy is made in a temporary folder and renamed into place when every
-    file has arrived with its listed size, so a killed fetch leaves nothing that looks complete, and
-    concurrent fetchers (precompute actors, training workers) end up sharing one copy."""
+    folder to fetch again). Every file must arrive with its listed size; fill_once makes the copy complete or
+    absent and shared by concurrent fetchers."""
     from workers.store import filesystem
 
     url = url.rstrip("/")
@@ -83,16 +83,28 @@ def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
                                 f"`aws s3 sync DIR {url}`) or fix the URL"
                                 + ("" if config.storage.s3_endpoint_url else
                                    " (for S3-compatible stores, set storage.s3_endpoint_url)"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def fetch(tmp: Path) -> dict:
         for path, info in tqdm(sorted(listing.items()), desc=f"fetch {url}", unit="file", mininterval=2.0):
             local = tmp / posixpath.relpath(path, root)
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(path, str(local))
             if local.stat().st_size != info["size"]:
                 raise OSError(f"{path}: fetched {local.stat().st_size} bytes, the listing says {info['size']}")
-        (tmp / FETCHED).write_text(json.dumps({"url": url, "files": len(listing)}))
+        return {"url": url, "files": len(listing)}
+
+    return fill_once(target, fetch)
+
+
+def fill_once(target: Path, fill: Callable[[Path], dict]) -> Path:
+    """target, filled by fill(folder) in a temporary folder beside it and renamed into place with the FETCHED
+    record (fill's dict) written last: a killed fill leaves nothing that looks complete, and concurrent fillers
+    (precompute actors, training workers) end up sharing one copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        record = fill(tmp)
+        (tmp / FETCHED).write_text(json.dumps(record))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: use its copy
@@ -105,29 +117,21 @@ def fetch_s3_teacher(config: RunConfig, url: str) -> Path:
 
 def built_in_teacher(config: RunConfig, name: str) -> Path:
     """<teacher_cache>/builtin-<name>/: the tiny pipeline of models/tiny_pipelines.py saved once (save_pretrained,
-    seed 0: the same weights on every machine) and reused. Written in a temporary folder and renamed into place,
-    as fetch_s3_teacher does, so that concurrent builders (precompute actors, training workers) share one copy."""
+    seed 0: the same weights on every machine) and reused; concurrent builders share one copy (fill_once)."""
     from models.families.pretrained import quiet_loading
 
     target = teacher_cache(config) / f"builtin-{name}"
     if (target / FETCHED).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> dict:
         with quiet_loading():
             from models.tiny_pipelines import pipeline
 
             pipeline(name).save_pretrained(tmp)
-        (tmp / FETCHED).write_text(json.dumps({"built_in": name}))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not (target / FETCHED).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return {"built_in": name}
+
+    return fill_once(target, build)
 
 
 def hub_snapshot(repo_id: str) -> Path:

@@ -94,19 +94,20 @@ def copy_pipeline_components(source: Path | None, target: Path, skip: set[str], 
             shutil.copy2(entry, target / entry.name)
 
 
-def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_class, pipeline_class, scheduler):
+def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_class, pipeline_class: str, scheduler):
     """(net, vae, text_pipeline) of a pipeline directory in options.dtype: the denoiser (the component folder
-    named denoiser, of denoiser_class); the VAE when options.vae; when options.text_encoders, the pipeline
-    without denoiser and VAE, for its encode_prompt."""
+    named denoiser, of denoiser_class); the VAE when options.vae; when options.text_encoders, the pipeline (the
+    diffusers class named pipeline_class) without denoiser and VAE, for its encode_prompt."""
+    import diffusers
     from diffusers import AutoencoderKL
 
-    with quiet_loading():
+    with quiet_loading():  # the pipeline module's first import also tells of transformers' image processors
         net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
         text_pipeline = None
         if options.text_encoders:
-            text_pipeline = pipeline_class.from_pretrained(path, **{denoiser: None}, vae=None, scheduler=scheduler,
-                                                           torch_dtype=options.dtype)
+            text_pipeline = getattr(diffusers, pipeline_class).from_pretrained(
+                path, **{denoiser: None}, vae=None, scheduler=scheduler, torch_dtype=options.dtype)
             text_pipeline.set_progress_bar_config(disable=True)
     return net, vae, text_pipeline
 

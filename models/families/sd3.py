@@ -17,8 +17,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, TeacherAdapter
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, quiet_loading,
-                                       random_denoiser, read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
 from models.flow import sampling_sigmas
 
 NAME = "sd3"
@@ -147,9 +147,6 @@ def deterministic_scheduler(path: Path, family: str) -> FlowMatchEulerDiscreteSc
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SD3Adapter, SD3Transformer2DModel]:
     """(adapter, transformer) from a StableDiffusion3Pipeline directory; text encoders and VAE as options say."""
-    with quiet_loading():  # the pipeline module's first import tells of transformers' image processors
-        from diffusers import StableDiffusion3Pipeline
-
     path = Path(path)
     read_model_index(path, NAME)
     scheduler = deterministic_scheduler(path, NAME)
@@ -161,7 +158,7 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     max_tokens = transformer_config.get("pos_embed_max_size") or transformer_config["sample_size"] // patch
     check_resolution(resolution, vae_scale_factor * patch, max_tokens * patch * vae_scale_factor, NAME)
     net, vae, text_pipeline = load_components(path, options, "transformer", SD3Transformer2DModel,
-                                              StableDiffusion3Pipeline, scheduler)
+                                              "StableDiffusion3Pipeline", scheduler)
     adapter = SD3Adapter(resolution, transformer_config["in_channels"], vae_scale_factor, scheduler, path,
                          text_pipeline, vae, vae_config.get("scaling_factor", SD3_SCALING_FACTOR),
                          vae_config.get("shift_factor", SD3_SHIFT_FACTOR) or 0.0)

@@ -25,8 +25,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, quiet_loading,
-                                       random_denoiser, read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
+                                       read_component_config, read_model_index)
 from models.flow import expand_t, x0_from_velocity
 from models.losses import diversity_loss_x0
 
@@ -275,9 +275,6 @@ def ode_scheduler(path: Path) -> EulerDiscreteScheduler:
 
 def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tuple[SDXLAdapter, UNet2DConditionModel]:
     """(adapter, UNet) from a StableDiffusionXLPipeline directory; text encoders and VAE as options say."""
-    with quiet_loading():  # the pipeline module's first import tells of transformers' image processors
-        from diffusers import StableDiffusionXLPipeline
-
     path = Path(path)
     read_model_index(path, NAME)
     scheduler = ode_scheduler(path)
@@ -290,8 +287,8 @@ def load_teacher(path: str | Path, options: LoadOptions = LoadOptions()) -> tupl
     native = unet_config["sample_size"] * vae_scale_factor
     resolution = options.resolution or native
     check_resolution(resolution, vae_scale_factor * 2 ** (len(unet_config["down_block_types"]) - 1), 2 * native, NAME)
-    net, vae, text_pipeline = load_components(path, options, "unet", UNet2DConditionModel, StableDiffusionXLPipeline,
-                                              scheduler)
+    net, vae, text_pipeline = load_components(path, options, "unet", UNet2DConditionModel,
+                                              "StableDiffusionXLPipeline", scheduler)
     adapter = SDXLAdapter(resolution, unet_config["in_channels"], vae_scale_factor, scheduler, path, text_pipeline,
                           vae, vae_config.get("scaling_factor", SDXL_SCALING_FACTOR), vae_config.get("latents_mean"),
                           vae_config.get("latents_std"))
