@@ -13,15 +13,20 @@ TINY_DISTILL = ["schedule.num_generator_updates=4", "schedule.critic_updates_per
                 "generator.optim.lr=1e-3", "critic.optim.lr=1e-3"]
 
 
-def own_ray_processes(title: str) -> list:
-    """This process's Ray cluster's worker processes whose title contains `title` (as psutil.Process): a test
-    that kills one must not hit another test process's cluster on the same machine (pytest-xdist)."""
+def own_ray_processes(title: str, head_pid: int | None = None) -> list:
+    """This process's Ray cluster's worker processes whose title contains `title` (as psutil.Process), or those of
+    the `ray start` head with pid head_pid: a test that kills one must not hit another Ray on the same machine
+    (the other pytest-xdist process's cluster, or this one's)."""
     import psutil
     import ray
 
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    if head_pid is None:
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        candidates = psutil.Process(raylet).children()
+    else:
+        candidates = psutil.Process(head_pid).children(recursive=True)
     found = []
-    for proc in psutil.Process(raylet).children():
+    for proc in candidates:
         try:
             if any(title in part for part in proc.cmdline()):
                 found.append(proc)

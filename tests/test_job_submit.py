@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, mlflow_server, tiny_config
+from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, mlflow_server, own_ray_processes, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -120,19 +120,12 @@ def head(tmp_path):
 def _kill_a_worker_once(head: subprocess.Popen, runs: Path, killed: list) -> None:
     """Once a run's step-20 checkpoint is being written (step 10 is then a committed one to resume from), kill one
     of its Ray Train workers: a process of our head's node, not of another Ray on the machine."""
-    import psutil
-
     deadline = time.time() + 300
     while time.time() < deadline and not list(runs.glob("*-distill-killed-run/checkpoints/step-0000020")):
         time.sleep(0.05)
-    for proc in psutil.Process(head.pid).children(recursive=True):
-        try:
-            if any("RayTrainWorker" in part for part in proc.cmdline()):
-                proc.kill()
-                killed.append(proc.pid)
-                return
-        except psutil.Error:  # it ended meanwhile
-            pass
+    for proc in own_ray_processes("RayTrainWorker", head.pid)[:1]:
+        proc.kill()
+        killed.append(proc.pid)
 
 
 def test_our_runtime_environment_steps_aside_for_what_the_job_sets():
