@@ -42,9 +42,12 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         ray.init(**options)
     else:  # "local": a new cluster of our own, never one that another `ray start` on this machine left behind
         # A sweep starts several processes per trial (its driver, Ray Train's controller and workers): more than
-        # the one-per-core the raylet starts at a time and warns about
+        # the one-per-core the raylet starts at a time and warns about. Ray also starts one idle worker per core
+        # for the first driver, but those have no runtime environment and ours sets one, so none of them would
+        # ever run our tasks: on a 2-core machine that was two useless processes, on a 64-core one sixty-four.
         ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
-                 configure_logging=True, _system_config={"worker_maximum_startup_concurrency": 16}, **options)
+                 configure_logging=True, **options,
+                 _system_config={"worker_maximum_startup_concurrency": 16, "prestart_worker_first_driver": False})
 
 
 def beside_the_job(ours: dict, job_config_json: str | None = None) -> dict:

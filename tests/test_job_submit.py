@@ -23,6 +23,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 # Ray >= 2.60 turns token authentication on by itself when ~/.ray/auth_token exists; this loopback-only
 # head and its clients agree on it being off, whatever an earlier Ray left in the home directory.
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# The head's raylet would start an idle worker per core for the first driver (the probe below), which no job with
+# a working directory can use; our own local clusters do without them too (orchestrator/cluster.py)
+HEAD_ENV = {**ENV, "RAY_prestart_worker_first_driver": "0"}
 # Planted in the head's environment, which the job's driver and workers inherit: none of them may reach a file
 # the run writes, MLflow's database included
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret", "AWS_SESSION_TOKEN": "planted-session-token",
@@ -103,7 +106,7 @@ def head(tmp_path):
                                  f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
                                  "--num-cpus=2", "--include-dashboard=true",
                                  "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT,
-                                env={**ENV, **SECRETS})
+                                env={**HEAD_ENV, **SECRETS})
         proc.gcs_port = gcs
         url = _dashboard_url(gcs, proc)
         if url:

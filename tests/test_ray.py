@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,21 @@ def test_an_actor_pool_precompute_survives_a_killed_actor_and_matches_the_in_pro
     assert [s["sha256"] for s in store.shards] == [s["sha256"] for s in local.shards]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# Another run's local cluster on this machine, started as a dpdmd command starts it; once up, it says how many idle
+# worker processes its raylet runs, counted after Ray has had time to start any for this, its first driver
+ANOTHER_RUN = """
+import sys, time, psutil, ray
+from orchestrator.cluster import ensure_ray
+ensure_ray()
+raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+time.sleep(3)
+idle = [p for p in raylet.children() if {"ray::IDLE", "default_worker.py"} & {a.split("/")[-1] for a in p.cmdline()}]
+print("up idle", len(idle), flush=True)
+sys.stdin.read()
+"""
+
+
 def test_every_worker_names_its_own_cluster_while_another_ray_runs_here(ray_cluster):
     """Ray's state API, called without an address from a worker (as Ray Train's placement-group cleaner asks
     about its controller), found two Rays on this machine and raised ConnectionError, uncaught: the cleaner's
@@ -66,11 +82,13 @@ def test_every_worker_names_its_own_cluster_while_another_ray_runs_here(ray_clus
     import ray
     from ray.util.state.exception import RayStateApiException
 
-    other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=0, "
-                              "include_dashboard=False); print('up', flush=True); sys.stdin.read()"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    other = subprocess.Popen([sys.executable, "-c", ANOTHER_RUN], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert other.stdout.readline().strip() == "up"
+        # Also: a cluster the project starts runs no idle workers it will never use. Ray started one per core for
+        # the first driver, without the runtime environment that every task and actor of ours has, so none of
+        # them ever ran one: two processes here, one per core of a large machine.
+        assert other.stdout.readline().split() == ["up", "idle", "0"]
 
         @ray.remote(num_cpus=0)
         def ask_about(actor_id: str):
