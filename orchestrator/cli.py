@@ -191,84 +191,108 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dpdmd", description="Diversity-preserved distribution matching distillation on Ray.")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the log lines of Ray, its workers and the libraries too (hidden by default)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="the embedded default end to end: teacher, evaluation, pictures")
+def _demo_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("config", help="print the resolved config of a recipe plus overrides, after validation")
+
+def _config_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
-    p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("train-teacher", help="train an embedded family's teacher (flow matching, CFG dropout)")
+
+def _train_teacher_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--out", default=None, help="directory for the teacher (default: under storage.output_dir)")
-    p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("precompute", help="teacher anchors and prompt embeddings into the Parquet trajectory store")
+
+def _precompute_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--no-ray", action="store_true", help="compute in this process instead of a Ray actor pool")
-    p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("repair-store", help="verify every shard of a trajectory store and recompute the ones that "
-                                            "fail, with the config the store keeps (the command store errors name)")
+
+def _repair_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="the store's directory or s3:// URL, as the error names it")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides on the store's config, e.g. trajectories.num_actors=4")
     p.add_argument("--no-ray", action="store_true", help="compute in this process instead of a Ray actor pool")
-    p.set_defaults(func=cmd_repair_store)
 
-    p = sub.add_parser("distill", help="distil a few-step generator on Ray Train with DeepSpeed engines")
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--no-ray", action="store_true",
                    help="run the train function in this process (or under torchrun), without Ray or MLflow")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue a stopped or killed run from its last checkpoint, with its own config.yaml")
-    p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("sweep", help="Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality")
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
                    help="continue a stopped sweep: its finished trials are kept, the others continue from their "
                         "last checkpoints")
-    p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("fidelity", help="teacher, DMD and DP-DMD settings over several training seeds: the "
-                                        "table with its spread")
+
+def _fidelity_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--no-ray", action="store_true",
                    help="run trials as local processes of the train function (a GPU machine without Ray)")
     p.add_argument("--jobs", type=int, default=1, help="with --no-ray: trials at a time (default 1)")
-    p.add_argument("--out", default=None, help="the table's directory (default: a new run directory); with "
-                                               "--no-ray, giving an earlier run's directory runs only its unfinished trials")
+    p.add_argument("--out", default=None,
+                   help="the table's directory (default: a new run directory); with --no-ray, giving an earlier "
+                        "run's directory runs only its unfinished trials")
     p.add_argument("--together", type=int, default=1, metavar="N",
                    help="with --no-ray: train up to N trials per process as one batched computation (small "
                         "embedded teachers, fp32; default 1: a process per trial)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="with --together: trials still training after MINUTES checkpoint and stop; the same "
                         "command with --out DIR continues them")
-    p.set_defaults(func=cmd_fidelity)
 
-    p = sub.add_parser("evaluate", help="diversity and quality of the teacher (or a generator) on held-out seeds")
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--generator", default=None,
                    help="an exported generator directory (from dpdmd distill); default: the recipe's teacher")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="sample prompts x seeds; writes a PNG grid and the raw arrays (.npz)")
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p, DEFAULT_RECIPE)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: the eval prompts)")
     p.add_argument("--seeds", default="0-8", help="seeds, e.g. 0-8 or 1,5,9 (default: 0-8)")
     p.add_argument("--out", default=None, help="output directory (default: a new run directory)")
     p.add_argument("--generator", default=None,
                    help="an exported generator directory (from dpdmd distill); default: the recipe's teacher")
-    p.set_defaults(func=cmd_sample)
+
+
+# The subcommands in the order `dpdmd --help` lists them: (name, help, adder of its own arguments, handler).
+COMMANDS = [
+    ("demo", "the embedded default end to end: teacher, evaluation, pictures", _demo_args, cmd_demo),
+    ("config", "print the resolved config of a recipe plus overrides, after validation", _config_args, cmd_config),
+    ("train-teacher", "train an embedded family's teacher (flow matching, CFG dropout)", _train_teacher_args,
+     cmd_train_teacher),
+    ("precompute", "teacher anchors and prompt embeddings into the Parquet trajectory store", _precompute_args,
+     cmd_precompute),
+    ("repair-store", "verify every shard of a trajectory store and recompute the ones that fail, with the config "
+                     "the store keeps (the command store errors name)", _repair_store_args, cmd_repair_store),
+    ("distill", "distil a few-step generator on Ray Train with DeepSpeed engines", _distill_args, cmd_distill),
+    ("sweep", "Ray Tune over dotted keys (sweep.space); Pareto front of diversity and quality", _sweep_args,
+     cmd_sweep),
+    ("fidelity", "teacher, DMD and DP-DMD settings over several training seeds: the table with its spread",
+     _fidelity_args, cmd_fidelity),
+    ("evaluate", "diversity and quality of the teacher (or a generator) on held-out seeds", _evaluate_args,
+     cmd_evaluate),
+    ("sample", "sample prompts x seeds; writes a PNG grid and the raw arrays (.npz)", _sample_args, cmd_sample),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpdmd", description="Diversity-preserved distribution matching distillation on Ray.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the log lines of Ray, its workers and the libraries too (hidden by default)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_args, func in COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
     return parser
 
 

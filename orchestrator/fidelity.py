@@ -20,6 +20,7 @@ same steps (workers/trials.py); their metrics land in JSON instead of MLflow.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from models.families import get_family
@@ -55,18 +56,13 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     (workers/trials.py: fp32, not sd3); time_limit_s (with together > 1) makes trials still
     training at that many seconds after the start checkpoint and stop, and the command end without a table:
     the same command with --out continues."""
-    from orchestrator.precompute import precompute
-    from orchestrator.runs import make_run_dir, summary
-    from workers.context import clock, device_for
-    from workers.teacher import teacher_dir, train_teacher
-    from workers.tracking import tracking_uri
+    from orchestrator.runs import make_run_dir
+    from workers.context import clock
 
     start, tag = time.time(), f"[{kind}]"
     space = space or load_space(config.sweep.space)
     check_space(space)
-    if not config.teacher.path and not teacher_dir(config).is_dir():
-        print(f"{tag} training the embedded {config.teacher.family} teacher")
-        train_teacher(config, device=device_for(config.distributed.use_gpu))
+    _ensure_teacher(config, tag)
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)
     teacher, cut = evaluate_teacher(config, out_dir, tag)
@@ -75,26 +71,12 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     def write(rows: list[dict], parent=None) -> None:
         written["table"], written["report"] = write_fidelity(rows, teacher, config, out_dir, time.time() - start, cut)
         if parent is not None:
-            parent.log_metrics(teacher, prefix="teacher_")
-            for name in ("fidelity.md", "fidelity.png", "fidelity_samples.png", "fidelity_per_seed.csv"):
-                if (out_dir / name).is_file():
-                    parent.log_artifact(out_dir / name)
+            _log_to_parent(parent, teacher, out_dir)
 
     if use_ray:
-        from orchestrator.sweep import run_sweep
-
-        sweep_dir = out_dir / "sweep"
-        result = run_sweep(config, base, space, teacher, sweep_dir, resume=(sweep_dir / "tune").is_dir(),
-                           on_done=lambda parent, result: write(result.rows, parent), quiet=True)
-        tracking = {"MLflow": f"parent run {result.parent_run_id} (mlflow ui --backend-store-uri "
-                              f"{tracking_uri(config)})"}
+        tracking = _run_on_ray(config, base, space, teacher, out_dir, write)
     else:
-        stores = set()
-        for point in grid_points(space):  # every store exists before trials start
-            store, store_summary = precompute(trial_config(base, point), use_ray=False, progress=False)
-            if store.root not in stores:
-                print(store_summary)
-            stores.add(store.root)
+        _precompute_stores(base, space)
         deadline = start + time_limit_s if time_limit_s else None
         rows = run_local_trials(base, space, out_dir / "trials", jobs, together=together, deadline=deadline)
         if rows is None:
@@ -102,16 +84,71 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
                   f"command and --out {out_dir}")
             return out_dir
         write(rows)
-        curve = plot_fidelity_curves(rows, get_family(config.teacher.family), config, out_dir / "fidelity_curve.png")
-        tracking = {"training curves": curve} if curve else {}
-        if curve:
-            with (out_dir / "fidelity.md").open("a") as f:
-                f.write(f"\nDuring training (every {config.evaluation.every} generator updates, the same held-out "
-                        f"prompts and seeds, mean over training seeds):\n\n![curves]({curve.name})\n")
+        tracking = _training_curves(rows, config, out_dir)
+    _print_done(tag, start, out_dir, written, tracking)
+    return out_dir
+
+
+def _ensure_teacher(config: RunConfig, tag: str) -> None:
+    """Train the embedded family's teacher when the recipe names no teacher and none has been trained yet."""
+    from workers.context import device_for
+    from workers.teacher import teacher_dir, train_teacher
+
+    if not config.teacher.path and not teacher_dir(config).is_dir():
+        print(f"{tag} training the embedded {config.teacher.family} teacher")
+        train_teacher(config, device=device_for(config.distributed.use_gpu))
+
+
+def _log_to_parent(parent, teacher: dict[str, float], out_dir: Path) -> None:
+    """The teacher's metrics and the table's files, those that were written, into the sweep's MLflow parent run."""
+    parent.log_metrics(teacher, prefix="teacher_")
+    for name in ("fidelity.md", "fidelity.png", "fidelity_samples.png", "fidelity_per_seed.csv"):
+        if (out_dir / name).is_file():
+            parent.log_artifact(out_dir / name)
+
+
+def _run_on_ray(config: RunConfig, base: dict, space: dict[str, dict], teacher: dict[str, float], out_dir: Path,
+                write: Callable) -> dict:
+    """The trials as a Ray Tune sweep in out_dir/sweep (continued when its Tune state is there), the table written
+    when it is done; returns where its tracking is, for the summary."""
+    from orchestrator.sweep import run_sweep
+    from workers.tracking import tracking_uri
+
+    sweep_dir = out_dir / "sweep"
+    result = run_sweep(config, base, space, teacher, sweep_dir, resume=(sweep_dir / "tune").is_dir(),
+                       on_done=lambda parent, result: write(result.rows, parent), quiet=True)
+    return {"MLflow": f"parent run {result.parent_run_id} (mlflow ui --backend-store-uri {tracking_uri(config)})"}
+
+
+def _precompute_stores(base: dict, space: dict[str, dict]) -> None:
+    """Every store the space's trials read, written before any trial starts; each store's summary printed once."""
+    from orchestrator.precompute import precompute
+
+    stores = set()
+    for point in grid_points(space):
+        store, store_summary = precompute(trial_config(base, point), use_ray=False, progress=False)
+        if store.root not in stores:
+            print(store_summary)
+        stores.add(store.root)
+
+
+def _training_curves(rows: list[dict], config: RunConfig, out_dir: Path) -> dict:
+    """fidelity_curve.png from the trials' evaluations during training, linked from fidelity.md; returns where it
+    is for the summary (empty without such evaluations)."""
+    curve = plot_fidelity_curves(rows, get_family(config.teacher.family), config, out_dir / "fidelity_curve.png")
+    if curve:
+        with (out_dir / "fidelity.md").open("a") as f:
+            f.write(f"\nDuring training (every {config.evaluation.every} generator updates, the same held-out "
+                    f"prompts and seeds, mean over training seeds):\n\n![curves]({curve.name})\n")
+    return {"training curves": curve} if curve else {}
+
+
+def _print_done(tag: str, start: float, out_dir: Path, written: dict, tracking: dict) -> None:
+    """The table, then where the run's report, pictures, per-seed values and tracking are."""
+    from orchestrator.runs import summary
+    from workers.context import clock
+
     print(f"\n{written['table']}\n")
     print(summary(f"{tag} done in {clock(time.time() - start)}", {
         "run directory": out_dir, "report": written["report"], "pictures": out_dir / "fidelity_samples.png",
         "per-seed values": out_dir / "fidelity_per_seed.csv", **tracking}))
-    return out_dir
-
-

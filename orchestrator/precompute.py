@@ -101,13 +101,7 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     start = time.time()
     url = store_url(config, spec)
     fs, root = filesystem(config, url)
-    store = None
-    if not repair and fs.exists(posixpath.join(root, MANIFEST)):
-        try:
-            store = open_store(fs, root)
-        except StoreError as err:
-            print(f"{err}\n[precompute] verifying every shard of {url} and recomputing the ones that fail")
-            repair = True
+    store, repair = _open_listed(fs, root, url, repair)
     complete = store is not None and len(store.shards) >= spec.num_shards
     if config.trajectories.gpus_per_actor > 0 and not complete:  # before anything is written
         require_gpu("trajectories.gpus_per_actor", _gpus(use_ray), "the Ray cluster" if use_ray else "this machine")
@@ -118,7 +112,36 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     if store is not None:
         print(f"trajectory store {url}: {store.num_rows} rows, the run needs {spec.num_rows}; extending it")
         listed = {s["index"]: ShardInfo(**s) for s in store.shards}
+    spec, done, verified = _verify_found(fs, root, spec, listed, progress, repair)
+    todo = [i for i in range(spec.num_shards) if i not in done]
+    if repair and not todo and not _readable(fs, posixpath.join(root, NEGATIVE)):
+        AnchorWriter(config, spec, url)  # it writes the negative conditioning as it starts
+    writers = min(config.trajectories.num_actors, len(todo)) if use_ray else 1
+    if todo and plan:
+        _print_plan(config, spec, url, todo, writers)
+    written = _write_shards(config, spec, url, todo, done, use_ray, progress, plan, writers)
+    write_manifest(fs, root, spec, done)
+    store = open_store(fs, root)
+    return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start, verified)
 
+
+def _open_listed(fs, root: str, url: str, repair: bool) -> tuple[Store | None, bool]:
+    """The store as its manifest lists it, unless repairing or it has none; a manifest that fails its checks
+    turns the fill into a repair. Returns the store (or None) and whether to repair."""
+    if repair or not fs.exists(posixpath.join(root, MANIFEST)):
+        return None, repair
+    try:
+        return open_store(fs, root), repair
+    except StoreError as err:
+        print(f"{err}\n[precompute] verifying every shard of {url} and recomputing the ones that fail")
+        return None, True
+
+
+def _verify_found(fs, root: str, spec: StoreSpec, listed: dict[int, ShardInfo], progress: bool,
+                  repair: bool) -> tuple[StoreSpec, dict[int, ShardInfo], int]:
+    """Read whole and verify every shard found that the manifest does not list, and name the ones that fail (they
+    are recomputed). Returns spec (for a repair, grown to keep every shard the store had), the sound shards
+    with the listed ones, and how many shards were verified."""
     done, problems = verified_shards(fs, root, spec, skip=listed, progress=progress)
     verified = len(done) + len(problems)
     done.update(listed)
@@ -128,16 +151,23 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     for index, problem in sorted(problems.items()):
         if index < spec.num_shards:
             print(f"[precompute] {location(fs, posixpath.join(root, shard_name(index)))} {problem}: recomputing it")
-    todo = [i for i in range(spec.num_shards) if i not in done]
-    if repair and not todo and not _readable(fs, posixpath.join(root, NEGATIVE)):
-        AnchorWriter(config, spec, url)  # it writes the negative conditioning as it starts
-    writers = min(config.trajectories.num_actors, len(todo)) if use_ray else 1
-    if todo and plan:
-        print(f"[precompute] plan: {len(todo) * spec.rows_per_shard:,} rows to compute, {len(todo)} shards of "
-              f"{spec.rows_per_shard} ({spec.num_shards - len(todo)} of {spec.num_shards} there already), into {url}, "
-              f"by {writers} writer{'s' * (writers > 1)}"
-              f"{' on the GPU' if config.trajectories.gpus_per_actor > 0 else ' on CPUs'}; "
-              "its size and time follow from the first shard", flush=True)
+    return spec, done, verified
+
+
+def _print_plan(config: RunConfig, spec: StoreSpec, url: str, todo: list[int], writers: int) -> None:
+    """What the precompute will compute, where and by how many writers, before the first shard."""
+    print(f"[precompute] plan: {len(todo) * spec.rows_per_shard:,} rows to compute, {len(todo)} shards of "
+          f"{spec.rows_per_shard} ({spec.num_shards - len(todo)} of {spec.num_shards} there already), into {url}, "
+          f"by {writers} writer{'s' * (writers > 1)}"
+          f"{' on the GPU' if config.trajectories.gpus_per_actor > 0 else ' on CPUs'}; "
+          "its size and time follow from the first shard", flush=True)
+
+
+def _write_shards(config: RunConfig, spec: StoreSpec, url: str, todo: list[int], done: dict[int, ShardInfo],
+                  use_ray: bool, progress: bool, plan: bool, writers: int) -> int:
+    """Compute the shards in todo, adding each to done as it lands, under a progress bar (whole lines when the
+    console is a log file); with plan, the first shard's size and time and an estimate for the rest. Returns the
+    bytes written."""
     tty = sys.stderr.isatty()
     bar = tqdm(total=spec.num_rows, initial=sum(s.rows for i, s in done.items() if i < spec.num_shards), unit="row",
                desc="precompute anchors", disable=not progress, file=sys.stderr if tty else LogLines(sys.stderr),
@@ -153,9 +183,7 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
                   f"{_size(info['bytes'] * rest)} and at most {clock(seconds * rest / writers)} more", flush=True)
         bar.update(info["rows"])
     bar.close()
-    write_manifest(fs, root, spec, done)
-    store = open_store(fs, root)
-    return store, PrecomputeSummary(url, False, store.num_rows, len(todo), written, time.time() - start, verified)
+    return written
 
 
 def _size(n: float) -> str:

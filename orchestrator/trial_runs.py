@@ -81,26 +81,42 @@ def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep
     from ray import tune
 
     from orchestrator.precompute import precompute
-    from orchestrator.runs import (GENERATOR_DIR, Distilled, evaluate_generator, live_evaluator, make_run_dir,
-                                   record_data, tracked_run)
-    from workers.context import LocalContext
-    from workers.live_eval import LiveEvaluation
-    from workers.train import store_source, train
+    from orchestrator.runs import record_data
 
     pbt = config.sweep.scheduler == "pbt"
     start = tune.get_checkpoint() if pbt else None
-    if pbt:
-        trial_id = tune.get_context().get_trial_id()
-        segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
-        run_dir = make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
-    else:
-        run_dir = sweep_dir / trial_name(params)
-        if not (run_dir / "config.yaml").is_file():  # else a restarted trial: its checkpoints are there
-            run_dir = make_run_dir(config, "distill", sweep_dir, run_dir.name)
+    run_dir = _trial_run_dir(config, params, sweep_dir, pbt)
     store, _ = precompute(config, use_ray=False, progress=False)  # the sweep made it: this only opens it
     record_data(run_dir, store, config, 1)
     hyper = {k: v for k, v in params.items() if k in PBT_KEYS} if pbt else {}
-    watched = reports_while_training(config)
+    context = _trial_context(pbt, hyper, reports_while_training(config), start)
+    result = _train_tracked(config, run_dir, store, context, parent_run_id)
+    tune.report({**_final_report(config, result), **hyper})
+
+
+def _trial_run_dir(config: RunConfig, params: dict, sweep_dir: Path, pbt: bool) -> Path:
+    """The run directory of a trial that trains in its own process: under PBT a new one per segment; otherwise the
+    trial's own, made unless it is there already (a restarted trial, whose checkpoints are in it)."""
+    from ray import tune
+
+    from orchestrator.runs import make_run_dir
+
+    if pbt:
+        trial_id = tune.get_context().get_trial_id()
+        segment = len(list(sweep_dir.glob(f"pbt-{trial_id}-*")))
+        return make_run_dir(config, "distill", sweep_dir, f"pbt-{trial_id}-{segment}")
+    run_dir = sweep_dir / trial_name(params)
+    if not (run_dir / "config.yaml").is_file():  # else a restarted trial: its checkpoints are there
+        run_dir = make_run_dir(config, "distill", sweep_dir, run_dir.name)
+    return run_dir
+
+
+def _trial_context(pbt: bool, hyper: dict, watched: bool, start) -> type:
+    """The trainer's context class for a trial in its own process. hyper: the PBT settings each report carries;
+    watched: whether reports go to Tune (reports_while_training); start: the checkpoint Tune handed over, or None."""
+    from ray import tune
+
+    from workers.context import LocalContext
 
     class TrialContext(LocalContext):
         """Checkpoints in the trial's run directory, each report also to Tune when a scheduler or the collapse
@@ -120,10 +136,20 @@ def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep
         def latest_checkpoint(self) -> Path | None:
             return super().latest_checkpoint() or (Path(start.to_directory()) if start else None)
 
+    return TrialContext
+
+
+def _train_tracked(config: RunConfig, run_dir: Path, store, context: type, parent_run_id: str):
+    """Train in this process under the trial's MLflow run, export the generator of the last checkpoint into
+    run_dir, log it and the config, and evaluate it; returns the trial's Distilled result with its evaluation."""
+    from orchestrator.runs import GENERATOR_DIR, Distilled, evaluate_generator, live_evaluator, tracked_run
+    from workers.live_eval import LiveEvaluation
+    from workers.train import store_source, train
+
     with tracked_run(config, run_dir, "distill", parent_run_id) as tracked:
         mlflow = (tracked.uri, tracked.run_id)
         actor = live_evaluator(config, run_dir, mlflow)
-        ctx = TrialContext(run_dir)
+        ctx = context(run_dir)
         progress = train(config, ctx, store_source(store), store.negative(), mlflow,
                          live=LiveEvaluation.ray_actor(actor) if actor is not None else None)
         last = ctx.latest_checkpoint()  # this segment's, or the one handed over when nothing was left to train
@@ -135,7 +161,7 @@ def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep
         result = Distilled(run_dir, generator_dir, {**metrics, "generator_update": progress.generator_updates,
                                                     "resumes": progress.resumes}, tracked.run_id)
         result.evaluation = evaluate_generator(config, generator_dir, run_dir, run_dir.name, tracked)
-    tune.report({**_final_report(config, result), **hyper})
+    return result
 
 
 def _teacher_metrics(config: RunConfig) -> dict[str, float]:
@@ -235,14 +261,7 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
     import multiprocessing
 
     points = grid_points(space)
-    rows, todo = [], []
-    for params in points:
-        run_dir = trials_dir / trial_name(params)
-        done = run_dir / "result.json"
-        if done.is_file():
-            rows.append(json.loads(done.read_text()))
-        else:
-            todo.append((params, run_dir))
+    rows, todo = _finished_rows(points, trials_dir)
     groups = [todo[i:i + together] for i in range(0, len(todo), together)]
     print(f"[fidelity] {len(points)} trials, {len(rows)} already done, {len(todo)} to run, "
           + (f"{len(groups)} process(es) of up to {together} trials trained together, " if together > 1 else "")
@@ -250,35 +269,11 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
     failures, unfinished = [], 0
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-
-        def config_of(params, run_dir):
-            return to_dict(trial_config(base, params, **{"tracking.run_name": trial_title(params)}))
-        if together > 1:
-            pending = {pool.submit(runner or run_trial_group, [config_of(*t) for t in group],
-                                   [str(t[1]) for t in group], threads, deadline): group for group in groups}
-        else:
-            pending = {pool.submit(runner or run_local_trial, config_of(*t), str(t[1]), threads): [t] for t in todo}
+        pending = _submit_trials(pool, base, groups, jobs, runner, together, deadline)
         for future in futures.as_completed(pending):
             group = pending[future]
-            try:
-                results = future.result()
-                results = results if together > 1 else [results]
-            except Exception as err:  # one failed process does not lose the others
-                results = [err] * len(group)
-            for (params, run_dir), metrics in zip(group, results):
-                if metrics is None:
-                    unfinished += 1
-                    continue
-                if isinstance(metrics, Exception):
-                    failures.append(f"{run_dir.name}: {metrics!r}")
-                    print(f"[fidelity] trial {run_dir.name} failed: {failure_summary(run_dir, metrics)}")
-                    continue
-                (run_dir / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
-                row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
-                (run_dir / "result.json").write_text(json.dumps(row, indent=1))
-                rows.append(row)
-                print(f"[fidelity] {len(rows)}/{len(points)} done: {run_dir.name}")
+            outcomes = _outcomes(future, together, len(group))
+            unfinished += _record_outcomes(group, outcomes, rows, failures, len(points))
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(points)} trials failed (the finished ones are kept; rerun the "
                            f"same command with --out {trials_dir.parent} to run only the rest; each failed trial's "
@@ -288,6 +283,65 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
               f"same command with --out {trials_dir.parent} to continue them")
         return None
     return rows
+
+
+def _finished_rows(points: list[dict], trials_dir: Path) -> tuple[list[dict], list[tuple[dict, Path]]]:
+    """The rows of the trials that finished already (their result.json), and (params, run directory) of the rest."""
+    rows, todo = [], []
+    for params in points:
+        run_dir = trials_dir / trial_name(params)
+        done = run_dir / "result.json"
+        if done.is_file():
+            rows.append(json.loads(done.read_text()))
+        else:
+            todo.append((params, run_dir))
+    return rows, todo
+
+
+def _submit_trials(pool, base: dict, groups: list[list[tuple[dict, Path]]], jobs: int,
+                   runner: Callable | None, together: int, deadline: float | None) -> dict:
+    """Each group's process submitted to pool, the machine's cores shared among the jobs: with together > 1 one
+    process per group (run_trial_group), else one per trial (run_local_trial). Maps each future to its trials."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+
+    def config_of(params, run_dir):
+        return to_dict(trial_config(base, params, **{"tracking.run_name": trial_title(params)}))
+    if together > 1:
+        return {pool.submit(runner or run_trial_group, [config_of(*t) for t in group],
+                            [str(t[1]) for t in group], threads, deadline): group for group in groups}
+    return {pool.submit(runner or run_local_trial, config_of(*group[0]), str(group[0][1]), threads): group
+            for group in groups}
+
+
+def _outcomes(future, together: int, size: int) -> list:
+    """A finished process's outcome per trial: its metrics, error or None each, or for every trial of the
+    process the exception that ended it."""
+    try:
+        results = future.result()
+        return results if together > 1 else [results]
+    except Exception as err:  # one failed process does not lose the others
+        return [err] * size
+
+
+def _record_outcomes(group: list[tuple[dict, Path]], outcomes: list, rows: list[dict], failures: list[str],
+                     total: int) -> int:
+    """Each trial's outcome: its row into result.json and rows, or its failure reported and added to failures;
+    returns how many of the trials stopped unfinished (None)."""
+    unfinished = 0
+    for (params, run_dir), metrics in zip(group, outcomes):
+        if metrics is None:
+            unfinished += 1
+            continue
+        if isinstance(metrics, Exception):
+            failures.append(f"{run_dir.name}: {metrics!r}")
+            print(f"[fidelity] trial {run_dir.name} failed: {failure_summary(run_dir, metrics)}")
+            continue
+        (run_dir / ERROR_LOG).unlink(missing_ok=True)  # an earlier attempt's
+        row = {"params": params, **{f"eval_{k}": v for k, v in metrics.items()}, "run_dir": str(run_dir)}
+        (run_dir / "result.json").write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        print(f"[fidelity] {len(rows)}/{total} done: {run_dir.name}")
+    return unfinished
 
 
 def record_failure(run_dir: Path | str, err: BaseException) -> Path:

@@ -12,7 +12,9 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,19 +106,73 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
            mlflow_run: tuple[str, str] | None, teacher: tuple[TeacherAdapter, nn.Module] | None,
            on_cycle: Callable[[Progress, dict], None] | None, save: bool, live: LiveEvaluation | None,
            cleanup: ExitStack) -> Progress:
-    dist, schedule = config.distributed, config.schedule
-    device = ctx.device(dist.use_gpu)
-    if device.type == "cuda":  # the run owns its process's current device: NCCL and the allocator use it
-        torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if dist.precision == "bf16" else torch.float32
+    """train()'s body inside its cleanup stack, which destroys the engines (and hands back the parked teacher and
+    the collector's frozen objects) whether it returns or raises."""
+    device, dtype = _claim_device(config, ctx)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
     # Training workers hold no text encoders: the store carries every row's prompt embeddings and the
     # empty prompt's. Only the inline (reference-script) structure encodes prompts here.
     adapter, teacher = teacher or load_teacher(config, device, dtype, text_encoders=source is None or negative is None)
+    generator, critic, teacher_weights = _engines(config, teacher, device, cleanup)
+    rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
+    progress = _resume(ctx, generator, critic, rng)
+
+    source = source or inline_source(adapter, teacher, device)
+    data = source(config, ctx, progress)
+    negative = negative if negative is not None else adapter.negative_conditioning(1)
+    distiller = Distiller(config, adapter, teacher, generator, critic, device, rng, negative, ctx.all_finite,
+                          teacher_weights)
+    distiller.skipped = progress.skipped_steps
+    logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)
+
+    _cycles(_Run(config, ctx, device, adapter, generator, critic, rng, progress, data, distiller, logger, cleanup,
+                 on_cycle, save, live))
+    if live is not None:
+        live.close()  # the snapshots still being scored: their results land in MLflow and live_eval.jsonl
+    logger.close()
+    return progress
+
+
+@dataclass
+class _Run:
+    """What the cycles of one train() call share: the engines and the distiller that updates them, the data
+    streams, where the run stands (progress and the noise RNG, both checkpointed) and where reports go."""
+
+    config: RunConfig
+    ctx: WorkerContext
+    device: torch.device
+    adapter: TeacherAdapter
+    generator: Any  # DeepSpeed engines
+    critic: Any
+    rng: torch.Generator
+    progress: Progress
+    data: TrainingData
+    distiller: Distiller
+    logger: Any
+    cleanup: ExitStack
+    on_cycle: Callable[[Progress, dict], None] | None
+    save: bool
+    live: LiveEvaluation | None
+
+
+def _claim_device(config: RunConfig, ctx: WorkerContext) -> tuple[torch.device, torch.dtype]:
+    """This rank's device, made the process's current one on a GPU, and the dtype distributed.precision trains in."""
+    device = ctx.device(config.distributed.use_gpu)
+    if device.type == "cuda":  # the run owns its process's current device: NCCL and the allocator use it
+        torch.cuda.set_device(device)
+    return device, torch.bfloat16 if config.distributed.precision == "bf16" else torch.float32
+
+
+def _engines(config: RunConfig, teacher: nn.Module, device: torch.device, cleanup: ExitStack):
+    """The generator's and the critic's engines, trainable copies of the teacher that cleanup destroys; compiled
+    with the teacher under distributed.compile. The third value is the teacher's weights parked in host memory
+    under distributed.offload_teacher (None otherwise), which cleanup hands back."""
+    dist = config.distributed
     generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
                              config.generator.optim, config)
-    critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"), config.critic.optim, config)
+    critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"),
+                          config.critic.optim, config)
     # DeepSpeed's gradient hooks hold each engine through autograd's C++ nodes, where Python's collector cannot see
     # the cycle: without destroy() every train() call would leave both engines and their optimizer state behind.
     for engine in (generator, critic):
@@ -129,8 +185,11 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
         teacher_weights = ParkedNetwork(teacher, device)
         # handed back on the device when train() returns; after a failure, in host memory (no GPU memory needed)
         cleanup.push(lambda failed, *_: teacher_weights.restore(on_device=failed is None))
-    rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
+    return generator, critic, teacher_weights
 
+
+def _resume(ctx: WorkerContext, generator, critic, rng: torch.Generator) -> Progress:
+    """Where the run stands: the engines, the RNG and the progress from the newest checkpoint, or a fresh start."""
     progress = Progress()
     checkpoint = ctx.latest_checkpoint()
     if checkpoint is not None:
@@ -140,80 +199,110 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
         critic.load_checkpoint(str(checkpoint), tag=tags["critic"])
         progress = read_progress(checkpoint, rng, ctx.rank)
         progress.resumes += 1
+    return progress
 
-    source = source or inline_source(adapter, teacher, device)
-    data = source(config, ctx, progress)
-    negative = negative if negative is not None else adapter.negative_conditioning(1)
-    distiller = Distiller(config, adapter, teacher, generator, critic, device, rng, negative, ctx.all_finite,
-                          teacher_weights)
-    distiller.skipped = progress.skipped_steps
-    batch_size = dist.batch_size_per_worker
-    logger = metric_logger(*(mlflow_run or (None, None)), ctx.rank)
 
+def _cycles(run: _Run) -> None:
+    """Critic/generator cycles until schedule.num_generator_updates, each handed to on_cycle, then logged,
+    checkpointed and reported as the schedule asks."""
+    progress, schedule = run.progress, run.config.schedule
     began, first = time.perf_counter(), progress.generator_updates
     while progress.generator_updates < schedule.num_generator_updates:
         start = time.perf_counter()
-        critic_metrics: list[dict[str, float]] = []
-        with record_function(f"{REGION}data"):
-            prompts = [next(data.prompts).to(device)
-                       for _ in range(schedule.critic_updates_per_generator - progress.cycle_position)]
-        for batch, x_gen in zip(prompts, distiller.generator_samples(prompts)):
-            where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
-            critic_metrics.append(distiller.critic_step(batch, x_gen, where))
-            progress.cycle_position += 1
-            progress.critic_updates += 1
-            progress.prompt_rows_consumed += batch_size
-        where = f"generator update {progress.generator_updates + 1}"
-        with record_function(f"{REGION}data"):
-            anchors = data.next_anchors(where).to(device)
-        metrics = distiller.generator_step(anchors, where)
-        progress.generator_updates += 1
-        if progress.generator_updates == first + 1:
-            freeze_survivors(cleanup)
-        progress.cycle_position = 0
-        progress.rows_consumed += batch_size
-        progress.skipped_steps = distiller.skipped
-        if data.rows_available:
-            metrics["anchor_passes"] = progress.rows_consumed / data.rows_available
-
+        critic_metrics = _critic_updates(run)
+        metrics = _generator_update(run, first)
         step = progress.generator_updates
-        if config.evaluation.every and step % config.evaluation.every == 0:
-            snapshot = snapshot_generator(generator, config, ctx.rank)  # every rank: ZeRO-3 gathers collectively
-            if live is not None:
-                live.submit(step, snapshot)
-        if live is not None:
-            # Tune's schedulers refuse a report without their metric: until the first evaluation is back, NaN
-            if config.sweep.metric.startswith(LIVE):
-                metrics[config.sweep.metric] = float("nan")
-            metrics.update(live.newest())
-        cycle_s = time.perf_counter() - start
-        metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
-                        for k in ("loss_critic",)})
-        metrics.update(generator_update=step, critic_updates=progress.critic_updates, resumes=progress.resumes,
-                       skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
-                       samples_per_s=batch_size * (schedule.critic_updates_per_generator + 1) / cycle_s)
+        _live_evaluation(run, step, metrics)
+        _cycle_metrics(run, metrics, critic_metrics, time.perf_counter() - start)
         last = step == schedule.num_generator_updates
-        if on_cycle is not None:
-            on_cycle(progress, metrics)
+        if run.on_cycle is not None:
+            run.on_cycle(progress, metrics)
         if step % schedule.log_every == 0 or last:
-            elapsed = time.perf_counter() - began
-            ctx.log(metrics, schedule.num_generator_updates, elapsed,
-                    elapsed / (step - first) * (schedule.num_generator_updates - step))
-            logger.log({k: v for k, v in metrics.items() if not k.startswith(LIVE)}, step)  # the evaluator logs those
-        if save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
-            directory = ctx.checkpoint_staging_dir(checkpoint_name(step))
-            generator.save_checkpoint(str(directory), tag=ENGINE_TAGS["generator"])
-            critic.save_checkpoint(str(directory), tag=ENGINE_TAGS["critic"])
-            write_progress(directory, progress, rng, ctx.rank)
-            if last:
-                export_generator(config, adapter, generator, directory / GENERATOR_DIR, ctx.rank)
-            ctx.report(metrics, directory)
+            _log(run, metrics, step, time.perf_counter() - began, first)
+        if run.save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last):
+            _checkpoint(run, metrics, step, last)
         elif step % schedule.log_every == 0:
-            ctx.report(metrics)
+            run.ctx.report(metrics)
+
+
+def _critic_updates(run: _Run) -> list[dict[str, float]]:
+    """The cycle's critic updates still due (schedule.critic_updates_per_generator less progress.cycle_position),
+    each on its own prompt batch and the generator's samples for it; their metrics, in order."""
+    progress = run.progress
+    critic_metrics: list[dict[str, float]] = []
+    with record_function(f"{REGION}data"):
+        prompts = [next(run.data.prompts).to(run.device)
+                   for _ in range(run.config.schedule.critic_updates_per_generator - progress.cycle_position)]
+    for batch, x_gen in zip(prompts, run.distiller.generator_samples(prompts)):
+        where = f"critic update {progress.critic_updates + 1} (generator update {progress.generator_updates + 1})"
+        critic_metrics.append(run.distiller.critic_step(batch, x_gen, where))
+        progress.cycle_position += 1
+        progress.critic_updates += 1
+        progress.prompt_rows_consumed += run.config.distributed.batch_size_per_worker
+    return critic_metrics
+
+
+def _generator_update(run: _Run, first: int) -> dict[str, float]:
+    """The cycle's generator update on the next anchor batch, and its metrics. After this call's first one,
+    what lives as long as the run is frozen for the collector (freeze_survivors)."""
+    progress = run.progress
+    where = f"generator update {progress.generator_updates + 1}"
+    with record_function(f"{REGION}data"):
+        anchors = run.data.next_anchors(where).to(run.device)
+    metrics = run.distiller.generator_step(anchors, where)
+    progress.generator_updates += 1
+    if progress.generator_updates == first + 1:
+        freeze_survivors(run.cleanup)
+    progress.cycle_position = 0
+    progress.rows_consumed += run.config.distributed.batch_size_per_worker
+    progress.skipped_steps = run.distiller.skipped
+    if run.data.rows_available:
+        metrics["anchor_passes"] = progress.rows_consumed / run.data.rows_available
+    return metrics
+
+
+def _live_evaluation(run: _Run, step: int, metrics: dict) -> None:
+    """Every evaluation.every generator updates a snapshot of the generator, for the live evaluation (rank 0);
+    its newest finished result joins the metrics."""
+    config, live = run.config, run.live
+    if config.evaluation.every and step % config.evaluation.every == 0:
+        snapshot = snapshot_generator(run.generator, config, run.ctx.rank)  # every rank: ZeRO-3 gathers collectively
+        if live is not None:
+            live.submit(step, snapshot)
     if live is not None:
-        live.close()  # the snapshots still being scored: their results land in MLflow and live_eval.jsonl
-    logger.close()
-    return progress
+        # Tune's schedulers refuse a report without their metric: until the first evaluation is back, NaN
+        if config.sweep.metric.startswith(LIVE):
+            metrics[config.sweep.metric] = float("nan")
+        metrics.update(live.newest())
+
+
+def _cycle_metrics(run: _Run, metrics: dict, critic_metrics: list[dict[str, float]], cycle_s: float) -> None:
+    """The cycle's mean critic loss, where the run stands and how fast it goes, added to its metrics."""
+    progress, batch_size = run.progress, run.config.distributed.batch_size_per_worker
+    metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
+                    for k in ("loss_critic",)})
+    metrics.update(generator_update=progress.generator_updates, critic_updates=progress.critic_updates,
+                   resumes=progress.resumes, skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
+                   samples_per_s=batch_size * (run.config.schedule.critic_updates_per_generator + 1) / cycle_s)
+
+
+def _log(run: _Run, metrics: dict, step: int, elapsed: float, first: int) -> None:
+    """The metrics to the context's log, with the time left estimated from this call's pace, and to MLflow."""
+    total = run.config.schedule.num_generator_updates
+    run.ctx.log(metrics, total, elapsed, elapsed / (step - first) * (total - step))
+    run.logger.log({k: v for k, v in metrics.items() if not k.startswith(LIVE)}, step)  # the evaluator logs those
+
+
+def _checkpoint(run: _Run, metrics: dict, step: int, last: bool) -> None:
+    """Both engines, the progress and the RNG into the step's checkpoint, with the exported generator after the
+    last update; then the metrics are reported with it."""
+    directory = run.ctx.checkpoint_staging_dir(checkpoint_name(step))
+    run.generator.save_checkpoint(str(directory), tag=ENGINE_TAGS["generator"])
+    run.critic.save_checkpoint(str(directory), tag=ENGINE_TAGS["critic"])
+    write_progress(directory, run.progress, run.rng, run.ctx.rank)
+    if last:
+        export_generator(run.config, run.adapter, run.generator, directory / GENERATOR_DIR, run.ctx.rank)
+    run.ctx.report(metrics, directory)
 
 
 def freeze_survivors(cleanup: ExitStack) -> None:

@@ -396,15 +396,60 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
 
 
 def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, attention) -> TrialsResult:
+    """train_trials under its GPU settings: set the trials up, run their cycles to the end or the deadline (there,
+    checkpoint where they stand), then export the generators of the trials that finished."""
+    group = _set_up(configs, run_dirs, store, teacher, attention)
+    trials, first, total = group.trials, group.first, configs[0].schedule.num_generator_updates
+    stopped_early = _run_cycles(group, deadline, on_cycle, save)
+    if stopped_early and save and trials[0].progress.generator_updates > first:
+        _save_stopped(group)
+    done = trials[0].progress.generator_updates - first
+    elapsed = time.perf_counter() - group.start
+    finished = [t.progress.generator_updates >= total and t.error is None for t in trials]
+    if save:
+        _export(group, finished)
+    return TrialsResult([t.progress for t in trials], [t.error for t in trials], finished,
+                        done * len(trials) / elapsed if elapsed > 0 else 0.0)
+
+
+@dataclass
+class _Group:
+    """The trials of one train_trials call with their networks, when and at which generator update the call
+    began, and the metrics summed on the device since the last read (one host sync per log interval)."""
+
+    trials: list[Trial]
+    batch: TrialBatch
+    adapter: object
+    device: torch.device
+    start: float
+    first: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach()
+        self.count += 1
+
+    def read(self, step: int) -> None:
+        """The interval's mean metrics to every trial (_read), and a new interval."""
+        elapsed = time.perf_counter() - self.start
+        _read(self.trials, self.batch, {k: v / self.count for k, v in self.sums.items()}, step, elapsed,
+              step - self.first)
+        self.sums, self.count = {}, 0
+
+
+def _set_up(configs, run_dirs, store, teacher, attention) -> _Group:
+    """The teacher, every trial with its RNG and run directory, their stacked networks continued from the newest
+    update all of them checkpointed, and each trial's data streams positioned where it stands."""
     from workers.teacher import load_teacher
-    from workers.train import GENERATOR_DIR, export_generator, store_source
+    from workers.train import store_source
 
     check_batchable(configs)
     config = configs[0]
     device = device_for(config.distributed.use_gpu)
     torch.manual_seed(config.seed)
-    every = config.evaluation.every
-    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(every))
+    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(config.evaluation.every))
     trials = [Trial(c, LocalContext(d), torch.Generator().manual_seed(c.seed * 100_003), Progress())
               for c, d in zip(configs, run_dirs)]
     batch = TrialBatch(configs, adapter, net, store.negative(), device, attention)
@@ -412,71 +457,89 @@ def _train_trials(configs, run_dirs, store, teacher, deadline, on_cycle, save, a
     source = store_source(store)
     for trial in trials:
         trial.data = source(trial.config, trial.ctx, trial.progress)
+    return _Group(trials, batch, adapter, device, time.perf_counter(), trials[0].progress.generator_updates)
 
-    schedule = config.schedule
+
+def _run_cycles(group: _Group, deadline: float | None, on_cycle: Callable[[int, dict], None] | None,
+                save: bool) -> bool:
+    """Cycles until schedule.num_generator_updates, each handed to on_cycle, then read, checkpointed and evaluated
+    as the schedule asks. True: the deadline stopped them first."""
+    trials, batch = group.trials, group.batch
+    schedule, every = trials[0].config.schedule, trials[0].config.evaluation.every
     total = schedule.num_generator_updates
-    start, first = time.perf_counter(), trials[0].progress.generator_updates
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    stopped_early = False
     while trials[0].progress.generator_updates < total:
         if deadline is not None and time.time() > deadline:
-            stopped_early = True
-            break
+            return True
         step = trials[0].progress.generator_updates + 1
-        update = torch.full((), step, dtype=torch.long, device=device)
-        inputs = draw_cycle(trials, adapter, batch.loss_sigmas, device)
-        num_critic = len(inputs.critic_t)
-        x_gen = batch.generator_samples(inputs.critic_eps, inputs.critic_cond)
-        n = batch.num_trials
-        # trial-major rows (trial, critic update, row) -> one (N * B) batch per critic update
-        x_gen = x_gen.reshape(n, num_critic, -1, *x_gen.shape[1:])
-        cond = {k: v.reshape(n, num_critic, -1, *v.shape[1:]) for k, v in inputs.critic_cond.tensors.items()}
-        critic_sum = torch.zeros(n, device=device)
-        for j in range(num_critic):
-            rows = lambda v: v[:, j].reshape(-1, *v.shape[3:])  # noqa: E731
-            metrics = batch.critic_step(rows(x_gen), inputs.critic_t[j], inputs.critic_eps2[j],
-                                        Conditioning({k: rows(v) for k, v in cond.items()}), update)
-            critic_sum += metrics["loss_critic"]
-        metrics = batch.generator_step(inputs, update)
-        metrics["loss_critic"] = critic_sum / num_critic
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0) + value.detach()
-        count += 1
-        for trial in trials:
-            p = trial.progress
-            p.critic_updates += num_critic
-            p.prompt_rows_consumed += num_critic * config.distributed.batch_size_per_worker
-            p.generator_updates += 1
-            p.rows_consumed += config.distributed.batch_size_per_worker
+        metrics = _cycle(group, step)
         if on_cycle is not None:
             on_cycle(step, metrics)
         last = step == total
         checkpoint = save and ((schedule.checkpoint_every and step % schedule.checkpoint_every == 0) or last)
         if step % schedule.log_every == 0 or last or checkpoint:
-            elapsed = time.perf_counter() - start
-            _read(trials, batch, {k: v / count for k, v in sums.items()}, step, elapsed, (step - first))
-            sums, count = {}, 0
+            group.read(step)
         if checkpoint:
             _save(trials, batch, step)
         if every and step % every == 0:
-            _evaluate(trials, batch, adapter, step, device)
-    if stopped_early and save and trials[0].progress.generator_updates > first:
-        step = trials[0].progress.generator_updates
-        if sums:
-            _read(trials, batch, {k: v / count for k, v in sums.items()}, step, time.perf_counter() - start,
-                  step - first)
-        _save(trials, batch, step)
-    done = trials[0].progress.generator_updates - first
-    elapsed = time.perf_counter() - start
-    finished = [t.progress.generator_updates >= total and t.error is None for t in trials]
-    if save:
-        for index, trial in enumerate(trials):
-            if finished[index]:
-                export_generator(trial.config, adapter, SimpleNamespace(module=batch.generator.trial_module(index)),
-                                 Path(trial.ctx.run_dir) / GENERATOR_DIR, 0)
-    return TrialsResult([t.progress for t in trials], [t.error for t in trials], finished,
-                        done * len(trials) / elapsed if elapsed > 0 else 0.0)
+            _evaluate(trials, batch, group.adapter, step, group.device)
+    return False
+
+
+def _cycle(group: _Group, step: int) -> dict[str, torch.Tensor]:
+    """One cycle of every trial: its inputs drawn, the critic updates, the generator update. Its metrics (per trial,
+    on the device) are added to the interval's sums and every trial's progress moves on."""
+    batch, device = group.batch, group.device
+    update = torch.full((), step, dtype=torch.long, device=device)
+    inputs = draw_cycle(group.trials, group.adapter, batch.loss_sigmas, device)
+    num_critic = len(inputs.critic_t)
+    critic_sum = _critic_updates(batch, inputs, update, device)
+    metrics = batch.generator_step(inputs, update)
+    metrics["loss_critic"] = critic_sum / num_critic
+    group.add(metrics)
+    batch_size = group.trials[0].config.distributed.batch_size_per_worker
+    for trial in group.trials:
+        p = trial.progress
+        p.critic_updates += num_critic
+        p.prompt_rows_consumed += num_critic * batch_size
+        p.generator_updates += 1
+        p.rows_consumed += batch_size
+    return metrics
+
+
+def _critic_updates(batch: TrialBatch, inputs: CycleInputs, update: torch.Tensor,
+                    device: torch.device) -> torch.Tensor:
+    """The cycle's critic updates, each on one batch of every trial's generator samples; each trial's summed loss."""
+    num_critic = len(inputs.critic_t)
+    x_gen = batch.generator_samples(inputs.critic_eps, inputs.critic_cond)
+    n = batch.num_trials
+    # trial-major rows (trial, critic update, row) -> one (N * B) batch per critic update
+    x_gen = x_gen.reshape(n, num_critic, -1, *x_gen.shape[1:])
+    cond = {k: v.reshape(n, num_critic, -1, *v.shape[1:]) for k, v in inputs.critic_cond.tensors.items()}
+    critic_sum = torch.zeros(n, device=device)
+    for j in range(num_critic):
+        rows = lambda v: v[:, j].reshape(-1, *v.shape[3:])  # noqa: E731
+        metrics = batch.critic_step(rows(x_gen), inputs.critic_t[j], inputs.critic_eps2[j],
+                                    Conditioning({k: rows(v) for k, v in cond.items()}), update)
+        critic_sum += metrics["loss_critic"]
+    return critic_sum
+
+
+def _save_stopped(group: _Group) -> None:
+    """At the deadline: the metrics not read yet, and a checkpoint of every trial where it stands, to continue."""
+    step = group.trials[0].progress.generator_updates
+    if group.sums:
+        group.read(step)
+    _save(group.trials, group.batch, step)
+
+
+def _export(group: _Group, finished: list[bool]) -> None:
+    """Each finished trial's generator into its run directory, as train exports one."""
+    from workers.train import GENERATOR_DIR, export_generator
+
+    for index, trial in enumerate(group.trials):
+        if finished[index]:
+            generator = SimpleNamespace(module=group.batch.generator.trial_module(index))
+            export_generator(trial.config, group.adapter, generator, Path(trial.ctx.run_dir) / GENERATOR_DIR, 0)
 
 
 def _read(trials: list[Trial], batch: TrialBatch, means: dict[str, torch.Tensor], step: int, elapsed: float,
