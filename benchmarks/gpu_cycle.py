@@ -19,8 +19,9 @@ while the other runs go on; the parent process only orders runs and writes the r
 median cycle seconds over --steps cycles after --warmup (one cycle = the critic updates + one generator update),
 samples/s, peak and held (between cycles) GPU memory, and FLOPs per cycle counted outside the measured runs
 (benchmarks/cycle_flops.py: each kind of network pass counted on the meta device, times the passes a cycle
-makes): MFU from model FLOPs, HFU with activation-checkpointing recompute, both against a bf16 matmul measured
-here; each timed cycle's seconds and the time Python's garbage collector held the process in it. Also
+makes): MFU from model FLOPs, HFU with activation-checkpointing recompute, each against the GPU's specified
+dense bf16 peak (SPEC_BF16_TFLOPS, as the field reports MFU) and against a bf16 matmul measured here; each timed
+cycle's seconds and the time Python's garbage collector held the process in it. Also
 precompute anchors/s against the bound of the teacher's K guided passes alone.
 Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) after every run.
 
@@ -115,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="count whole cycles under FlopCounterMode after each run (default: with --smoke only)")
     p.add_argument("--simulate-oom", action="store_true",
                    help="first a run of ours that raises out-of-memory after one cycle (tests the recording path)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, metavar="TFLOPS",
+                   help="the GPU's dense bf16 peak for MFU, where the built-in specification table lacks it or "
+                        "should be overridden (the measured matmul peak is reported beside it either way)")
     p.add_argument("--deadline", type=float, default=0.0, metavar="S",
                    help="stop a run at S seconds from the start and start none with under 60 s left (0: no limit)")
     p.add_argument("--smoke", action="store_true", help="tiny SD3 and encoders on CPU, 2 timed cycles")
@@ -217,6 +221,25 @@ def matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float
     end.record()
     end.synchronize()
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000)
+
+
+# Dense bf16 tensor-core peaks of the vendors' specification sheets, TFLOP/s without sparsity, by a part of the
+# name torch reports (the first that matches: the more specific names first). MFU against these is what
+# torchtitan, Megatron-LM and most published training figures report; --peak-tflops overrides the table.
+SPEC_BF16_TFLOPS = (("GH200", 989.4), ("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5),
+                    ("H100 PCIe", 756.5), ("H100", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05),
+                    ("L40", 181.05), ("RTX 6000 Ada", 364.2), ("RTX A6000", 154.8))
+
+
+def spec_peak(device_name: str, override_tflops: float = 0.0) -> tuple[float, str]:
+    """The specification's dense bf16 peak (FLOP/s) of the named GPU and where it comes from; NaN for a device
+    the table lacks (and for the CPU), unless override_tflops (--peak-tflops) names it."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    for part, tflops in SPEC_BF16_TFLOPS:
+        if part in device_name:
+            return tflops * 1e12, f"the {part} specification"
+    return float("nan"), f"not in the specification table ({device_name}); give --peak-tflops"
 
 
 def gib(device: torch.device, peak: bool = False) -> float:
@@ -734,11 +757,14 @@ def figures(args, result: dict, label: str, m: dict) -> dict:
     hardware = cycle_flops.cycle_flops(m["mode"], shape, passes, (config.generator.gradient_checkpointing,
                                                                     config.critic.gradient_checkpointing))
     cycle_s = statistics.median(m["cycle_s_all"])
-    peak = result["matmul_peak_flops"]
+    # MFU and HFU against the specification's dense peak (as the field reports them), and against the matmul
+    # peak measured in the run (what this GPU sustains on large matrix products)
+    spec, measured = result.get("spec_peak_flops", float("nan")), result["matmul_peak_flops"]
     m.update(cycle_s=cycle_s, samples_per_s_per_gpu=args.batch * (args.critic_updates + 1) / cycle_s,
              model_flops_per_cycle=model, hardware_flops_per_cycle=hardware,
-             model_tflops_per_s_per_gpu=model / cycle_s / 1e12, mfu=model / cycle_s / peak,
-             hfu=hardware / cycle_s / peak)
+             model_tflops_per_s_per_gpu=model / cycle_s / 1e12, mfu=model / cycle_s / spec,
+             hfu=hardware / cycle_s / spec, mfu_measured=model / cycle_s / measured,
+             hfu_measured=hardware / cycle_s / measured)
     if "counted_flops" in m:
         m["flops_check"] = {"model": [model, m["counted_flops"]["model"]],
                             "hardware": [hardware, m["counted_flops"]["hardware"]]}
@@ -787,7 +813,9 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
     from models.families.sd3 import conditioning_shapes
 
     transformer = random_sd3.transformer_config(args.smoke, args.layers)
+    spec_flops, spec_source = spec_peak(pre["device"], args.peak_tflops)
     result.update(device=pre["device"], torch=pre["torch"], matmul_peak_flops=pre["matmul_peak_flops"],
+                  spec_peak_flops=spec_flops, spec_peak_source=spec_source,
                   precompute=pre["precompute"],
                   model={"transformer": transformer, "latent_shape": [16, args.resolution // 8, args.resolution // 8],
                          "conditioning": {k: list(v) for k, v in conditioning_shapes(transformer).items()},
@@ -846,27 +874,30 @@ def markdown(result: dict) -> str:
         checkpointing += " (the reference: whole blocks)"
     lines = [
         f"{result.get('device', '?')} x {result['world_size']}, {result['date']}, torch {result.get('torch', '?')}; "
-        f"bf16 matmul peak {_fmt(result.get('matmul_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s; "
+        f"dense bf16 peak {_fmt(result.get('spec_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s "
+        f"({result.get('spec_peak_source', 'not known')}; MFU and HFU against it), bf16 matmul peak measured "
+        f"{_fmt(result.get('matmul_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s (MFU and HFU measured); "
         f"batch {s['batch']} per GPU, {s['critic_updates']} critic updates per generator update, "
         f"K = {s['anchor_step']}, {s['resolution']} px, ZeRO-{s['zero_stage']}, "
         f"checkpointing {checkpointing}; "
         f"median of {s['steps']} cycles after {s['warmup']}; "
         f"every run in a process of its own.",
         "",
-        "| run | cycle s | samples/s per GPU | model TFLOP per cycle | MFU | HFU (recompute counted) | peak GiB | "
-        "held GiB | x reference |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | cycle s | samples/s per GPU | model TFLOP per cycle | MFU | MFU measured | HFU (recompute counted) | "
+        "HFU measured | peak GiB | held GiB | x reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if "precompute_error" in result:
         return "\n".join(lines[:1] + ["", f"precompute failed: {result['precompute_error']}"]) + "\n"
     for label, m in result["runs"].items():
         name = label + (f" ({', '.join(m['overrides'])})" if m.get("overrides") and label not in MODES else "")
         if "error" in m:
-            lines.append(f"| {name} | {m['error']} | | | | | {_fmt(m.get('peak_memory_gib'), '.1f')} | | |")
+            lines.append(f"| {name} | {m['error']} | | | | | | | {_fmt(m.get('peak_memory_gib'), '.1f')} | | |")
             continue
         ratio = 1.0 if label == "reference" else result.get("ratios", {}).get(f"{label}_vs_reference")
         lines.append(f"| {name} | {m['cycle_s']:.3g} | {m['samples_per_s_per_gpu']:.3g} | "
-                     f"{m['model_flops_per_cycle'] / 1e12:.4g} | {_pct(m['mfu'])} | {_pct(m['hfu'])} | "
+                     f"{m['model_flops_per_cycle'] / 1e12:.4g} | {_pct(m['mfu'])} | {_pct(m['mfu_measured'])} | "
+                     f"{_pct(m['hfu'])} | {_pct(m['hfu_measured'])} | "
                      f"{_fmt(m['peak_memory_gib'], '.1f')} | {_fmt(m.get('held_memory_gib'), '.1f')} | "
                      f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
     p = result["precompute"]

@@ -195,5 +195,6 @@ def test_the_sd35_benchmark_at_two_blocks(tmp_path):
     for label, m in result["runs"].items():
         assert "error" not in m, (label, m["error"])
         assert m["cycle_s"] > 0 and m["peak_memory_gib"] > 0 and 0 < m["mfu"] < 1, label
+        assert m["mfu"] < m["mfu_measured"] < 1, label  # no GPU sustains its specified peak on matrix products
         released = m["released"]
         assert (released["engines"], released["optimizers"], released["tensor_bytes_left"]) == (0, 0, 0), label
