@@ -306,12 +306,14 @@ OWN_LINE = r"^\[(demo|distill|fidelity|precompute|sweep|trials)\] "
 RAY_NOISE = r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
 
 
-def quiet_ray_console() -> None:
+def quiet_console() -> None:
     """What Ray's driver does with the lines its workers print, set before ray is first imported (it reads these
     then; nothing the command has imported so far imports ray): each trial's progress line as printed (Ray would
     fold alike lines from two workers into one with a "[repeated 2x across cluster] (Ray deduplicates logs by
     default...)" note), and RAY_NOISE dropped; and Tune's legacy console reporter, which at verbose=0 prints
-    nothing (the new one prints an experiment box and result paths even then). A user's own settings win."""
+    nothing (the new one prints an experiment box and result paths even then); and MLflow's information lines
+    (setting up its database on a run's first use, in this process or a trial's). A user's own settings win."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", OWN_LINE)
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if not args.verbose:
-        quiet_ray_console()
+        quiet_console()
     from orchestrator import cluster
 
     cluster.VERBOSE = args.verbose

@@ -15,11 +15,12 @@ VERBOSE = False  # `dpdmd --verbose`: Ray's, its workers' and the libraries' log
 def worker_env() -> dict[str, str]:
     """What every Ray worker process of a run gets in its environment: passive OpenMP waiting (see
     BENCHMARKS.md), no hub lookups, training reports every 0.2 s instead of 2 s, and, unless verbose, no
-    library chatter (diffusers' and transformers' warnings, Python warnings)."""
+    library chatter (diffusers' and transformers' warnings, MLflow's information lines, Python warnings)."""
     env = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not VERBOSE:
-        env.update(DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+        env.update(DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error", MLFLOW_LOGGING_LEVEL="WARNING",
+                   PYTHONWARNINGS="ignore")
     return env
 
 

@@ -17,6 +17,9 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL]
+# What the libraries printed on a run's console (`dpdmd --verbose` shows them): MLflow setting up its database,
+# DeepSpeed saying in every CPU process that trains that it found no GPU
+LIBRARY_NOISE = ("Creating initial MLflow database tables", "Updating database tables", "Setting accelerator to CPU")
 
 
 @pytest.mark.parametrize("no_ray", [False, True])
@@ -89,6 +92,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_run_without_ray(tmp_p
     stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
                                                          tmp_path / "runs", _env())
     assert stopped.returncode == 130, stopped.stdout[-3000:]
+    assert "Setting accelerator to CPU" not in stopped.stdout, stopped.stdout[-3000:]  # DeepSpeed (LIBRARY_NOISE)
     last = stopped.stdout.strip().splitlines()[-1]
     assert "dpdmd: stopped; the last checkpoint is" in last and f"--resume {run_dir}" in last
 
@@ -119,6 +123,8 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
                                                          tmp_path / "runs", env)
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     assert f"Continue with: dpdmd distill --resume {run_dir}" in stopped.stdout
+    for noise in LIBRARY_NOISE:  # the command made the MLflow database, and its worker imported DeepSpeed on a CPU
+        assert noise not in stopped.stdout, stopped.stdout[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "KILLED"
@@ -127,6 +133,7 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     console = (resumed.stdout + resumed.stderr).strip().splitlines()
     assert len(console) <= 40 and not any("TrainingReport(" in line for line in console), "\n".join(console)
+    assert not [line for line in console for noise in LIBRARY_NOISE if noise in line], "\n".join(console)
     assert any(line.startswith("[distill] generator update 100/100") for line in console)
     closing = "\n".join(console[-5:])
     for what in ("run directory:", "generator:", "MLflow run:"):

@@ -35,14 +35,36 @@ def distributed(use_gpu: bool):
         os.environ.pop("LOCAL_RANK", None)
 
 
+def import_deepspeed(use_gpu: bool):
+    """The deepspeed module. Imported on a CPU it warned on every process's console that it found no GPU and
+    picked the CPU (which init_distributed then sets anyway); its logger drops what it logs below ERROR while it
+    is imported there. On a GPU, and once it is imported, nothing is held back."""
+    import logging
+    import sys
+
+    if use_gpu or "deepspeed" in sys.modules:
+        import deepspeed
+        return deepspeed
+    logger = logging.getLogger("DeepSpeed")  # the object DeepSpeed configures as it is imported
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    logger.addFilter(errors_only)
+    try:
+        import deepspeed
+    finally:
+        logger.removeFilter(errors_only)
+    return deepspeed
+
+
 def init_distributed(use_gpu: bool) -> None:
     """Join (or, in a single process, create) the process group DeepSpeed needs.
 
     Under Ray Train or torchrun the group or its environment (RANK, MASTER_ADDR, ...) already exists. Alone,
     a world of one on an in-memory store: no port, and nothing written into os.environ, so processes
     started later (trials, benchmarks) inherit no rendezvous settings."""
-    import deepspeed
-
+    deepspeed = import_deepspeed(use_gpu)
     if not use_gpu:
         from deepspeed.accelerator import set_accelerator
         from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
