@@ -5,6 +5,7 @@ and a failed trial's log."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -91,6 +92,10 @@ def _trial_in_process(config: RunConfig, params: dict, parent_run_id: str, sweep
     hyper = {k: v for k, v in params.items() if k in PBT_KEYS} if pbt else {}
     context = _trial_context(pbt, hyper, reports_while_training(config), start)
     result = _train_tracked(config, run_dir, store, context, parent_run_id)
+    # Tune stops this process as soon as the last report is in. The run's garbage (what train() gave back to the
+    # collector, DeepSpeed's reference cycles) is collected first: a full collection still running then was cut
+    # by the stop's SIGTERM and printed a SystemExit traceback ("Exception ignored in ... WeakSet") on the console.
+    gc.collect()
     tune.report({**_final_report(config, result), **hyper})
 
 
