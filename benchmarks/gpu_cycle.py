@@ -223,22 +223,27 @@ def matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1000)
 
 
-# Dense bf16 tensor-core peaks of the vendors' specification sheets, TFLOP/s without sparsity, by a part of the
-# name torch reports (the first that matches: the more specific names first). MFU against these is what
-# torchtitan, Megatron-LM and most published training figures report; --peak-tflops overrides the table.
+# Dense bf16 tensor-core peaks of the vendors' specification sheets, TFLOP/s without sparsity, by a model name as
+# a whole word of the name torch reports (the first that matches: the more specific names first, so that "H100 NVL"
+# is not read as an H100 SXM, nor "RTX A1000" as an A100). MFU against these is what torchtitan, Megatron-LM and
+# most published training figures report; --peak-tflops overrides the table.
 SPEC_BF16_TFLOPS = (("GH200", 989.4), ("H200 NVL", 835.5), ("H200", 989.4), ("H100 NVL", 835.5),
-                    ("H100 PCIe", 756.5), ("H100", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05),
-                    ("L40", 181.05), ("RTX 6000 Ada", 364.2), ("RTX A6000", 154.8))
+                    ("H100 PCIe", 756.5), ("H100", 989.4), ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0),
+                    ("L40S", 362.05), ("L40", 181.05), ("RTX 6000 Ada", 364.2), ("RTX A6000", 154.8))
 
 
 def spec_peak(device_name: str, override_tflops: float = 0.0) -> tuple[float, str]:
     """The specification's dense bf16 peak (FLOP/s) of the named GPU and where it comes from; NaN for a device
     the table lacks (and for the CPU), unless override_tflops (--peak-tflops) names it."""
+    import re
+
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
-    for part, tflops in SPEC_BF16_TFLOPS:
-        if part in device_name:
-            return tflops * 1e12, f"the {part} specification"
+    if "MIG" in device_name:  # a slice of the card: a share of its peak that the name does not say
+        return float("nan"), f"a MIG slice ({device_name}); give --peak-tflops"
+    for model, tflops in SPEC_BF16_TFLOPS:
+        if re.search(rf"\b{re.escape(model)}\b", device_name):
+            return tflops * 1e12, f"the {model} specification"
     return float("nan"), f"not in the specification table ({device_name}); give --peak-tflops"
 
 

@@ -19,8 +19,9 @@ def worker_env() -> dict[str, str]:
     env = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not VERBOSE:
-        env.update(DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error", MLFLOW_LOGGING_LEVEL="WARNING",
-                   PYTHONWARNINGS="ignore")
+        quiet = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error", "MLFLOW_LOGGING_LEVEL": "WARNING",
+                 "PYTHONWARNINGS": "ignore"}
+        env.update({k: os.environ.get(k, v) for k, v in quiet.items()})  # a user's own setting wins
     return env
 
 

@@ -84,6 +84,9 @@ def test_mfu_is_reported_against_the_specified_peak_and_the_measured_one(smoke):
     assert spec_peak("NVIDIA H200")[0] == spec_peak("NVIDIA H100 80GB HBM3")[0] == 989.4e12
     assert spec_peak("NVIDIA H100 PCIe")[0] == 756.5e12 and spec_peak("NVIDIA GH200 480GB")[0] == 989.4e12
     assert spec_peak("NVIDIA L40S")[0] == 362.05e12 and spec_peak("NVIDIA RTX A6000")[0] == 154.8e12
+    assert spec_peak("NVIDIA A100-SXM4-80GB")[0] == 312e12 and spec_peak("NVIDIA GB200")[0] == 2500e12
+    assert math.isnan(spec_peak("NVIDIA RTX A1000")[0])  # not an A100
+    assert math.isnan(spec_peak("NVIDIA H100 80GB HBM3 MIG 1g.10gb")[0])  # a slice: its share is not known
     unknown, why = spec_peak("cpu")
     assert math.isnan(unknown) and "--peak-tflops" in why
     assert spec_peak("cpu", 100.0) == (100e12, "--peak-tflops")
@@ -92,10 +95,11 @@ def test_mfu_is_reported_against_the_specified_peak_and_the_measured_one(smoke):
     result = json.loads(json.dumps(result))  # the fixture's copy stays as it was
     result.update(spec_peak_flops=1000e12, matmul_peak_flops=800e12)
     args = parse_args(["--smoke", "--critic-updates", "1"])
-    m = figures(args, result, "ours", {k: v for k, v in result["runs"]["ours"].items() if k != "mfu"})
+    m = figures(args, result, "ours", dict(result["runs"]["ours"]))
     flops_per_s = m["model_flops_per_cycle"] / m["cycle_s"]
     assert m["mfu"] == flops_per_s / 1000e12 and m["mfu_measured"] == flops_per_s / 800e12
     assert m["hfu"] == m["hardware_flops_per_cycle"] / m["cycle_s"] / 1000e12
+    assert m["hfu_measured"] == m["hardware_flops_per_cycle"] / m["cycle_s"] / 800e12
     table = (out / "gpu_cycle.md").read_text()
     assert "| MFU | MFU measured | HFU (recompute counted) | HFU measured |" in table
     assert "dense bf16 peak n/a TFLOP/s (not in the specification table (cpu); give --peak-tflops" in table

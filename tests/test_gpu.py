@@ -10,6 +10,7 @@ Marked gpu: skipped on machines without CUDA (CI)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -194,7 +195,8 @@ def test_the_sd35_benchmark_at_two_blocks(tmp_path):
     result = json.loads((tmp_path / "gpu_cycle.json").read_text())
     for label, m in result["runs"].items():
         assert "error" not in m, (label, m["error"])
-        assert m["cycle_s"] > 0 and m["peak_memory_gib"] > 0 and 0 < m["mfu"] < 1, label
-        assert m["mfu"] < m["mfu_measured"] < 1, label  # no GPU sustains its specified peak on matrix products
+        assert m["cycle_s"] > 0 and m["peak_memory_gib"] > 0 and 0 < m["mfu_measured"] < 1, label
+        # no GPU sustains its specified peak on matrix products (NaN: a GPU the specification table lacks)
+        assert math.isnan(m["mfu"]) or 0 < m["mfu"] < m["mfu_measured"], label
         released = m["released"]
         assert (released["engines"], released["optimizers"], released["tensor_bytes_left"]) == (0, 0, 0), label

@@ -229,3 +229,20 @@ def test_job_submit_distils_on_two_zero3_workers_survives_a_killed_one_and_logs_
     for path in (p for p in tmp_path.rglob("*") if p.is_file() and "checkout" not in p.relative_to(tmp_path).parts):
         data = path.read_bytes()
         assert not [v for v in SECRETS.values() if v.encode() in data], path
+
+
+def test_the_workers_quiet_the_libraries_unless_the_user_set_them(monkeypatch):
+    """Ray workers get the project's quiet library settings in their runtime environment, which overrides what
+    they inherit: a user's own MLFLOW_LOGGING_LEVEL (or diffusers' verbosity) was lost in the workers."""
+    from orchestrator import cluster
+
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")
+    env = cluster.worker_env()
+    assert env["MLFLOW_LOGGING_LEVEL"] == "WARNING" and env["TRANSFORMERS_VERBOSITY"] == "error"
+    assert env["DIFFUSERS_VERBOSITY"] == "info"
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")
+    assert cluster.worker_env()["MLFLOW_LOGGING_LEVEL"] == "DEBUG"
+    monkeypatch.setattr(cluster, "VERBOSE", True)
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL")
+    assert "MLFLOW_LOGGING_LEVEL" not in cluster.worker_env()
