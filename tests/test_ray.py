@@ -63,13 +63,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Another run's local cluster on this machine, started as a dpdmd command starts it; once up, it says how many idle
 # worker processes its raylet runs, counted after Ray has had time to start any for this, its first driver
 ANOTHER_RUN = """
-import sys, time, psutil, ray
+import sys, time
+sys.path.insert(0, "tests")
+from helpers import own_ray_processes
 from orchestrator.cluster import ensure_ray
 ensure_ray()
-raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
 time.sleep(3)
-idle = [p for p in raylet.children() if {"ray::IDLE", "default_worker.py"} & {a.split("/")[-1] for a in p.cmdline()}]
-print("up idle", len(idle), flush=True)
+print("up idle", len(own_ray_processes("ray::IDLE") + own_ray_processes("default_worker.py")), flush=True)
 sys.stdin.read()
 """
 

@@ -17,7 +17,7 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL]
-# What the libraries printed on a run's console (`dpdmd --verbose` shows them): MLflow setting up its database,
+# What the libraries printed on a run's console: MLflow setting up its database (`dpdmd --verbose` shows it),
 # DeepSpeed saying in every CPU process that trains that it found no GPU
 LIBRARY_NOISE = ("Creating initial MLflow database tables", "Updating database tables", "Setting accelerator to CPU")
 

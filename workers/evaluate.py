@@ -12,7 +12,7 @@ from torch import nn
 from models.adapter import LoadOptions, TeacherAdapter
 from models.families import get_family
 from models.sampling import Sampler, grid_pairs, sample
-from workers.config import BUILT_IN_PREFIX, ConfigError, RunConfig
+from workers.config import ConfigError, RunConfig, teacher_location
 from workers.configure import read_prompts
 
 
@@ -32,7 +32,7 @@ def config_prompts(config: RunConfig, key: str, path: str) -> list[str]:
     """The prompts of the file at path (the value of key), or the family's built-in ones when path is empty."""
     if path:
         return read_prompts(path, key)
-    if config.teacher.path.startswith(BUILT_IN_PREFIX):  # a tiny pipeline knows only its own few words
+    if teacher_location(config.teacher.path) == "builtin":  # a tiny pipeline knows only its own few words
         from models.tiny_pipelines import built_in_prompts
 
         return built_in_prompts(evaluation=key.startswith("evaluation"))
