@@ -6,10 +6,12 @@ intermediate tensors whose finiteness decides whether a step may be applied; not
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from models.flow import expand_t
 
@@ -143,18 +145,59 @@ def critic_loss(v_critic: torch.Tensor, x_gen: torch.Tensor, eps: torch.Tensor) 
     return flow_matching_loss(v_critic, x_gen, eps, name="critic")
 
 
-def generator_objective(dmd: LossOutput, diversity: LossOutput, diversity_weight: float | torch.Tensor) -> LossOutput:
+def regression_loss(x_gen: torch.Tensor, x_teacher: torch.Tensor,
+                    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossOutput:
+    """The dmd-regression baseline's term (the original DMD's): L_reg = mean over rows of d(x_gen, x_teacher),
+    a perceptual distance between the generator's sample for a noise and the teacher's full ODE sample from the
+    same noise and prompt.
+
+    x_gen: (B, ...) with gradient; x_teacher: (B, ...) a constant; distance: (B, ...) x 2 -> (B,)."""
+    per_row = distance(x_gen.float(), x_teacher.detach().float())
+    loss = per_row.mean()
+    return LossOutput(loss, {"loss_reg": loss.detach()}, {"reg.target": x_teacher, "reg.loss": loss})
+
+
+def gan_critic_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> LossOutput:
+    """The dmd-gan baseline's critic term (DMD2's): the classifier head's logistic loss, real (the teacher's
+    samples) against generated, L = mean softplus(-D(real)) + mean softplus(D(fake)). Logits (B,)."""
+    loss = F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+    metrics = {"loss_gan_critic": loss.detach(), "gan_real_prob": torch.sigmoid(logits_real.detach().float()).mean(),
+               "gan_fake_prob": torch.sigmoid(logits_fake.detach().float()).mean()}
+    return LossOutput(loss, metrics, {"gan.logits_real": logits_real, "gan.logits_fake": logits_fake,
+                                      "gan.critic_loss": loss})
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> LossOutput:
+    """The dmd-gan baseline's generator term: the non-saturating loss L = mean softplus(-D(fake)) on the head's
+    logits (B,) for the generator's (noised) samples, with gradient through the samples only."""
+    loss = F.softplus(-logits_fake.float()).mean()
+    return LossOutput(loss, {"loss_gan": loss.detach()}, {"gan.logits": logits_fake, "gan.loss": loss})
+
+
+def weighted_sum(base: LossOutput, terms: dict[str, tuple[LossOutput, float | torch.Tensor]],
+                 total: str) -> LossOutput:
+    """base.loss + sum of weight * term.loss over terms (name -> (term, weight)), as LossOutput `total`. A term
+    of weight 0 adds nothing, and its watched tensors need not be finite (they are still logged). A weight may be
+    one per trial, (N,) against losses of N trials trained together (workers/cycle.py, TrialRows): where it is 0,
+    that trial's loss leaves the term out (a NaN times 0 would still be NaN)."""
+    loss, watched, metrics = base.loss, dict(base.watched), dict(base.metrics)
+    for term, weight in terms.values():
+        metrics.update(term.metrics)
+        if isinstance(weight, torch.Tensor):
+            off = weight == 0
+            loss = torch.where(off, loss, loss + weight * term.loss)
+            watched.update({k: torch.where(off.reshape(-1, *[1] * (v.ndim - 1)), torch.zeros((), device=v.device),
+                                           v.detach()) for k, v in term.watched.items()})
+        elif weight:
+            loss = loss + weight * term.loss
+            watched.update(term.watched)
+    return LossOutput(loss, {**metrics, f"loss_{total}": loss.detach()}, {**watched, f"{total}.loss": loss})
+
+
+def generator_objective(dmd: LossOutput, diversity: LossOutput, diversity_weight: float | torch.Tensor,
+                        extra: dict[str, tuple[LossOutput, float | torch.Tensor]] | None = None) -> LossOutput:
     """Loss 4: L = L_dmd + lambda * L_div; lambda = 0 is plain DMD (the diversity term is still logged, and its
     terms need not be finite). diversity_weight may be one lambda per trial, (N,) against losses of N trials
-    trained together (workers/cycle.py, TrialRows): where it is 0, that trial's loss is its DMD loss alone."""
-    if isinstance(diversity_weight, torch.Tensor):
-        plain = diversity_weight == 0
-        loss = torch.where(plain, dmd.loss, dmd.loss + diversity_weight * diversity.loss)
-        ignored = {k: torch.where(plain.reshape(-1, *[1] * (v.ndim - 1)), torch.zeros((), device=v.device), v.detach())
-                   for k, v in diversity.watched.items()}
-        watched = {**dmd.watched, **ignored, "generator.loss": loss}
-    else:
-        loss = dmd.loss + diversity_weight * diversity.loss if diversity_weight else dmd.loss
-        watched = {**dmd.watched, **(diversity.watched if diversity_weight else {}), "generator.loss": loss}
-    metrics = {**dmd.metrics, **diversity.metrics, "loss_generator": loss.detach()}
-    return LossOutput(loss, metrics, watched)
+    trained together (workers/cycle.py, TrialRows): where it is 0, that trial's loss is its DMD loss alone.
+    extra: the baselines' terms with their weights (name -> (term, weight)), added the same way."""
+    return weighted_sum(dmd, {"div": (diversity, diversity_weight), **(extra or {})}, "generator")

@@ -12,21 +12,24 @@ from models.flow import VelocityFn, batch_t, euler_step, ode_rollout, x0_from_ve
 @dataclass(frozen=True)
 class Anchor:
     """The teacher's state z_K after K guided ODE steps from eps, its time t_K, and (when asked for) the
-    teacher's guided x0 estimate at z_K, the diversity target of epsilon-prediction teachers."""
+    teacher's guided x0 estimate at z_K, the diversity target of epsilon-prediction teachers, and its full sample
+    (the ODE run on from z_K to t = 0), the baselines' target."""
 
     z: torch.Tensor  # (B, ...)
     t: torch.Tensor  # scalar
     x0: torch.Tensor | None = None  # (B, ...)
+    sample: torch.Tensor | None = None  # (B, ...)
 
 
 def teacher_anchor(guided_velocity_fn: VelocityFn, eps: torch.Tensor, teacher_sigmas: torch.Tensor,
-                   anchor_step: int, x0_estimate: bool = False) -> Anchor:
+                   anchor_step: int, x0_estimate: bool = False, full_sample: bool = False) -> Anchor:
     """Run the first anchor_step (K) Euler steps of the teacher's guided ODE from eps, the state at
     t = teacher_sigmas[0] (1 for flow teachers; the adapter's initial_state otherwise).
 
     guided_velocity_fn must be deterministic (CFG velocity of the teacher): a stochastic sampler breaks
     the target. teacher_sigmas: (S + 1,) from the adapter's sampling_sigmas(S, shift), 1 <= K < S + 1.
     x0_estimate: also evaluate the teacher once more at z_K for its x0 estimate there (one more NFE).
+    full_sample: also run the ODE on from z_K to the end of teacher_sigmas (S - K more steps).
     """
     num_steps = teacher_sigmas.numel() - 1
     if not 1 <= anchor_step <= num_steps:
@@ -35,7 +38,10 @@ def teacher_anchor(guided_velocity_fn: VelocityFn, eps: torch.Tensor, teacher_si
     with torch.no_grad():
         z = ode_rollout(guided_velocity_fn, eps, sigmas)
         x0 = x0_from_velocity(z, guided_velocity_fn(z, batch_t(sigmas[-1], z)), sigmas[-1]) if x0_estimate else None
-    return Anchor(z=z, t=sigmas[-1].clone(), x0=x0)
+        sample = None
+        if full_sample:
+            sample = ode_rollout(guided_velocity_fn, z, teacher_sigmas[anchor_step:]) if anchor_step < num_steps else z
+    return Anchor(z=z, t=sigmas[-1].clone(), x0=x0, sample=sample)
 
 
 @dataclass(frozen=True)

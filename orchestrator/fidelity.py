@@ -39,9 +39,10 @@ def check_space(space: dict[str, dict]) -> None:
     if any(next(iter(spec)) not in ("grid", "choice") for spec in space.values()):
         raise ConfigError("sweep.space", "a fidelity space takes grid values only (each setting runs once per seed)")
     weights = next(iter(space.get("loss.diversity_weight", {"grid": []}).values()))
-    if 0 not in weights and 0.0 not in weights:
-        raise ConfigError("sweep.space", "a fidelity space needs lambda = 0 (DMD) in its loss.diversity_weight grid: "
-                                         "the gap recovered is measured from DMD")
+    methods = next(iter(space.get("loss.method", {"grid": []}).values()))
+    if 0 not in weights and "dmd" not in methods:
+        raise ConfigError("sweep.space", "a fidelity space needs DMD, lambda = 0 in its loss.diversity_weight grid or "
+                                         "dmd in its loss.method grid: the gap recovered is measured from DMD")
 
 
 def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int = 1,

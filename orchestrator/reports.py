@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.families import get_family
 from orchestrator.results import (SEED_KEY, TEACHER, SweepResult, aggregate, gap_metrics, live_curves, metric_columns,
-                                  setting_name)
+                                  is_ours, setting_method, setting_name)
 from orchestrator.spaces import PBT_KEYS, trial_name, trial_title
 from workers.config import RunConfig
 
@@ -166,7 +166,7 @@ def verdict(result: dict, teacher: dict[str, float], family: str, default_weight
     setting recovers over the training seeds, and whether that is larger than the spread between seeds."""
     d_name, d_sign = get_family(family).diversity
     settings, dmd = result["settings"], result["dmd"]
-    ours = next((s for s in settings if s["params"] == {"loss.diversity_weight": default_weight}), None)
+    ours = next((s for s in settings if is_ours(s["params"], default_weight)), None)
     if dmd < 0 or ours is None or ours is settings[dmd]:
         return ""
     gap, spread = ours["gap_recovered"]
@@ -174,10 +174,21 @@ def verdict(result: dict, teacher: dict[str, float], family: str, default_weight
     better = sum(d_sign * ours["per_seed"][s][d_name] > d_sign * settings[dmd]["per_seed"][s][d_name] for s in seeds)
     shown = ", ".join(f"{c} {_cell(ours['mean'][c], ours['std'][c], 2)} (DMD {_cell(settings[dmd]['mean'][c], settings[dmd]['std'][c], 2)}, "
                       f"teacher {teacher[c]:.4g})" for c in metric_columns(family)[:2])
-    return (f"Verdict over {len(seeds)} training seeds: {ours['name']} recovered {gap:.2f} ± {spread:.2f} of DMD's "
+    line = (f"Verdict over {len(seeds)} training seeds: {ours['name']} recovered {gap:.2f} ± {spread:.2f} of DMD's "
             f"{d_name} gap to the teacher (0 = DMD, 1 = the teacher) and beat DMD on {d_name} in {better} of "
             f"{len(seeds)} seeds; {shown}. Larger than the seed spread (mean - std > 0): "
             f"{'yes' if gap - spread > 0 else 'no'}.")
+    return line + "".join(_against(ours, s, family) for s in settings
+                          if setting_method(s["params"], default_weight) in ("dmd-regression", "dmd-gan"))
+
+
+def _against(ours: dict, remedy: dict, family: str) -> str:
+    """DP-DMD against an earlier remedy on the family's diversity and quality: means ± std and the gap recovered."""
+    (d_name, _), (q_name, _) = get_family(family).diversity, get_family(family).quality
+    cells = "; ".join(f"{c} {_cell(ours['mean'][c], ours['std'][c], 2)} against {_cell(remedy['mean'][c], remedy['std'][c], 2)}"
+                      for c in (d_name, q_name))
+    return (f" Against {remedy['name']}: {cells}; gap recovered {_cell(*ours['gap_recovered'], 2)} against "
+            f"{_cell(*remedy['gap_recovered'], 2)}.")
 
 
 def per_seed_csv(result: dict, family: str, path: Path) -> Path:

@@ -82,15 +82,39 @@ def metric_columns(name: str) -> list[str]:
     return list(get_family(name).fidelity_columns)
 
 
+METHOD_KEY = "loss.method"
+METHOD_NAMES = {"dmd": "DMD", "dp-dmd": "DP-DMD", "dmd-regression": "DMD + regression", "dmd-gan": "DMD + GAN"}
+WEIGHT_KEYS = {"dp-dmd": "loss.diversity_weight", "dmd-regression": "loss.regression_weight",
+               "dmd-gan": "loss.gan_generator_weight"}
+
+
+def setting_method(params: dict, default_weight: float) -> str:
+    """The objective a setting trains with: its loss.method (dp-dmd when the space leaves it out), where dp-dmd at
+    lambda = 0 is plain DMD."""
+    method = params.get(METHOD_KEY, "dp-dmd")
+    if method == "dp-dmd" and params.get("loss.diversity_weight", default_weight) == 0:
+        return "dmd"
+    return method
+
+
 def setting_name(params: dict, default_weight: float) -> str:
-    """DMD, DP-DMD (default), or the setting's non-default values."""
+    """DMD, DP-DMD (default), DMD + regression, DMD + GAN, with the setting's non-default values; lambda only where
+    the method uses it."""
+    method = setting_method(params, default_weight)
     weight = params.get("loss.diversity_weight", default_weight)
-    others = {k: v for k, v in sorted(params.items()) if k != "loss.diversity_weight"}
-    label = "DMD" if weight == 0 else "DP-DMD"
-    shown = [f"lambda={weight:g}"] if weight != 0 else []
+    hidden = {METHOD_KEY, "loss.diversity_weight"}
+    others = {k: v for k, v in sorted(params.items()) if k not in hidden}
+    shown = [f"lambda={weight:g}"] if method == "dp-dmd" and "loss.diversity_weight" in params else []
     shown += [f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
               for k, v in others.items()]
+    label = METHOD_NAMES[method]
     return f"{label} ({', '.join(shown)})" if shown else label
+
+
+def is_ours(params: dict, default_weight: float) -> bool:
+    """The recipe's DP-DMD setting: dp-dmd at the recipe's lambda, nothing else changed."""
+    rest = {k: v for k, v in params.items() if not (k == METHOD_KEY and v == "dp-dmd")}
+    return rest in ({}, {"loss.diversity_weight": default_weight}) and setting_method(params, default_weight) == "dp-dmd"
 
 
 def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_weight: float,
@@ -123,10 +147,10 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
                    "std": {c: _stdev([m[c] for m in per_seed.values()])
                            for c in columns}}
         settings.append(setting)
-    settings.sort(key=lambda s: (s["params"].get("loss.diversity_weight", default_weight) != 0,
+    order = list(METHOD_NAMES)
+    settings.sort(key=lambda s: (order.index(setting_method(s["params"], default_weight)),
                                  json.dumps(s["params"], sort_keys=True)))
-    dmd = next((i for i, s in enumerate(settings) if s["params"].get("loss.diversity_weight", default_weight) == 0),
-               -1)
+    dmd = next((i for i, s in enumerate(settings) if setting_method(s["params"], default_weight) == "dmd"), -1)
     for setting in settings:
         setting["gaps"] = {}
         for metric in gap_metrics(family):

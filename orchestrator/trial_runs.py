@@ -267,7 +267,7 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
 
     points = grid_points(space)
     rows, todo = _finished_rows(points, trials_dir)
-    groups = [todo[i:i + together] for i in range(0, len(todo), together)]
+    groups = trial_groups(todo, together)
     print(f"[fidelity] {len(points)} trials, {len(rows)} already done, {len(todo)} to run, "
           + (f"{len(groups)} process(es) of up to {together} trials trained together, " if together > 1 else "")
           + f"{jobs} at a time")
@@ -288,6 +288,18 @@ def run_local_trials(base: dict, space: dict[str, dict], trials_dir: Path, jobs:
               f"same command with --out {trials_dir.parent} to continue them")
         return None
     return rows
+
+
+def trial_groups(todo: list[tuple[dict, Path]], together: int) -> list[list[tuple[dict, Path]]]:
+    """Groups of up to `together` trials that can train as one computation: those whose settings differ only in
+    what may differ per trial (workers/trials.py: seeds and loss weights; loss.method may not), in the grid's order."""
+    from workers.trials import PER_TRIAL_KEYS
+
+    kinds: dict[str, list[tuple[dict, Path]]] = {}
+    for params, run_dir in todo:
+        shared = {k: v for k, v in params.items() if k not in PER_TRIAL_KEYS}
+        kinds.setdefault(json.dumps(shared, sort_keys=True, default=str), []).append((params, run_dir))
+    return [trials[i:i + together] for trials in kinds.values() for i in range(0, len(trials), together)]
 
 
 def _finished_rows(points: list[dict], trials_dir: Path) -> tuple[list[dict], list[tuple[dict, Path]]]:

@@ -1,7 +1,8 @@
 """The GPU check (`scripts/dev gpu`): every command a user runs on a GPU, short, end to end, as a new process of
 `dpdmd` (`python -m orchestrator`) without Ray or an MLflow server, the way the README runs them on one GPU: the
 shapes domain's precompute, distillation in bf16 and fp32, sampling, evaluation and both ways of running the
-fidelity table (trials trained together, and a process per trial), each stopped and continued; the SD3 and SDXL
+fidelity table (trials trained together, and a process per trial), each stopped and continued; the earlier
+remedies (loss.method dmd-regression, dmd-gan) trained together and alone; the SD3 and SDXL
 families on tiny random pipelines built in code (precompute, distillation with the teacher streamed from host
 memory, compiled blocks and activation checkpointing (for SD3 the kind that keeps attention outputs), export, the
 diffusers pipeline class loading the export, sampling, evaluation); and the SD3.5-Medium benchmark at two blocks.
@@ -124,6 +125,24 @@ def test_shapes_fidelity_a_process_per_trial_and_a_rerun_runs_nothing_twice(tmp_
     table_dir = run_dir(tmp_path, "fidelity", "shapes")
     console = dpdmd(*command[:4], "--out", str(table_dir), *command[4:], out=tmp_path)
     assert "2 already done, 0 to run" in console and "| DMD | 2 |" in console
+
+
+def test_shapes_baselines_trained_together_and_alone_on_the_gpu(tmp_path):
+    """The two earlier remedies (loss.method dmd-regression, dmd-gan) beside DMD: the methods table's kind of space
+    with trials trained together (fp32, grouped by method), then a dmd-gan run alone in bf16 (DeepSpeed, the GAN
+    head in the critic's engine) from the same store of the teacher's samples."""
+    space = tmp_path / "methods.yaml"
+    space.write_text("loss.method: {grid: [dmd, dmd-regression, dmd-gan]}\nseed: {grid: [0, 1]}\n")
+    console = dpdmd("fidelity", "--no-ray", "--together", "2", *SHAPES, "distributed.precision=fp32",
+                    f"sweep.space={space}", out=tmp_path)
+    for name in ("DMD", "DMD + regression", "DMD + GAN"):
+        assert f"| {name} | 2 |" in console, console[-3000:]
+    out = tmp_path / "gan"
+    dpdmd("distill", "--no-ray", *SHAPES, "distributed.precision=bf16", "loss.method=dmd-gan",
+          f"storage.trajectory_root={tmp_path / 'trajectories'}", out=out)
+    metrics = [json.loads(line) for line in (run_dir(out, "distill", "shapes") / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["generator_update"] == 4 and metrics[-1]["skipped_steps"] == 0
+    assert all(math.isfinite(metrics[-1][k]) for k in ("loss_gan", "loss_gan_critic", "loss_dmd"))
 
 
 def _pretrained_family(tmp_path: Path, family: str) -> tuple[list[str], type]:

@@ -29,7 +29,7 @@ def compute_anchors(config: RunConfig, adapter: TeacherAdapter, teacher: nn.Modu
 
     The ODE state, the times and the Euler steps are float32; the teacher network runs in its own dtype
     inside each step. Adapters that ask for it (anchor_x0) also get the teacher's x0 estimate at z_K, their
-    diversity target."""
+    diversity target; methods that read it (loss.teacher_samples) the teacher's full sample from the same eps."""
     t = config.teacher
     eps = seeded_noise(seeds.tolist(), adapter.latent_shape).to(device)
     cond = adapter.encode_prompts(prompts).to(device)
@@ -37,9 +37,9 @@ def compute_anchors(config: RunConfig, adapter: TeacherAdapter, teacher: nn.Modu
     sigmas = adapter.sampling_sigmas(t.num_steps, t.shift, "teacher").to(device)
     anchor = teacher_anchor(adapter.velocity_fn(teacher, cond, uncond, t.guidance_scale),
                             adapter.initial_state(eps, sigmas, "teacher"), sigmas, config.loss.anchor_step,
-                            x0_estimate=adapter.anchor_x0)
+                            x0_estimate=adapter.anchor_x0, full_sample=config.loss.teacher_samples)
     t_anchor = anchor.t.float().expand(len(prompts)).clone()
-    return AnchorBatch(eps, anchor.z, t_anchor, cond, prompt_ids.clone(), seeds.clone(), anchor.x0)
+    return AnchorBatch(eps, anchor.z, t_anchor, cond, prompt_ids.clone(), seeds.clone(), anchor.x0, anchor.sample)
 
 
 class InlineAnchors:

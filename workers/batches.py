@@ -26,8 +26,9 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 class AnchorBatch:
     """One generator batch: noise eps (B, ...), the teacher's anchor z (B, ...) at t_anchor (B,), the
     prompt conditioning, and the rows' ids (prompt_id, seed). x0_anchor (B, ...): the teacher's guided x0
-    estimate at z, for epsilon-prediction teachers only (their diversity target). eps, z, t_anchor and
-    x0_anchor are float32, whatever precision the networks train in."""
+    estimate at z, for epsilon-prediction teachers only (their diversity target). x_teacher (B, ...): the
+    teacher's full sample from eps, for the baselines that read it (loss.method dmd-regression, dmd-gan). The
+    tensors of states are float32, whatever precision the networks train in."""
 
     eps: torch.Tensor
     z: torch.Tensor
@@ -36,6 +37,7 @@ class AnchorBatch:
     prompt_ids: torch.Tensor
     seeds: torch.Tensor
     x0_anchor: torch.Tensor | None = None
+    x_teacher: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> AnchorBatch:
         """The same batch on device; dtypes are kept (the networks cast their inputs themselves)."""
@@ -43,7 +45,7 @@ class AnchorBatch:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.eps, self.z, self.t_anchor, self.prompt_ids, self.seeds, self.x0_anchor,
-                            *self.cond.tensors.values()) if t is not None]
+                            self.x_teacher, *self.cond.tensors.values()) if t is not None]
 
     def pin_memory(self) -> AnchorBatch:
         return self._map(torch.Tensor.pin_memory)
@@ -56,32 +58,36 @@ class AnchorBatch:
             return None if values[0] is None else torch.cat(values)
 
         return AnchorBatch(joined("eps"), joined("z"), joined("t_anchor"), Conditioning.cat([b.cond for b in batches]),
-                           joined("prompt_ids"), joined("seeds"), joined("x0_anchor"))
+                           joined("prompt_ids"), joined("seeds"), joined("x0_anchor"), joined("x_teacher"))
 
     def _map(self, fn) -> AnchorBatch:
         return AnchorBatch(fn(self.eps), fn(self.z), fn(self.t_anchor),
                            Conditioning({k: fn(t) for k, t in self.cond.tensors.items()}), fn(self.prompt_ids),
-                           fn(self.seeds), None if self.x0_anchor is None else fn(self.x0_anchor))
+                           fn(self.seeds), None if self.x0_anchor is None else fn(self.x0_anchor),
+                           None if self.x_teacher is None else fn(self.x_teacher))
 
 
 @dataclass
 class PromptBatch:
-    """One critic batch: the prompts' conditioning and their ids; the critic draws its own noise."""
+    """One critic batch: the prompts' conditioning and their ids; the critic draws its own noise. x_teacher:
+    the teacher's samples of the same rows (the dmd-gan baseline's real data), when the run reads them."""
 
     cond: Conditioning
     prompt_ids: torch.Tensor
+    x_teacher: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> PromptBatch:
-        return PromptBatch(Conditioning({k: t.to(device, non_blocking=non_blocking)
-                                         for k, t in self.cond.tensors.items()}),
-                           self.prompt_ids.to(device, non_blocking=non_blocking))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.prompt_ids, *self.cond.tensors.values()]
+        return [t for t in (self.prompt_ids, self.x_teacher, *self.cond.tensors.values()) if t is not None]
 
     def pin_memory(self) -> PromptBatch:
-        return PromptBatch(Conditioning({k: t.pin_memory() for k, t in self.cond.tensors.items()}),
-                           self.prompt_ids.pin_memory())
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> PromptBatch:
+        return PromptBatch(Conditioning({k: fn(t) for k, t in self.cond.tensors.items()}), fn(self.prompt_ids),
+                           None if self.x_teacher is None else fn(self.x_teacher))
 
 
 class AnchorsExhausted(RuntimeError):

@@ -153,19 +153,56 @@ class CriticConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+# The objectives a run can train its generator with (docs/method.md, "The baselines"): plain DMD, DP-DMD, and the
+# two earlier remedies for DMD's mode collapse, a perceptual regression onto the teacher's own samples and a GAN
+# head on the critic. The last two read the teacher's full samples from the trajectory store.
+METHODS = ("dmd", "dp-dmd", "dmd-regression", "dmd-gan")
+TEACHER_SAMPLE_METHODS = ("dmd-regression", "dmd-gan")
+
+
 @dataclass
 class LossConfig:
-    """The DP-DMD objective L = L_dmd + diversity_weight * L_div (docs/method.md, The losses)."""
+    """The generator's objective (docs/method.md, The losses and The baselines): L = L_dmd plus, by method,
+    diversity_weight * L_div (dp-dmd), regression_weight * L_reg (dmd-regression) or gan_generator_weight * L_gan
+    (dmd-gan, whose critic also trains its classifier head with gan_critic_weight)."""
 
-    diversity_weight: float = 0.05  # lambda; 0 is plain DMD
+    method: Literal["dmd", "dp-dmd", "dmd-regression", "dmd-gan"] = "dp-dmd"
+    diversity_weight: float = 0.05  # lambda (dp-dmd); 0 is plain DMD
+    regression_weight: float = 0.25  # dmd-regression: the original DMD's weight on its LPIPS regression
+    gan_generator_weight: float = 3e-3  # dmd-gan: DMD2's weight on the generator's non-saturating GAN loss ...
+    gan_critic_weight: float = 1e-2  # ... and on the critic head's classification loss
     anchor_step: int = 5  # K: teacher ODE steps to the anchor z_K
     normaliser: Literal["xt", "xgen"] = "xt"  # DMD gradient normaliser: reference script / DMD2
     detach_first_step: bool = True  # stop-gradient after the generator's first step
 
     def __post_init__(self):
+        _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check(self.diversity_weight >= 0, "diversity_weight",
                f"must be >= 0 (0 is plain DMD, the paper uses 0.05), got {self.diversity_weight}")
+        for key in ("regression_weight", "gan_generator_weight", "gan_critic_weight"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(self.anchor_step >= 1, "anchor_step", f"must be >= 1 teacher step, got {self.anchor_step}")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each extra term's weight in the generator objective; a term the method does not use weighs 0."""
+        return {"div": self.diversity_weight if self.method == "dp-dmd" else 0.0,
+                "reg": self.regression_weight if self.method == "dmd-regression" else 0.0,
+                "gan": self.gan_generator_weight if self.method == "dmd-gan" else 0.0}
+
+    @property
+    def critic_gan_weight(self) -> float:
+        return self.gan_critic_weight if self.method == "dmd-gan" else 0.0
+
+    @property
+    def teacher_samples(self) -> bool:
+        """Whether the method reads the teacher's full ODE samples (the store's x_teacher column)."""
+        return self.method in TEACHER_SAMPLE_METHODS
+
+    @property
+    def is_dmd(self) -> bool:
+        """Plain DMD: method dmd, or dp-dmd at lambda = 0."""
+        return self.method == "dmd" or (self.method == "dp-dmd" and self.diversity_weight == 0)
 
 
 @dataclass
@@ -393,6 +430,10 @@ class RunConfig:
                f"must be 1 with sweep.scheduler=pbt, got {self.distributed.num_workers}: a PBT trial trains in its "
                "own process (Tune stops and restarts it at each perturbation); use asha or none for trials of "
                "several workers")
+        _check(not (self.loss.method == "dmd-regression" and self.teacher.family in ("sd3", "sdxl")), "loss.method",
+               f"dmd-regression on {self.teacher.family} needs LPIPS on decoded images, which this version does not "
+               "train with yet; run the regression baseline on the toy2d or shapes family, or choose dmd, dp-dmd or "
+               "dmd-gan")
         _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
                f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
                "the paper uses K = 5 of 30")

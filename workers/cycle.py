@@ -8,14 +8,20 @@ log interval). What differs between them is handed in, not written again: the ne
 can call), the rows a loss applies to (Rows: one run's batch; TrialRows: each trial's rows, its own loss), the
 noise and flow times (drawn by the caller, in its order) and the optimizer step (the caller's, after the vote).
 
-    out = critic_loss(adapter, critic, x_gen, t, eps2, cond, rows)
-    out = generator_loss(adapter, nets, anchors, t, eps2, sigmas, config, rows, weight)
+    out = critic_loss(adapter, critic, x_gen, t, eps2, cond, rows, real, gan_weight)
+    out = generator_loss(nets, anchors, t, eps2, sigmas, config, rows, weights)
     ok = vote(rows.flags(out), update)              # (rows.num,) bool: apply the update where True
+
+The baselines (loss.method dmd-regression, dmd-gan) are steps of the same cycle: the regression term on the
+generator's sample against the teacher's (anchors.x_teacher), and the GAN terms through the critic's classifier
+head (models/gan.py): on the critic's samples against the teacher's (real) in its update, on the generator's
+sample in the generator's, the critic's weights frozen there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +31,16 @@ from torch.profiler import record_function
 
 from models.adapter import Conditioning, TeacherAdapter
 from models.flow import interpolate, x0_from_velocity
-from models.losses import LossOutput, dmd_loss, generator_objective
+from models.losses import (LossOutput, dmd_loss, gan_critic_loss, gan_generator_loss, generator_objective,
+                           regression_loss, weighted_sum)
 from models.losses import critic_loss as critic_flow_loss
 from models.rollout import generator_rollout
 from workers.config import RunConfig
 from workers.offload import ParkedNetwork
 
+# What a cycle reports of its critic updates, each the mean over them: the flow-matching loss, and under dmd-gan the
+# head's loss and its mean probability of "real" on the teacher's and on the generator's samples
+CRITIC_METRICS = ("loss_critic", "loss_gan_critic", "gan_real_prob", "gan_fake_prob")
 REGION = "dpdmd/"  # the profiler's name for each part of a cycle (benchmarks/gaps.py charges idle GPU time to them)
 
 
@@ -95,20 +105,33 @@ def generator_samples(adapter: TeacherAdapter, generator: nn.Module, eps: torch.
 
 
 def critic_loss(adapter: TeacherAdapter, critic: nn.Module, x_gen: torch.Tensor, t: torch.Tensor,
-                eps2: torch.Tensor, cond: Conditioning, rows: Rows) -> LossOutput:
-    """Loss 5: flow matching on the generator samples x_gen at flow times t with noise eps2."""
+                eps2: torch.Tensor, cond: Conditioning, rows: Rows, real: torch.Tensor | None = None,
+                gan_weight: float | torch.Tensor = 0.0) -> LossOutput:
+    """Loss 5: flow matching on the generator samples x_gen at flow times t with noise eps2. dmd-gan (real: the
+    teacher's samples for the same prompts): plus gan_weight times the head's classification loss, real against
+    x_gen, both noised with the same t and eps2 (the fake ones are the flow loss's own inputs: one call)."""
     with record_function(f"{REGION}critic loss"):
         x_t = interpolate(x_gen, eps2, t)
-        return rows.loss(critic_flow_loss, adapter.velocity(critic, x_t, t, cond), x_gen, eps2)
+        if real is None:
+            return rows.loss(critic_flow_loss, adapter.velocity(critic, x_t, t, cond), x_gen, eps2)
+        with classifying(critic):
+            v = adapter.velocity(critic, x_t, t, cond)
+            fake = critic.take_logits()
+            adapter.velocity(critic, interpolate(real, eps2, t), t, cond)
+            real_logits = critic.take_logits()
+        flow = rows.loss(critic_flow_loss, v, x_gen, eps2)
+        return weighted_sum(flow, {"gan": (rows.loss(gan_critic_loss, real_logits, fake), gan_weight)},
+                            "critic_objective")
 
 
 def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor, sigmas: torch.Tensor,
-                   config: RunConfig, rows: Rows, weight: float | torch.Tensor) -> LossOutput:
+                   config: RunConfig, rows: Rows, weights: dict[str, float | torch.Tensor]) -> LossOutput:
     """Losses 1-4 for an anchor batch (workers.batches.AnchorBatch: eps, z, t_anchor, x0_anchor, cond): the
     generator's rollout from eps over sigmas, the diversity loss on its first step in the teacher's
     parameterisation (the adapter's), DMD on its sample scored by the guided teacher and the critic at flow
-    times t with noise eps2, and the objective with weight lambda (one per trial under TrialRows)."""
-    adapter, parked = nets.adapter, nets.teacher_weights
+    times t with noise eps2, and the objective with weights (config.loss.weights: div, reg, gan; each a float, or
+    one per trial under TrialRows). The baselines' terms are computed only for the method that uses them."""
+    adapter, parked, method = nets.adapter, nets.teacher_weights, config.loss.method
     if parked is not None:
         parked.fetch()  # what its score needs first, copied beside the rollout
     with record_function(f"{REGION}generator rollout"):
@@ -128,7 +151,49 @@ def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor,
             parked.park()  # out of the way of the generator's backward, where memory peaks
     dmd = rows.loss(dmd_loss, rollout.x_gen, x0_from_velocity(x_t, v_teacher, t), x0_from_velocity(x_t, v_critic, t),
                     x_t, normaliser=config.loss.normaliser)
-    return generator_objective(dmd, div, weight)
+    extra = {}
+    if method == "dmd-regression":
+        with record_function(f"{REGION}regression"):
+            extra["reg"] = (rows.loss(regression_loss, rollout.x_gen, teacher_samples(anchors),
+                                      distance=adapter.regression_distance(rollout.x_gen.device)), weights["reg"])
+    elif method == "dmd-gan":
+        with record_function(f"{REGION}gan"), frozen(nets.critic), classifying(nets.critic):
+            adapter.velocity(nets.critic, interpolate(rollout.x_gen, eps2, t), t, anchors.cond)
+            extra["gan"] = (rows.loss(gan_generator_loss, nets.critic.take_logits()), weights["gan"])
+    return generator_objective(dmd, div, weights["div"], extra)
+
+
+def teacher_samples(batch) -> torch.Tensor:
+    """A batch's teacher samples (x_teacher), or the error that names where they come from."""
+    if batch.x_teacher is None:
+        raise ValueError("this loss.method reads the teacher's samples from the trajectory store (its x_teacher "
+                         "column): train from a store precomputed with the run's recipe and overrides")
+    return batch.x_teacher
+
+
+@contextmanager
+def classifying(critic: nn.Module) -> Iterator[None]:
+    """The critic's calls also keep its classifier head's logits (models/gan.py) for take_logits()."""
+    critic.classify = True
+    try:
+        yield
+    finally:
+        critic.classify = False
+
+
+@contextmanager
+def frozen(net: nn.Module) -> Iterator[None]:
+    """net's trainable tensors without requires_grad for a while: gradients reach its inputs, not its weights (the
+    generator's GAN term goes through the critic without training it)."""
+    tensors = net.trainable_tensors() if hasattr(net, "trainable_tensors") else list(net.parameters())
+    tensors = [p for p in tensors if p.requires_grad]
+    for p in tensors:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in tensors:
+            p.requires_grad_(True)
 
 
 class FiniteVote:

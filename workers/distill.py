@@ -17,7 +17,8 @@ from models.flow import sample_sigmas
 from models.losses import LossOutput, NonFiniteLossError
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
-from workers.cycle import REGION, FiniteVote, Networks, Rows, critic_loss, generator_loss, generator_samples
+from workers.cycle import (REGION, FiniteVote, Networks, Rows, critic_loss, generator_loss, generator_samples,
+                           teacher_samples)
 from workers.offload import ParkedNetwork
 
 
@@ -66,18 +67,23 @@ class Distiller:
         return list(x_gen.split(sizes))
 
     def critic_step(self, batch: PromptBatch, x_gen: torch.Tensor, where: str) -> dict[str, float]:
-        """Loss 5 on x_gen, a fresh no-grad generator sample for the batch's prompts (generator_samples)."""
+        """Loss 5 on x_gen, a fresh no-grad generator sample for the batch's prompts (generator_samples); under
+        dmd-gan with the head's loss on the batch's teacher samples against x_gen."""
         t, eps2 = self._draw_t(len(x_gen)), self._noise(x_gen.shape)
-        out = critic_loss(self.adapter, self.critic.module, x_gen, t, eps2, batch.cond, self.rows)
+        loss = self.config.loss
+        real = teacher_samples(batch) if loss.method == "dmd-gan" else None
+        out = critic_loss(self.adapter, self.critic.module, x_gen, t, eps2, batch.cond, self.rows, real,
+                          loss.critic_gan_weight)
         return self._apply(self.critic, out, where)
 
     def generator_step(self, batch: AnchorBatch, where: str) -> dict[str, float]:
-        """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1."""
+        """Losses 1-4: DMD on x_gen (steps 2..N) plus lambda times the anchor loss on step 1 (dp-dmd), or a
+        baseline's term (dmd-regression, dmd-gan)."""
         t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
         nets = Networks(self.adapter, self.teacher, self.generator.module, self.critic.module, self.negative,
                         self.teacher_weights)
         out = generator_loss(nets, batch, t, eps2, self.generator_sigmas, self.config, self.rows,
-                             self.config.loss.diversity_weight)
+                             self.config.loss.weights)
         return self._apply(self.generator, out, where)
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -121,3 +127,13 @@ def copy_for_training(teacher: nn.Module) -> nn.Module:
     net = copy.deepcopy(teacher)
     net.train().requires_grad_(True)
     return net
+
+
+def critic_network(config: RunConfig, net: nn.Module) -> nn.Module:
+    """The critic the run trains: the network itself, or under dmd-gan the network with its classifier head
+    (models/gan.py), which trains with it."""
+    if config.loss.method != "dmd-gan":
+        return net
+    from models.gan import CriticWithHead
+
+    return CriticWithHead(net)

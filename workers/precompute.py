@@ -39,10 +39,7 @@ class AnchorWriter:
             parts.append(compute_anchors(self.config, self.adapter, self.teacher,
                                          [self.spec.prompts[i] for i in ids], ids, seeds[start:start + size],
                                          self.device))
-        x0 = [p.x0_anchor for p in parts]
-        batch = AnchorBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in ("eps", "z", "t_anchor")),
-                            cond=type(parts[0].cond).cat([p.cond for p in parts]),
-                            prompt_ids=prompt_ids, seeds=seeds, x0_anchor=None if x0[0] is None else torch.cat(x0))
+        batch = AnchorBatch.cat(parts)
         table, _ = batch_to_table(batch, [self.spec.prompts[i] for i in prompt_ids])
         return write_shard(self.fs, self.root, index, table)
 

@@ -3,7 +3,8 @@
 Shapes and dtypes of the tensor columns live in the store's manifest (and in each field's metadata), so
 decoding is a zero-copy numpy view plus a reshape. Bump SCHEMA_VERSION on any change to the layout.
 The x0_anchor column (the teacher's x0 estimate at z_K) exists only in stores of epsilon-prediction
-teachers, which no earlier version wrote, so it is optional rather than a new version.
+teachers, which no earlier version wrote, so it is optional rather than a new version; so is x_teacher (the
+teacher's full sample), which only stores keyed with teacher samples hold.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def batch_to_table(batch: AnchorBatch, prompts: list[str]) -> tuple[pa.Table, di
     specs: dict[str, TensorSpec] = {}
     tensors = {"eps": batch.eps, "z": batch.z,
                **({"x0_anchor": batch.x0_anchor} if batch.x0_anchor is not None else {}),
+               **({"x_teacher": batch.x_teacher} if batch.x_teacher is not None else {}),
                **{COND_PREFIX + k: v for k, v in batch.cond.tensors.items()}}
     for name, tensor in tensors.items():
         columns[name], specs[name] = encode_tensor(tensor)
@@ -145,4 +147,5 @@ def table_to_batch(table: pa.Table, specs: dict[str, TensorSpec]) -> AnchorBatch
         prompt_ids=torch.from_numpy(table.column("prompt_id").to_numpy()),
         seeds=torch.from_numpy(table.column("seed").to_numpy()),
         x0_anchor=decode_tensor(table.column("x0_anchor"), specs["x0_anchor"]) if "x0_anchor" in specs else None,
+        x_teacher=decode_tensor(table.column("x_teacher"), specs["x_teacher"]) if "x_teacher" in specs else None,
     )

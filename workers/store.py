@@ -164,6 +164,7 @@ def store_spec(config: RunConfig, prompts: list[str], teacher_dir: Path, world_s
         "shift": t.shift,
         "dtype": t.dtype,
         **({"resolution": t.resolution} if t.resolution else {}),
+        **({"teacher_samples": True} if config.loss.teacher_samples else {}),  # the baselines' x_teacher column
         "prompt_set_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         "num_prompts": len(prompts),
         "seed_offset": traj.seed_offset,
@@ -495,15 +496,18 @@ class Store:
             yield table_to_batch(table, self.columns)
 
     def prompt_batches(self, batch_size: int, rank: int = 0, world_size: int = 1, start_row: int = 0,
-                       seed: int = 0) -> Iterator[PromptBatch]:
+                       seed: int = 0, with_samples: bool = False) -> Iterator[PromptBatch]:
         """Endless prompt conditioning for critic updates, from the same shards but only their prompt
-        columns, in an order of its own: no anchor row is consumed."""
+        columns, in an order of its own: no anchor row is consumed. with_samples: the rows' teacher samples too
+        (the dmd-gan critic's real data)."""
         cond = {n: s for n, s in self.columns.items() if n.startswith(COND_PREFIX)}
+        real = ["x_teacher"] if with_samples else []
         for table in self._tables(batch_size, rank, world_size, start_row, seed + 1_000_003,
-                                  ["prompt_id", *cond], None):
+                                  ["prompt_id", *cond, *real], None):
             yield PromptBatch(Conditioning({n.removeprefix(COND_PREFIX): decode_tensor(table.column(n), s)
                                             for n, s in cond.items()}),
-                              torch.from_numpy(table.column("prompt_id").to_numpy()))
+                              torch.from_numpy(table.column("prompt_id").to_numpy()),
+                              decode_tensor(table.column("x_teacher"), self.columns["x_teacher"]) if real else None)
 
     def _tables(self, batch_size: int, rank: int, world_size: int, start_row: int, seed: int,
                 columns: list[str] | None, max_epochs: int | None) -> Iterator[pa.Table]:

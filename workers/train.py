@@ -26,8 +26,8 @@ from workers.anchors import InlineAnchors
 from workers.batches import TrainingData
 from workers.config import ConfigError, RunConfig
 from workers.context import WorkerContext, checkpoint_name
-from workers.cycle import REGION
-from workers.distill import Distiller, copy_for_training
+from workers.cycle import CRITIC_METRICS, REGION
+from workers.distill import Distiller, copy_for_training, critic_network
 from workers.engines import build_engine, checkpoint_keeping_attention, compile_network, distributed
 from workers.evaluate import GENERATOR_META, training_prompts
 from workers.live_eval import PREFIX as LIVE
@@ -70,7 +70,7 @@ def store_source(shared) -> DataSource:
         anchors = store.batches(batch, ctx.rank, ctx.world_size, progress.rows_consumed, seed=config.seed,
                                 max_epochs=config.trajectories.max_reuse)
         prompts = store.prompt_batches(batch, ctx.rank, ctx.world_size, progress.prompt_rows_consumed,
-                                       seed=config.seed)
+                                       seed=config.seed, with_samples=config.loss.method == "dmd-gan")
         device = ctx.device(config.distributed.use_gpu)
         if device.type == "cuda":
             anchors, prompts = prefetched(anchors, device), prefetched(prompts, device)
@@ -171,14 +171,14 @@ def _engines(config: RunConfig, teacher: nn.Module, device: torch.device, cleanu
     dist = config.distributed
     generator = build_engine(_trainable(teacher, config.generator.gradient_checkpointing, "generator"),
                              config.generator.optim, config)
-    critic = build_engine(_trainable(teacher, config.critic.gradient_checkpointing, "critic"),
+    critic = build_engine(critic_network(config, _trainable(teacher, config.critic.gradient_checkpointing, "critic")),
                           config.critic.optim, config)
     # DeepSpeed's gradient hooks hold each engine through autograd's C++ nodes, where Python's collector cannot see
     # the cycle: without destroy() every train() call would leave both engines and their optimizer state behind.
     for engine in (generator, critic):
         cleanup.callback(engine.destroy)
     if dist.compile:  # deep copies drop compiled code (Module.__getstate__), so compile after copying
-        for net in (teacher, generator.module, critic.module):
+        for net in (teacher, generator.module, getattr(critic.module, "net", critic.module)):  # dmd-gan: not the head
             compile_network(net, dist.compile_mode)
     teacher_weights = None
     if dist.offload_teacher:  # after the generator and critic were copied from the teacher on the device
@@ -280,7 +280,7 @@ def _cycle_metrics(run: _Run, metrics: dict, critic_metrics: list[dict[str, floa
     """The cycle's mean critic loss, where the run stands and how fast it goes, added to its metrics."""
     progress, batch_size = run.progress, run.config.distributed.batch_size_per_worker
     metrics.update({k: sum(m.get(k, 0.0) for m in critic_metrics) / len(critic_metrics)
-                    for k in ("loss_critic",)})
+                    for k in CRITIC_METRICS if k == "loss_critic" or any(k in m for m in critic_metrics)})
     metrics.update(generator_update=progress.generator_updates, critic_updates=progress.critic_updates,
                    resumes=progress.resumes, skipped_steps=progress.skipped_steps, cycle_s=cycle_s,
                    samples_per_s=batch_size * (run.config.schedule.critic_updates_per_generator + 1) / cycle_s)

@@ -1,7 +1,8 @@
 """Several trials of one teacher trained together in one process, as one batched computation: the fidelity
 table's small-model trials without a process, a DeepSpeed engine and a stream of kernel launches per trial.
 
-The trials differ only in their training seed and lambda (loss.diversity_weight). Their generator and critic
+The trials differ only in their training seed and their loss weights (lambda, loss.diversity_weight, and the
+baselines' weights; one loss.method for all). Their generator and critic
 parameters are stacked on a leading trial dim and every network call runs all trials at once through
 torch.func.vmap (StackedNetwork); the frozen teacher sees all trials' rows as one batch. Each trial does what
 workers.train.train does with its own config: the same data streams and positions, the same noise from the
@@ -39,17 +40,19 @@ from torch.utils._pytree import tree_map
 from models.adapter import Conditioning
 from models.flow import sample_sigmas
 from models.losses import NonFiniteLossError
-from workers.batches import AnchorBatch, TrainingData, to_device
+from workers.batches import AnchorBatch, PromptBatch, TrainingData, to_device
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_for
-from workers.cycle import FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples
-from workers.distill import copy_for_training
+from workers.cycle import (CRITIC_METRICS, FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples,
+                           teacher_samples)
+from workers.distill import copy_for_training, critic_network
 from workers.progress import Progress, read_progress, write_progress
 
 TRIAL_STATE = "trial.pt"
 # What may differ between the trials of one batch: everything else is one computation.
-PER_TRIAL_KEYS = ("seed", "loss.diversity_weight", "tracking.run_name")
+PER_TRIAL_KEYS = ("seed", "loss.diversity_weight", "loss.regression_weight", "loss.gan_generator_weight",
+                  "loss.gan_critic_weight", "tracking.run_name")
 
 
 def check_batchable(configs: list[RunConfig]) -> None:
@@ -107,16 +110,38 @@ class StackedNetwork(nn.Module):
 
     def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic"):
         super().__init__()
-        if attention == "classic" and hasattr(template, "set_attn_processor"):
+        if attention == "classic":
             from diffusers.models.attention_processor import AttnProcessor
 
-            template.set_attn_processor(AttnProcessor())
+            for module in template.modules():  # the network, or the network inside a critic with a GAN head
+                if hasattr(module, "set_attn_processor"):
+                    module.set_attn_processor(AttnProcessor())
+                    break
         self.num_trials = num_trials
         self._template = [template]  # a plain list: its parameters are replaced, never trained or registered
         named = list(template.named_parameters())
         self.layout = [(name, p.shape, p.numel()) for name, p in named]
         flat = torch.cat([p.detach().reshape(-1) for _, p in named])
         self.flat = flat.unsqueeze(0).repeat(num_trials, 1).requires_grad_(True)
+        self._logits: torch.Tensor | None = None
+
+    @property
+    def classify(self) -> bool:
+        """A critic with a GAN head (models/gan.py): the next calls also keep each trial's logits."""
+        return getattr(self._template[0], "classify", False)
+
+    @classify.setter
+    def classify(self, value: bool) -> None:
+        self._template[0].classify = value
+
+    def take_logits(self) -> torch.Tensor:
+        logits, self._logits = self._logits, None
+        if logits is None:
+            raise RuntimeError("no logits kept: set classify before calling the critic")
+        return logits
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        return [self.flat]
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -142,12 +167,18 @@ class StackedNetwork(nn.Module):
         tensors = tree_map(lambda v: v.reshape(n, batch // n, *v.shape[1:]) if rows(v) else v, values)
         returned_tuple = []
 
+        classify = self.classify
+
         def one(params, *values):
             out = functional_call(template, params, values[:len(args)], dict(zip(names, values[len(args):])))
             returned_tuple.append(isinstance(out, tuple))  # diffusers' return_dict=False
-            return out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out
+            out = out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out
+            return (out, template.take_logits()) if classify else out  # the head's logits leave vmap as outputs
 
         out = vmap(one, in_dims=(0, *dims))(self.params, *tensors)
+        if classify:
+            out, logits = out
+            self._logits = logits.reshape(batch)
         out = out.reshape(batch, *out.shape[2:])
         return (out,) if returned_tuple[-1] else SimpleNamespace(sample=out)
 
@@ -246,6 +277,7 @@ class CycleInputs:
     critic_cond: Conditioning  # (N * C * B, ...) their prompts
     critic_t: list[torch.Tensor]  # C x (N * B,)
     critic_eps2: list[torch.Tensor]  # C x (N * B, ...)
+    critic_real: torch.Tensor | None  # (N * C * B, ...) the teacher's samples of the critic rows (dmd-gan), or None
     anchors: AnchorBatch  # (N * B, ...) the generator update's anchor rows and prompts
     t: torch.Tensor  # (N * B,)
     eps2: torch.Tensor  # (N * B, ...)
@@ -261,14 +293,16 @@ class TrialBatch:
         self.num_trials = n = len(configs)
         config = configs[0]
         self.generator = StackedNetwork(copy_for_training(teacher), n, attention)
-        self.critic = StackedNetwork(copy_for_training(teacher), n, attention)
+        self.critic = StackedNetwork(critic_network(config, copy_for_training(teacher)), n, attention)
         self.generator_optim = self._optimizer(self.generator, config.generator.optim)
         self.critic_optim = self._optimizer(self.critic, config.critic.optim)
         self.negative = negative.to(device)
         self.generator_sigmas = adapter.sampling_sigmas(config.generator.num_steps, config.generator_shift,
                                                         "generator").to(device)
         self.loss_sigmas = adapter.training_sigmas(config.teacher.shift)
-        self.weights = torch.tensor([c.loss.diversity_weight for c in configs], device=device)
+        self.weights = {k: torch.tensor([c.loss.weights[k] for c in configs], device=device)
+                        for k in config.loss.weights}
+        self.critic_gan_weight = torch.tensor([c.loss.critic_gan_weight for c in configs], device=device)
         self.rows = TrialRows(n)
         # Each trial's finite vote; under on_nonfinite=raise a trial that voted no stops (its updates are no
         # longer applied) and is reported at the next read, under skip that update is skipped and counted
@@ -283,8 +317,8 @@ class TrialBatch:
         return generator_samples(self.adapter, self.generator, eps, cond, self.generator_sigmas)
 
     def critic_step(self, x_gen: torch.Tensor, t: torch.Tensor, eps2: torch.Tensor, cond: Conditioning,
-                    update: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = critic_loss(self.adapter, self.critic, x_gen, t, eps2, cond, self.rows)
+                    update: torch.Tensor, real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = critic_loss(self.adapter, self.critic, x_gen, t, eps2, cond, self.rows, real, self.critic_gan_weight)
         return self._apply(self.critic_optim, out, update)
 
     def generator_step(self, inputs: CycleInputs, update: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -335,6 +369,8 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
         progress, rng = trial.progress, trial.rng
         batch = config.distributed.batch_size_per_worker
         prompts = [next(trial.data.prompts) for _ in range(num_critic)]
+        if config.loss.method == "dmd-gan":
+            prompts = [PromptBatch(b.cond, b.prompt_ids, teacher_samples(b)) for b in prompts]
         eps = torch.randn((num_critic * batch, *shape), generator=rng)
         critic = [(sample_sigmas(loss_sigmas, batch, rng), torch.randn((batch, *shape), generator=rng))
                   for _ in range(num_critic)]
@@ -354,6 +390,7 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
         critic_cond=cond([b.cond for p in per for b in p["prompts"]]),
         critic_t=[cat([p["critic"][j][0] for p in per]) for j in range(num_critic)],
         critic_eps2=[cat([p["critic"][j][1] for p in per]) for j in range(num_critic)],
+        critic_real=cat([b.x_teacher for p in per for b in p["prompts"]]) if config.loss.method == "dmd-gan" else None,
         anchors=AnchorBatch.cat([p["anchors"] for p in per])._map(lambda v: to_device(v, device)),
         t=cat([p["t"] for p in per]),
         eps2=cat([p["eps2"] for p in per]))
@@ -492,9 +529,9 @@ def _cycle(group: _Group, step: int) -> dict[str, torch.Tensor]:
     update = torch.full((), step, dtype=torch.long, device=device)
     inputs = draw_cycle(group.trials, group.adapter, batch.loss_sigmas, device)
     num_critic = len(inputs.critic_t)
-    critic_sum = _critic_updates(batch, inputs, update, device)
+    critic_sums = _critic_updates(batch, inputs, update)
     metrics = batch.generator_step(inputs, update)
-    metrics["loss_critic"] = critic_sum / num_critic
+    metrics.update({k: v / num_critic for k, v in critic_sums.items()})
     group.add(metrics)
     batch_size = group.trials[0].config.distributed.batch_size_per_worker
     for trial in group.trials:
@@ -506,22 +543,27 @@ def _cycle(group: _Group, step: int) -> dict[str, torch.Tensor]:
     return metrics
 
 
-def _critic_updates(batch: TrialBatch, inputs: CycleInputs, update: torch.Tensor,
-                    device: torch.device) -> torch.Tensor:
-    """The cycle's critic updates, each on one batch of every trial's generator samples; each trial's summed loss."""
+def _critic_updates(batch: TrialBatch, inputs: CycleInputs, update: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The cycle's critic updates, each on one batch of every trial's generator samples; each trial's summed
+    critic metrics (CRITIC_METRICS)."""
     num_critic = len(inputs.critic_t)
     x_gen = batch.generator_samples(inputs.critic_eps, inputs.critic_cond)
     n = batch.num_trials
     # trial-major rows (trial, critic update, row) -> one (N * B) batch per critic update
     x_gen = x_gen.reshape(n, num_critic, -1, *x_gen.shape[1:])
     cond = {k: v.reshape(n, num_critic, -1, *v.shape[1:]) for k, v in inputs.critic_cond.tensors.items()}
-    critic_sum = torch.zeros(n, device=device)
+    real = inputs.critic_real
+    real = None if real is None else real.reshape(n, num_critic, -1, *real.shape[1:])
+    sums: dict[str, torch.Tensor] = {}
     for j in range(num_critic):
         rows = lambda v: v[:, j].reshape(-1, *v.shape[3:])  # noqa: E731
         metrics = batch.critic_step(rows(x_gen), inputs.critic_t[j], inputs.critic_eps2[j],
-                                    Conditioning({k: rows(v) for k, v in cond.items()}), update)
-        critic_sum += metrics["loss_critic"]
-    return critic_sum
+                                    Conditioning({k: rows(v) for k, v in cond.items()}), update,
+                                    None if real is None else rows(real))
+        for key in CRITIC_METRICS:
+            if key in metrics:
+                sums[key] = sums.get(key, 0) + metrics[key]
+    return sums
 
 
 def _save_stopped(group: _Group) -> None:

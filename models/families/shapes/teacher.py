@@ -101,6 +101,14 @@ class ShapesAdapter(TeacherAdapter):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.text_encoder]
 
+    def regression_distance(self, device: torch.device) -> nn.Module:
+        """LPIPS's form on fixed random features (models/perceptual.py), not the evaluator the table measures with."""
+        from models.perceptual import RandomFeatureDistance
+
+        if getattr(self, "_distance", None) is None or self._distance.stages[0][0].weight.device != device:
+            self._distance = RandomFeatureDistance().to(device)
+        return self._distance
+
 
 def new_teacher(width: int, seed: int) -> tuple[ShapesAdapter, UNet2DConditionModel]:
     """A freshly initialised (adapter, net): the text encoder (the adapter's) and the UNet train together."""
