@@ -483,3 +483,24 @@ def test_attention_flops_are_the_batched_products_of_a_forward():
     per_attention = lambda tokens: 2 * 2 * batch * heads * tokens * tokens * head_dim  # noqa: E731
     assert passes.attention[2] == 2 * (per_attention(image + text) + per_attention(image))
     assert 0 < passes.attention[2] < passes.forward[2]
+
+
+def test_the_shapes_benchmark_counts_kernels_as_busy_time_not_the_regions_around_them():
+    """The cycle's record_function regions are mirrored onto the GPU's timeline as annotations spanning many
+    kernels; summed as if they were work they made a 12-trial cycle read 559% busy on an H100."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.shapes_cycle import summarise
+
+    def event(name, device_time, annotation=False):
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, device_time=device_time,
+                               is_user_annotation=annotation, activity_type="")
+
+    events = [event("kernel_a", 300.0), event("kernel_b", 200.0), event("dpdmd/critic loss", 900.0, annotation=True),
+              SimpleNamespace(name="cudaLaunchKernel", device_type=DeviceType.CPU, device_time=0.0,
+                              is_user_annotation=False, activity_type="")]
+    summary = summarise(SimpleNamespace(events=lambda: events, key_averages=lambda: []), wall_s=0.001)
+    assert summary["kernels"] == 2 and summary["gpu_busy_s"] == pytest.approx(500e-6)
+    assert summary["busy_share"] == pytest.approx(0.5) and summary["launch_calls"] == 1
