@@ -8,6 +8,7 @@ second, peak GPU memory, and from torch.profiler over one cycle the kernels laun
 
     python -m benchmarks.shapes_cycle --out outputs/bench/shapes                     # GPU: every variant
     python -m benchmarks.shapes_cycle --out /tmp/s --cycles 2 --warmup 1 --trials 2 --alone fp32 --smoke   # CPU
+    python -m benchmarks.shapes_cycle --out /tmp/m --trials 5 --alone "" --methods dmd,dp-dmd,dmd-regression,dmd-gan
 
 Imports neither Ray nor MLflow.
 """
@@ -37,13 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together (N, or N:sdpa for the "
                                                       "network's fused attention run once per trial)")
     p.add_argument("--alone", default="bf16,fp32", help="comma list of precisions for a trial trained alone by train")
+    p.add_argument("--methods", default="dp-dmd", help="comma list of loss.method values, each measured in every "
+                                                       "variant (dmd-regression and dmd-gan read a store of teacher samples)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--smoke", action="store_true", help="CPU, a tiny teacher built in code")
     return p.parse_args(argv)
 
 
-def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float = 0.05):
+def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float = 0.05, method: str = "dp-dmd"):
     from orchestrator.recipe import resolve
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -55,7 +58,8 @@ def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float 
                               f"distributed.batch_size_per_worker={args.batch}", f"schedule.num_generator_updates={cycles}",
                               "schedule.checkpoint_every=0", f"schedule.log_every={cycles}", "trajectories.batch_size=512",
                               "trajectories.rows_per_shard=1024", f"trajectories.gpus_per_actor={int(gpu)}",
-                              f"storage.output_dir={args.out}", f"seed={seed}", f"loss.diversity_weight={weight}", *extra])
+                              f"storage.output_dir={args.out}", f"seed={seed}", f"loss.diversity_weight={weight}",
+                              f"loss.method={method}", *extra])
 
 
 class Clock:
@@ -123,37 +127,42 @@ def store_for(args, config):
     return store
 
 
-def measure_alone(args, precision: str, device) -> dict:
+def _named(variant: str, method: str) -> str:
+    return variant if method == "dp-dmd" else f"{variant}, {method}"
+
+
+def measure_alone(args, precision: str, device, method: str = "dp-dmd") -> dict:
     from workers.context import LocalContext
     from workers.train import store_source, train
 
     total = args.warmup + args.cycles + 1
-    config = base_config(args, precision, total)
+    config = base_config(args, precision, total, method=method)
     store = store_for(args, config)
     clock = Clock(args.warmup, args.cycles, device, args.profile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train(config, LocalContext(Path(args.out) / f"alone-{precision}", resume=False), store_source(store),
+    train(config, LocalContext(Path(args.out) / f"alone-{precision}-{method}", resume=False), store_source(store),
           store.negative(), on_cycle=lambda progress, metrics: clock(progress.generator_updates), save=False)
-    return {"variant": f"alone, {precision}, ZeRO-{config.distributed.zero_stage}", "trials": 1,
+    return {"variant": _named(f"alone, {precision}, ZeRO-{config.distributed.zero_stage}", method), "trials": 1,
             "cycle_s": clock.cycle_s, "trial_cycles_per_s": 1 / clock.cycle_s, "profile": clock.summary,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
 
-def measure_together(args, what: str, device) -> dict:
+def measure_together(args, what: str, device, method: str = "dp-dmd") -> dict:
     from workers.trials import train_trials
 
     n, _, attention = what.partition(":")
     n, attention = int(n), attention or "classic"
     total = args.warmup + args.cycles + 1
-    configs = [base_config(args, "fp32", total, seed=i % 3, weight=(0.0, 0.05, 0.2, 0.5)[i // 3 % 4]) for i in range(n)]
+    configs = [base_config(args, "fp32", total, seed=i % 3, weight=(0.0, 0.05, 0.2, 0.5)[i // 3 % 4], method=method)
+               for i in range(n)]
     store = store_for(args, configs[0])
     clock = Clock(args.warmup, args.cycles, device, args.profile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    dirs = [Path(args.out) / f"together-{n}" / str(i) for i in range(n)]
+    dirs = [Path(args.out) / f"together-{n}-{method}" / str(i) for i in range(n)]
     train_trials(configs, dirs, store, on_cycle=lambda step, metrics: clock(step), save=False, attention=attention)
-    return {"variant": f"{n} together, fp32, {attention} attention", "trials": n, "cycle_s": clock.cycle_s,
+    return {"variant": _named(f"{n} together, fp32, {attention} attention", method), "trials": n, "cycle_s": clock.cycle_s,
             "trial_cycles_per_s": n / clock.cycle_s, "profile": clock.summary,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
@@ -172,14 +181,16 @@ def main(argv=None) -> int:
               "command": "python -m benchmarks.shapes_cycle " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": []}
     plans = [("alone", p) for p in args.alone.split(",") if p] + [("together", n) for n in args.trials.split(",") if n]
-    for kind, what in plans:
-        try:
-            m = measure_alone(args, what, device) if kind == "alone" else measure_together(args, what, device)
-        except Exception as err:  # noqa: BLE001  (recorded; the other variants still run)
-            m = {"variant": f"{kind} {what}", "error": repr(err)[:500]}
-        result["runs"].append(m)
-        print(json.dumps(m), flush=True)
-        (out / "shapes_cycle.json").write_text(json.dumps(result, indent=1))
+    for method in args.methods.split(","):
+        for kind, what in plans:
+            measure = measure_alone if kind == "alone" else measure_together
+            try:
+                m = measure(args, what, device, method)
+            except Exception as err:  # noqa: BLE001  (recorded; the other variants still run)
+                m = {"variant": _named(f"{kind} {what}", method), "error": repr(err)[:500]}
+            result["runs"].append(m)
+            print(json.dumps(m), flush=True)
+            (out / "shapes_cycle.json").write_text(json.dumps(result, indent=1))
     print(table(result))
     return 0
 
