@@ -96,6 +96,11 @@ def test_the_critic_head_reads_the_network_features_and_leaves_its_velocity_as_i
     assert logits.shape == (2,)
     with pytest.raises(RuntimeError, match="set classify"):
         critic.take_logits()
+    from models.families.toy2d import Toy2DVelocityNet
+    from models.gan import FeatureHead
+
+    assert feature_site(Toy2DVelocityNet(hidden=32, depth=4)) == ("blocks.2", "vector", 32)
+    assert FeatureHead("tokens", 16)(torch.randn(3, 7, 16)).shape == (3,)  # an SD3 block's image tokens
 
 
 # -- the store -----------------------------------------------------------------------------------------------------
@@ -137,6 +142,10 @@ def test_regression_on_a_latent_family_is_refused_naming_what_works():
         resolve("sd35m-512", ["loss.method=dmd-regression"])
     with pytest.raises(ConfigError, match="loss.method"):
         resolve("shapes", ["loss.method=gan"])
+    # ZeRO-3 (DeepSpeed asserted mid-backward: "active_backward_submodules is empty") is refused before any work
+    with pytest.raises(ConfigError, match="distributed.zero_stage.*dmd-gan.*zero_stage=2"):
+        resolve("shapes", ["loss.method=dmd-gan", "distributed.zero_stage=3"])
+    resolve("shapes", ["loss.method=dmd-regression", "distributed.zero_stage=3"])  # it never calls the critic
 
 
 # -- what the gradients reach --------------------------------------------------------------------------------------

@@ -434,6 +434,10 @@ class RunConfig:
                f"dmd-regression on {self.teacher.family} needs LPIPS on decoded images, which this version does not "
                "train with yet; run the regression baseline on the toy2d or shapes family, or choose dmd, dp-dmd or "
                "dmd-gan")
+        _check(not (self.loss.method == "dmd-gan" and self.distributed.zero_stage == 3), "distributed.zero_stage",
+               "must be at most 2 with loss.method=dmd-gan: its generator term runs backward through the critic, "
+               "whose ZeRO-3 engine gathers its partitioned weights only inside its own backward (DeepSpeed refuses "
+               "the other engine's); set distributed.zero_stage=2")
         _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
                f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
                "the paper uses K = 5 of 30")
