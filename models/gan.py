@@ -70,8 +70,10 @@ class CriticWithHead(nn.Module):
     head is initialised from HEAD_SEED, not from the global RNG.
 
     Called like the network. With classify set, the call also runs the head on the feature site's output and keeps
-    the logits for take_logits(); the hook is on only during that call. Under torch.func (trials trained together)
-    the head's parameters are swapped in with the network's."""
+    the logits for take_logits(). The hook that reads the site is registered once, before any compile (whether
+    torch.compile sees hooks added to a module it compiled depends on its hook guards), and keeps nothing unless
+    classify is set. Under torch.func
+    (trials trained together) the head's parameters are swapped in with the network's."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -82,23 +84,25 @@ class CriticWithHead(nn.Module):
             torch.manual_seed(HEAD_SEED)
             self.head = FeatureHead(kind, channels).to(weight.device, weight.dtype)
         self.classify = False
-        self._logits: torch.Tensor | None = None
+        self._kept: dict[str, torch.Tensor] = {}
+        self.net.get_submodule(self.site).register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, inputs, output) -> None:
+        if self.classify:
+            self._kept["features"] = _last_tensor(output)
 
     def forward(self, *args, **kwargs):
-        if not self.classify:
-            return self.net(*args, **kwargs)
-        seen: list[torch.Tensor] = []
-        hook = self.net.get_submodule(self.site).register_forward_hook(lambda m, i, o: seen.append(_last_tensor(o)))
-        try:
-            out = self.net(*args, **kwargs)
-        finally:
-            hook.remove()
-        self._logits = self.head(seen[-1])
+        out = self.net(*args, **kwargs)
+        if self.classify:
+            features = self._kept.pop("features", None)
+            if features is None:
+                raise RuntimeError(f"the critic's call did not pass its feature site {self.site!r}")
+            self._kept["logits"] = self.head(features)
         return out
 
     def take_logits(self) -> torch.Tensor:
         """The logits (B,) of the last call with classify set; once."""
-        logits, self._logits = self._logits, None
+        logits = self._kept.pop("logits", None)
         if logits is None:
             raise RuntimeError("no logits kept: set classify before calling the critic")
         return logits

@@ -26,23 +26,22 @@ from pathlib import Path
 from models.families import get_family
 from orchestrator import recipe as recipes
 from orchestrator.reports import plot_fidelity_curves, write_fidelity
-from orchestrator.results import SEED_KEY
+from orchestrator.results import SEED_KEY, setting_method
 from orchestrator.spaces import grid_points, load_space, trial_config
 from orchestrator.trial_runs import evaluate_teacher, run_local_trials
 from workers.config import ConfigError, RunConfig
 
 
-def check_space(space: dict[str, dict]) -> None:
+def check_space(space: dict[str, dict], default_weight: float = 0.05, default_method: str = "dp-dmd") -> None:
     if SEED_KEY not in space or next(iter(space[SEED_KEY])) != "grid" or len(next(iter(space[SEED_KEY].values()))) < 2:
         raise ConfigError("sweep.space", "a fidelity space needs `seed: {grid: [0, 1, 2]}` (training seeds, at "
                                          "least 2) so that each setting is reported with its spread")
     if any(next(iter(spec)) not in ("grid", "choice") for spec in space.values()):
         raise ConfigError("sweep.space", "a fidelity space takes grid values only (each setting runs once per seed)")
-    weights = next(iter(space.get("loss.diversity_weight", {"grid": []}).values()))
-    methods = next(iter(space.get("loss.method", {"grid": []}).values()))
-    if 0 not in weights and "dmd" not in methods:
-        raise ConfigError("sweep.space", "a fidelity space needs DMD, lambda = 0 in its loss.diversity_weight grid or "
-                                         "dmd in its loss.method grid: the gap recovered is measured from DMD")
+    if not any(setting_method(p, default_weight, default_method) == "dmd" for p in grid_points(space)):
+        raise ConfigError("sweep.space", "a fidelity space needs DMD (dp-dmd at lambda = 0 in its "
+                                         "loss.diversity_weight grid, or dmd in its loss.method grid): the gap "
+                                         "recovered is measured from DMD")
 
 
 def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int = 1,
@@ -62,7 +61,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
 
     start, tag = time.time(), f"[{kind}]"
     space = space or load_space(config.sweep.space)
-    check_space(space)
+    check_space(space, config.loss.diversity_weight, config.loss.method)
     _ensure_teacher(config, tag)
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)

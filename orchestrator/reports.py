@@ -10,7 +10,7 @@ from pathlib import Path
 
 from models.families import get_family
 from orchestrator.results import (SEED_KEY, TEACHER, SweepResult, aggregate, gap_metrics, live_curves, metric_columns,
-                                  is_ours, setting_method, setting_name)
+                                  is_ours, setting_name)
 from orchestrator.spaces import PBT_KEYS, trial_name, trial_title
 from workers.config import RunConfig
 
@@ -161,12 +161,13 @@ def format_fidelity(result: dict, teacher: dict[str, float], family: str,
     return "\n".join(lines)
 
 
-def verdict(result: dict, teacher: dict[str, float], family: str, default_weight: float) -> str:
+def verdict(result: dict, teacher: dict[str, float], family: str, default_weight: float,
+            default_method: str = "dp-dmd") -> str:
     """One line computed from the numbers: how much of DMD's diversity gap to the teacher the recipe's DP-DMD
     setting recovers over the training seeds, and whether that is larger than the spread between seeds."""
     d_name, d_sign = get_family(family).diversity
     settings, dmd = result["settings"], result["dmd"]
-    ours = next((s for s in settings if is_ours(s["params"], default_weight)), None)
+    ours = next((s for s in settings if is_ours(s["params"], default_weight, default_method)), None)
     if dmd < 0 or ours is None or ours is settings[dmd]:
         return ""
     gap, spread = ours["gap_recovered"]
@@ -179,7 +180,7 @@ def verdict(result: dict, teacher: dict[str, float], family: str, default_weight
             f"{len(seeds)} seeds; {shown}. Larger than the seed spread (mean - std > 0): "
             f"{'yes' if gap - spread > 0 else 'no'}.")
     return line + "".join(_against(ours, s, family) for s in settings
-                          if setting_method(s["params"], default_weight) in ("dmd-regression", "dmd-gan"))
+                          if s["method"] in ("dmd-regression", "dmd-gan"))
 
 
 def _against(ours: dict, remedy: dict, family: str) -> str:
@@ -243,7 +244,7 @@ def plot_fidelity_curves(rows: list[dict], family, config: RunConfig, path: Path
         if not row.get("run_dir") or not found.is_file():
             continue
         params = {k: v for k, v in row["params"].items() if k != SEED_KEY}
-        name = setting_name(params, config.loss.diversity_weight)
+        name = setting_name(params, config.loss.diversity_weight, config.loss.method)
         for line in found.read_text().splitlines():
             record = json.loads(line)
             curves.setdefault(name, {}).setdefault(record["generator_update"], []).append(record)
@@ -276,9 +277,10 @@ def write_fidelity(rows: list[dict], teacher: dict[str, float], config: RunConfi
     """fidelity.md (the table and its verdict), fidelity.json (every number), fidelity_per_seed.csv,
     fidelity.png and fidelity_samples.png into out_dir. cut: the teacher's metrics at the generator's steps."""
     family = config.teacher.family
-    result = aggregate(rows, teacher, family, config.loss.diversity_weight, config.sweep.quality_drop_from_dmd)
+    result = aggregate(rows, teacher, family, config.loss.diversity_weight, config.sweep.quality_drop_from_dmd,
+                       config.loss.method)
     table = format_fidelity(result, teacher, family, cut and (config.generator.num_steps, cut))
-    line = verdict(result, teacher, family, config.loss.diversity_weight)
+    line = verdict(result, teacher, family, config.loss.diversity_weight, config.loss.method)
     table += f"\n\n{line}" if line else ""
     picture = plot_fidelity(result, teacher, family, out_dir / "fidelity.png")
     per_seed_csv(result, family, out_dir / "fidelity_per_seed.csv")

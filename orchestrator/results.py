@@ -84,23 +84,21 @@ def metric_columns(name: str) -> list[str]:
 
 METHOD_KEY = "loss.method"
 METHOD_NAMES = {"dmd": "DMD", "dp-dmd": "DP-DMD", "dmd-regression": "DMD + regression", "dmd-gan": "DMD + GAN"}
-WEIGHT_KEYS = {"dp-dmd": "loss.diversity_weight", "dmd-regression": "loss.regression_weight",
-               "dmd-gan": "loss.gan_generator_weight"}
 
 
-def setting_method(params: dict, default_weight: float) -> str:
-    """The objective a setting trains with: its loss.method (dp-dmd when the space leaves it out), where dp-dmd at
-    lambda = 0 is plain DMD."""
-    method = params.get(METHOD_KEY, "dp-dmd")
+def setting_method(params: dict, default_weight: float, default_method: str = "dp-dmd") -> str:
+    """The objective a setting trains with: its loss.method (the run's, default_method, when the space leaves it
+    out), where dp-dmd at lambda = 0 is plain DMD."""
+    method = params.get(METHOD_KEY, default_method)
     if method == "dp-dmd" and params.get("loss.diversity_weight", default_weight) == 0:
         return "dmd"
     return method
 
 
-def setting_name(params: dict, default_weight: float) -> str:
+def setting_name(params: dict, default_weight: float, default_method: str = "dp-dmd") -> str:
     """DMD, DP-DMD (default), DMD + regression, DMD + GAN, with the setting's non-default values; lambda only where
     the method uses it."""
-    method = setting_method(params, default_weight)
+    method = setting_method(params, default_weight, default_method)
     weight = params.get("loss.diversity_weight", default_weight)
     hidden = {METHOD_KEY, "loss.diversity_weight"}
     others = {k: v for k, v in sorted(params.items()) if k not in hidden}
@@ -111,14 +109,15 @@ def setting_name(params: dict, default_weight: float) -> str:
     return f"{label} ({', '.join(shown)})" if shown else label
 
 
-def is_ours(params: dict, default_weight: float) -> bool:
+def is_ours(params: dict, default_weight: float, default_method: str = "dp-dmd") -> bool:
     """The recipe's DP-DMD setting: dp-dmd at the recipe's lambda, nothing else changed."""
     rest = {k: v for k, v in params.items() if not (k == METHOD_KEY and v == "dp-dmd")}
-    return rest in ({}, {"loss.diversity_weight": default_weight}) and setting_method(params, default_weight) == "dp-dmd"
+    return (rest in ({}, {"loss.diversity_weight": default_weight})
+            and setting_method(params, default_weight, default_method) == "dp-dmd")
 
 
 def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_weight: float,
-              tolerance: float) -> dict:
+              tolerance: float, default_method: str = "dp-dmd") -> dict:
     """Group trial rows (params incl. seed, eval_<metric> values) into settings with mean/std over seeds.
 
     Returns {"settings": [...], "picked": index or -1, "dmd": index}: each setting has name, params (seed
@@ -141,16 +140,16 @@ def aggregate(rows: list[dict], teacher: dict[str, float], family: str, default_
     settings = []
     for group in groups.values():
         per_seed = group["per_seed"]
-        setting = {"name": setting_name(group["params"], default_weight), "params": group["params"],
+        setting = {"name": setting_name(group["params"], default_weight, default_method), "params": group["params"],
+                   "method": setting_method(group["params"], default_weight, default_method),
                    "seeds": sorted(per_seed), "per_seed": per_seed, "run_dirs": group["run_dirs"],
                    "mean": {c: statistics.fmean(m[c] for m in per_seed.values()) for c in columns},
                    "std": {c: _stdev([m[c] for m in per_seed.values()])
                            for c in columns}}
         settings.append(setting)
     order = list(METHOD_NAMES)
-    settings.sort(key=lambda s: (order.index(setting_method(s["params"], default_weight)),
-                                 json.dumps(s["params"], sort_keys=True)))
-    dmd = next((i for i, s in enumerate(settings) if setting_method(s["params"], default_weight) == "dmd"), -1)
+    settings.sort(key=lambda s: (order.index(s["method"]), json.dumps(s["params"], sort_keys=True)))
+    dmd = next((i for i, s in enumerate(settings) if s["method"] == "dmd"), -1)
     for setting in settings:
         setting["gaps"] = {}
         for metric in gap_metrics(family):

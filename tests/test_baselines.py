@@ -17,6 +17,7 @@ from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
 from workers.config import ConfigError
 from workers.context import LocalContext
+from workers.cycle import classifying
 from workers.distill import Distiller, copy_for_training, critic_network
 from workers.engines import build_engine, distributed
 from workers.store import store_spec
@@ -101,6 +102,36 @@ def test_the_critic_head_reads_the_network_features_and_leaves_its_velocity_as_i
 
     assert feature_site(Toy2DVelocityNet(hidden=32, depth=4)) == ("blocks.2", "vector", 32)
     assert FeatureHead("tokens", 16)(torch.randn(3, 7, 16)).shape == (3,)  # an SD3 block's image tokens
+
+
+def test_the_head_reads_its_features_from_a_compiled_block_first_called_without_it():
+    """distributed.compile compiles SD3's transformer blocks, the head's feature site among them. Whether Dynamo
+    sees a hook added to a module after it compiled it depends on its hook guards (skip_nnmodule_hook_guards, on by
+    default), so the head's hook is there from the start, idle until the critic classifies. The critic's first
+    call is without the head (a DMD score), as in training."""
+    import torch._dynamo
+    from sd_models import tiny_sd3_inputs
+
+    from models.tiny_pipelines import tiny_sd3_transformer
+
+    eager, compiled = CriticWithHead(tiny_sd3_transformer()), CriticWithHead(tiny_sd3_transformer())
+    assert eager.site == "transformer_blocks.1"
+    torch._dynamo.reset()
+    try:
+        for block in compiled.net.transformer_blocks:
+            block.compile(backend="eager")  # Dynamo's capture, which decides what runs; no code generation
+        args = tiny_sd3_inputs()
+        seen = {}
+        for name, critic in (("eager", eager), ("compiled", compiled)):
+            critic(**args)
+            with classifying(critic):
+                out = critic(**args).sample
+                seen[name] = (out, critic.take_logits())
+            critic(**args)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(seen["compiled"][0], seen["eager"][0], atol=1e-5)
+    assert torch.allclose(seen["compiled"][1], seen["eager"][1], atol=1e-5)
 
 
 # -- the store -----------------------------------------------------------------------------------------------------
@@ -226,6 +257,22 @@ def test_trials_together_train_each_baseline_as_train_trains_each_trial_alone(tm
     assert together[0]["loss_generator"][1] > together[0]["loss_dmd"][1]  # weight 0.5: the term counts
 
 
+def test_a_gan_run_trains_with_a_checkpointed_critic_and_refuses_anchors_computed_inline(tmp_path, teacher_path):
+    """The SD recipes checkpoint the critic's activations, so its call for the generator's GAN term is recomputed in
+    the generator's backward: with the critic unfrozen again before that backward it raised torch.utils.checkpoint's
+    CheckpointError ("Recomputed values ... have different metadata"). The critic now stays frozen for the whole
+    generator update."""
+    config = configs(tmp_path, teacher_path, "dmd-gan", "critic.gradient_checkpointing=true",
+                     "loss.gan_generator_weight=0.5")[1]
+    store, _ = precompute(config, use_ray=False, progress=False)
+    seen: list[dict] = []
+    train(config, LocalContext(tmp_path / "run"), store_source(store), store.negative(), save=False,
+          on_cycle=lambda progress, metrics: seen.append(dict(metrics)))
+    assert len(seen) == UPDATES and all(math.isfinite(m["loss_gan"]) and m["loss_gan"] > 0 for m in seen)
+    with pytest.raises(ConfigError, match="loss.method.*trajectory store"):  # the reference script's structure
+        train(config, LocalContext(tmp_path / "inline"), save=False)
+
+
 def test_a_gan_run_resumes_to_the_same_generator_bit_for_bit(tmp_path, teacher_path):
     from safetensors.torch import load_file
 
@@ -262,6 +309,12 @@ def test_the_methods_space_groups_by_method_and_its_table_names_and_measures_fro
     assert setting_name({"loss.method": "dmd-regression", "loss.regression_weight": 0.5}, 0.05) == \
         "DMD + regression (regression_weight=0.5)"
     assert is_ours({"loss.method": "dp-dmd"}, 0.05) and not is_ours({"loss.method": "dmd"}, 0.05)
+    # a run whose recipe sets the method: a lambda grid there is no DMD, and no setting is named by lambda
+    assert setting_name({"loss.diversity_weight": 0.0}, 0.05, "dmd-gan") == "DMD + GAN"
+    for lambdas, method in (({"loss.method": {"grid": ["dmd-gan"]}}, "dp-dmd"), ({}, "dmd-gan")):
+        with pytest.raises(ConfigError, match="needs DMD"):
+            check_space({**lambdas, "loss.diversity_weight": {"grid": [0.0, 0.05]}, "seed": {"grid": [0, 1]}}, 0.05,
+                        method)
     teacher = {"attribute_spread": 0.25, "feature_diversity": 0.14, "adherence": 1.0, "frechet_distance": 1.0}
     spread = {"dmd": 0.20, "dp-dmd": 0.23, "dmd-regression": 0.22, "dmd-gan": 0.21}
     rows = [{"params": p, **{f"eval_{k}": v for k, v in teacher.items()},

@@ -199,11 +199,6 @@ class LossConfig:
         """Whether the method reads the teacher's full ODE samples (the store's x_teacher column)."""
         return self.method in TEACHER_SAMPLE_METHODS
 
-    @property
-    def is_dmd(self) -> bool:
-        """Plain DMD: method dmd, or dp-dmd at lambda = 0."""
-        return self.method == "dmd" or (self.method == "dp-dmd" and self.diversity_weight == 0)
-
 
 @dataclass
 class ScheduleConfig:

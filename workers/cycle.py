@@ -21,7 +21,7 @@ sample in the generator's, the critic's weights frozen there.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +179,14 @@ def classifying(critic: nn.Module) -> Iterator[None]:
         yield
     finally:
         critic.classify = False
+
+
+def generator_update(config: RunConfig, critic: nn.Module):
+    """The context a generator update (its loss, backward and step) runs in: under dmd-gan the critic frozen
+    throughout, not only while its GAN term is taken, because a critic with activation checkpointing recomputes
+    that call in the generator's backward and must see the same weights without requires_grad (autograd saves
+    other tensors otherwise, and torch.utils.checkpoint refuses the mismatch)."""
+    return frozen(critic) if config.loss.method == "dmd-gan" else nullcontext()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from models.losses import LossOutput, NonFiniteLossError
 from workers.batches import AnchorBatch, PromptBatch
 from workers.config import RunConfig
 from workers.cycle import (REGION, FiniteVote, Networks, Rows, critic_loss, generator_loss, generator_samples,
-                           teacher_samples)
+                           generator_update, teacher_samples)
 from workers.offload import ParkedNetwork
 
 
@@ -82,9 +82,10 @@ class Distiller:
         t, eps2 = self._draw_t(len(batch.eps)), self._noise(batch.eps.shape)
         nets = Networks(self.adapter, self.teacher, self.generator.module, self.critic.module, self.negative,
                         self.teacher_weights)
-        out = generator_loss(nets, batch, t, eps2, self.generator_sigmas, self.config, self.rows,
-                             self.config.loss.weights)
-        return self._apply(self.generator, out, where)
+        with generator_update(self.config, self.critic.module):
+            out = generator_loss(nets, batch, t, eps2, self.generator_sigmas, self.config, self.rows,
+                                 self.config.loss.weights)
+            return self._apply(self.generator, out, where)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

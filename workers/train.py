@@ -49,6 +49,10 @@ DataSource = Callable[[RunConfig, WorkerContext, Progress], TrainingData]
 def inline_source(adapter, teacher, device) -> DataSource:
     """Anchors computed with the teacher at every generator update, as the reference script does."""
     def source(config: RunConfig, ctx: WorkerContext, progress: Progress) -> TrainingData:
+        if config.loss.method == "dmd-gan":
+            raise ConfigError("loss.method", "dmd-gan's critic reads the teacher's samples of its rows from the "
+                                             "trajectory store, which anchors computed at each update do not give: "
+                                             "train from a store (dpdmd precompute, then distill)")
         anchors = InlineAnchors(config, adapter, teacher, training_prompts(config), ctx.rank, ctx.world_size, device)
         batch = config.distributed.batch_size_per_worker
         return TrainingData(anchors.batches(batch, progress.rows_consumed),

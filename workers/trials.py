@@ -45,7 +45,7 @@ from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_for
 from workers.cycle import (CRITIC_METRICS, FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples,
-                           teacher_samples)
+                           generator_update, teacher_samples)
 from workers.distill import copy_for_training, critic_network
 from workers.progress import Progress, read_progress, write_progress
 
@@ -323,9 +323,10 @@ class TrialBatch:
 
     def generator_step(self, inputs: CycleInputs, update: torch.Tensor) -> dict[str, torch.Tensor]:
         nets = Networks(self.adapter, self.teacher, self.generator, self.critic, self.negative)
-        out = generator_loss(nets, inputs.anchors, inputs.t, inputs.eps2, self.generator_sigmas, self.configs[0],
-                             self.rows, self.weights)
-        return self._apply(self.generator_optim, out, update)
+        with generator_update(self.configs[0], self.critic):
+            out = generator_loss(nets, inputs.anchors, inputs.t, inputs.eps2, self.generator_sigmas, self.configs[0],
+                                 self.rows, self.weights)
+            return self._apply(self.generator_optim, out, update)
 
     def _apply(self, optim: StackedAdamW, out, update: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backward of every trial's loss, and the update of the trials whose vote was yes (and still train):
