@@ -260,3 +260,15 @@ def test_a_trial_group_trains_exports_and_evaluates_each_trial_and_records_its_r
     assert records[0] == records[1] and records[0]["world_size"] == 1 and records[0]["rows"] >= 2 * UPDATES
     for d in dirs:
         assert (d / GENERATOR_DIR / "dpdmd_generator.json").is_file() and not (d / "checkpoints").exists()
+
+
+def test_a_network_that_returns_a_tensor_is_stacked_into_one_that_returns_a_tensor():
+    """toy2d's MLP returns a plain tensor; the stacked call wrapped it as `.sample`, and every toy2d trial trained
+    together failed at its first call ("'types.SimpleNamespace' object has no attribute 'to'")."""
+    from models.families.toy2d import Toy2DVelocityNet
+    from workers.trials import StackedNetwork
+
+    net = Toy2DVelocityNet(hidden=16, depth=2)
+    x, t, classes = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 3])
+    out = StackedNetwork(net, 2)(x, t, classes)  # two trials, two rows each, both starting from net's weights
+    assert isinstance(out, torch.Tensor) and torch.allclose(out, net(x, t, classes), atol=1e-6)

@@ -75,7 +75,9 @@ class Evaluator:
 def snapshot_generator(generator, config: RunConfig, rank: int) -> dict[str, torch.Tensor] | None:
     """The generator's weights on the CPU in float32, on rank 0 (None elsewhere). Every rank must call it:
     with ZeRO-3 the parameters are gathered collectively."""
-    import deepspeed
+    from workers.engines import import_deepspeed
+
+    deepspeed = import_deepspeed(config.distributed.use_gpu)  # trials trained together import it here first
 
     params = list(generator.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):

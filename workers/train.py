@@ -341,7 +341,9 @@ def _trainable(teacher, gradient_checkpointing: bool | str, section: str):
 
 def export_generator(config: RunConfig, adapter, generator, export_dir: Path, rank: int) -> None:
     """The generator in the teacher family's format plus its few-step sampler: loads with the sample command."""
-    import deepspeed
+    from workers.engines import import_deepspeed
+
+    deepspeed = import_deepspeed(config.distributed.use_gpu)  # trials trained together import it here first
 
     params = list(generator.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=config.distributed.zero_stage == 3):

@@ -165,13 +165,13 @@ class StackedNetwork(nn.Module):
         values = (*args, *kwargs.values())  # tensors, or containers of them (SDXL's added_cond_kwargs)
         dims = tree_map(lambda v: 0 if rows(v) else None, values)
         tensors = tree_map(lambda v: v.reshape(n, batch // n, *v.shape[1:]) if rows(v) else v, values)
-        returned_tuple = []
+        returned = []  # what the network returns, so that the stacked call returns the same kind
 
         classify = self.classify
 
         def one(params, *values):
             out = functional_call(template, params, values[:len(args)], dict(zip(names, values[len(args):])))
-            returned_tuple.append(isinstance(out, tuple))  # diffusers' return_dict=False
+            returned.append("tuple" if isinstance(out, tuple) else "sample" if hasattr(out, "sample") else "tensor")
             out = out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out
             return (out, template.take_logits()) if classify else out  # the head's logits leave vmap as outputs
 
@@ -180,7 +180,8 @@ class StackedNetwork(nn.Module):
             out, logits = out
             self._logits = logits.reshape(batch)
         out = out.reshape(batch, *out.shape[2:])
-        return (out,) if returned_tuple[-1] else SimpleNamespace(sample=out)
+        # diffusers' return_dict=False (a tuple), its output classes (.sample), or a plain tensor (toy2d's MLP)
+        return {"tuple": (out,), "sample": SimpleNamespace(sample=out), "tensor": out}[returned[-1]]
 
     def trial_module(self, index: int) -> nn.Module:
         """Trial index's network as a module of its own (a copy of the template with its parameters)."""
