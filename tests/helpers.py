@@ -35,6 +35,21 @@ def own_ray_processes(title: str, head_pid: int | None = None) -> list:
     return found
 
 
+def train_each_alone(configs, out: Path, store, save=lambda index: False) -> list[list[dict]]:
+    """Each config trained by workers.train.train on its own from store, in out/alone<i>: every cycle's metrics
+    per config (what trials trained together are compared with). save(i): whether run i writes checkpoints."""
+    from workers.context import LocalContext
+    from workers.train import store_source, train
+
+    alone = []
+    for i, config in enumerate(configs):
+        seen: list[dict] = []
+        train(config, LocalContext(out / f"alone{i}"), store_source(store), store.negative(),
+              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=save(i))
+        alone.append(seen)
+    return alone
+
+
 def tiny_config(out: Path, *overrides: str):
     """A resolved toy2d config under out whose tiny teacher exists (trained once per out directory)."""
     config = resolve("toy2d", [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL, f"storage.output_dir={out}", *overrides])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import train_each_alone
 from models.families.shapes import domain
 from models.families.shapes import teacher as shapes
 from models.gan import CriticWithHead, feature_site
@@ -189,15 +190,22 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _distiller(config, store):
+    """A single run's Distiller as train builds it (DeepSpeed engines on the CPU): (distiller, teacher, generator,
+    critic). Call inside distributed(False)."""
+    adapter, teacher = load_teacher(config)
+    generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
+    critic = build_engine(critic_network(config, copy_for_training(teacher)), config.critic.optim, config)
+    d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"), torch.Generator().manual_seed(0),
+                  store.negative())
+    return d, teacher, generator, critic
+
+
 def test_the_gan_head_trains_with_the_critic_and_the_generator_term_changes_neither(tmp_path, teacher_path):
     config = configs(tmp_path, teacher_path, "dmd-gan", "loss.gan_generator_weight=1.0", "loss.gan_critic_weight=1.0")[0]
     store, _ = precompute(config, use_ray=False, progress=False)
     with distributed(False):
-        adapter, teacher = load_teacher(config)
-        generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
-        critic = build_engine(critic_network(config, copy_for_training(teacher)), config.critic.optim, config)
-        d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"),
-                      torch.Generator().manual_seed(0), store.negative())
+        d, teacher, generator, critic = _distiller(config, store)
         head0, net0, t0 = _params(critic.module.head), _params(critic.module.net), _params(teacher)
         prompts = next(store.prompt_batches(2, with_samples=True))
         metrics = d.critic_step(prompts, d.generator_samples([prompts])[0], "critic")
@@ -211,7 +219,7 @@ def test_the_gan_head_trains_with_the_critic_and_the_generator_term_changes_neit
         assert not _same(g1, _params(generator.module))
         assert _same(head1, _params(critic.module.head)) and _same(net1, _params(critic.module.net))
         assert all(p.grad is None or not p.grad.any() for p in critic.module.parameters())
-        assert all(p.requires_grad for p in critic.module.parameters())  # frozen only while the term is taken
+        assert all(p.requires_grad for p in critic.module.parameters())  # frozen only for the generator update
         assert _same(t0, _params(teacher))
 
 
@@ -219,11 +227,7 @@ def test_the_regression_term_moves_the_generator_toward_the_teachers_sample_only
     config = configs(tmp_path, teacher_path, "dmd-regression", "loss.regression_weight=1.0")[0]
     store, _ = precompute(config, use_ray=False, progress=False)
     with distributed(False):
-        adapter, teacher = load_teacher(config)
-        generator = build_engine(copy_for_training(teacher), config.generator.optim, config)
-        critic = build_engine(critic_network(config, copy_for_training(teacher)), config.critic.optim, config)
-        d = Distiller(config, adapter, teacher, generator, critic, torch.device("cpu"),
-                      torch.Generator().manual_seed(0), store.negative())
+        d, teacher, generator, critic = _distiller(config, store)
         c0, t0 = _params(critic.module), _params(teacher)
         metrics = d.generator_step(next(store.batches(2)), "generator")
         assert metrics["loss_reg"] > 0
@@ -238,12 +242,7 @@ def test_trials_together_train_each_baseline_as_train_trains_each_trial_alone(tm
     torch.set_num_threads(1)
     cs = configs(tmp_path, teacher_path, method)
     store, _ = precompute(cs[0], use_ray=False, progress=False)
-    alone = []
-    for i, config in enumerate(cs):
-        seen: list[dict] = []
-        train(config, LocalContext(tmp_path / f"alone{i}"), store_source(store), store.negative(),
-              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=False)
-        alone.append(seen)
+    alone = train_each_alone(cs, tmp_path, store)
     together: list[dict] = []
     train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store, save=False,
                  on_cycle=lambda step, metrics: together.append({k: [float(x) for x in v] for k, v in metrics.items()}))

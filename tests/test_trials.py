@@ -8,13 +8,14 @@ from unittest import mock
 import pytest
 import torch
 
+from helpers import train_each_alone
 from models.families.shapes import teacher as shapes
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
 from workers.batches import to_device
 from workers.config import ConfigError
 from workers.context import LocalContext
-from workers.train import GENERATOR_DIR, store_source, train
+from workers.train import GENERATOR_DIR
 from workers.trials import StackedAdamW, check_batchable, train_trials, trial_checkpoints
 
 TINY = ["distributed.batch_size_per_worker=2", "schedule.critic_updates_per_generator=2", "generator.num_steps=2",
@@ -52,12 +53,7 @@ def runs(tmp_path_factory, teacher_path):
     tmp = tmp_path_factory.mktemp("trials")
     cs = configs(tmp, teacher_path)
     store, _ = precompute(cs[0], use_ray=False, progress=False)
-    alone = []
-    for i, config in enumerate(cs):
-        seen: list[dict] = []
-        train(config, LocalContext(tmp / f"alone{i}"), store_source(store), store.negative(),
-              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=(i == 0))
-        alone.append(seen)
+    alone = train_each_alone(cs, tmp, store, save=lambda i: i == 0)
     dirs, first, clock = [tmp / "stopped0", tmp / "stopped1"], [], {"now": 0.0}
 
     def stop_after_one(step, metrics):  # the deadline passes during update 1
@@ -135,12 +131,7 @@ def test_an_epsilon_teacher_trains_together_as_train_trains_each_trial_alone(tmp
           for seed, weight in TRIALS]
     store, _ = precompute(cs[0], use_ray=False, progress=False)
     assert next(store.batches(2)).x0_anchor is not None  # the epsilon teacher's diversity target
-    alone = []
-    for i, config in enumerate(cs):
-        seen: list[dict] = []
-        train(config, LocalContext(tmp_path / f"alone{i}"), store_source(store), store.negative(),
-              on_cycle=lambda progress, metrics: seen.append(dict(metrics)), save=False)
-        alone.append(seen)
+    alone = train_each_alone(cs, tmp_path, store)
     together: list[dict] = []
     train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store, on_cycle=_record(together), save=False)
     for i in range(len(TRIALS)):

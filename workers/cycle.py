@@ -130,7 +130,8 @@ def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor,
     generator's rollout from eps over sigmas, the diversity loss on its first step in the teacher's
     parameterisation (the adapter's), DMD on its sample scored by the guided teacher and the critic at flow
     times t with noise eps2, and the objective with weights (config.loss.weights: div, reg, gan; each a float, or
-    one per trial under TrialRows). The baselines' terms are computed only for the method that uses them."""
+    one per trial under TrialRows). The baselines' terms are computed only for the method that uses them. Runs
+    with its backward and step under generator_update (dmd-gan's critic frozen)."""
     adapter, parked, method = nets.adapter, nets.teacher_weights, config.loss.method
     if parked is not None:
         parked.fetch()  # what its score needs first, copied beside the rollout
@@ -157,7 +158,7 @@ def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor,
             extra["reg"] = (rows.loss(regression_loss, rollout.x_gen, teacher_samples(anchors),
                                       distance=adapter.regression_distance(rollout.x_gen.device)), weights["reg"])
     elif method == "dmd-gan":
-        with record_function(f"{REGION}gan"), frozen(nets.critic), classifying(nets.critic):
+        with record_function(f"{REGION}gan"), classifying(nets.critic):  # the critic frozen: generator_update
             adapter.velocity(nets.critic, interpolate(rollout.x_gen, eps2, t), t, anchors.cond)
             extra["gan"] = (rows.loss(gan_generator_loss, nets.critic.take_logits()), weights["gan"])
     return generator_objective(dmd, div, weights["div"], extra)

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_map
 from models.adapter import Conditioning
 from models.flow import sample_sigmas
 from models.losses import NonFiniteLossError
-from workers.batches import AnchorBatch, PromptBatch, TrainingData, to_device
+from workers.batches import AnchorBatch, TrainingData, to_device
 from workers.config import ConfigError, RunConfig
 from workers.configure import to_dict
 from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_for
@@ -371,8 +371,6 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
         progress, rng = trial.progress, trial.rng
         batch = config.distributed.batch_size_per_worker
         prompts = [next(trial.data.prompts) for _ in range(num_critic)]
-        if config.loss.method == "dmd-gan":
-            prompts = [PromptBatch(b.cond, b.prompt_ids, teacher_samples(b)) for b in prompts]
         eps = torch.randn((num_critic * batch, *shape), generator=rng)
         critic = [(sample_sigmas(loss_sigmas, batch, rng), torch.randn((batch, *shape), generator=rng))
                   for _ in range(num_critic)]
@@ -392,7 +390,8 @@ def draw_cycle(trials: list[Trial], adapter, loss_sigmas: torch.Tensor, device: 
         critic_cond=cond([b.cond for p in per for b in p["prompts"]]),
         critic_t=[cat([p["critic"][j][0] for p in per]) for j in range(num_critic)],
         critic_eps2=[cat([p["critic"][j][1] for p in per]) for j in range(num_critic)],
-        critic_real=cat([b.x_teacher for p in per for b in p["prompts"]]) if config.loss.method == "dmd-gan" else None,
+        critic_real=(cat([teacher_samples(b) for p in per for b in p["prompts"]]) if config.loss.method == "dmd-gan"
+                     else None),
         anchors=AnchorBatch.cat([p["anchors"] for p in per])._map(lambda v: to_device(v, device)),
         t=cat([p["t"] for p in per]),
         eps2=cat([p["eps2"] for p in per]))
