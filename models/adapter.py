@@ -202,10 +202,12 @@ class TeacherAdapter(ABC):
         diversity_fn(prediction, target), which the cycle applies per run or per trial (workers/cycle.py)."""
         return v_first, anchor_velocity(eps, z_anchor, t_anchor)
 
-    def regression_distance(self, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def regression_distance(self, device: torch.device,
+                            options=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The dmd-regression baseline's perceptual distance d(x, y) between samples (B, *latent_shape), per row
         (B,), on device (built before any vmap that calls it): the mean squared difference here (points have no
-        perception); pixel families override it."""
+        perception); pixel families override it, and latent families measure LPIPS on the decoded images as
+        options (models.perceptual.PerceptualOptions, the recipe's loss.lpips_*) say."""
         return lambda x, y: (x - y).pow(2).flatten(1).mean(1)
 
     def x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -56,12 +56,14 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     (workers/trials.py: fp32, not sd3); time_limit_s (with together > 1) makes trials still
     training at that many seconds after the start checkpoint and stop, and the command end without a table:
     the same command with --out continues."""
-    from orchestrator.runs import make_run_dir
+    from orchestrator.runs import make_run_dir, require_lpips
     from workers.context import clock
 
     start, tag = time.time(), f"[{kind}]"
     space = space or load_space(config.sweep.space)
     check_space(space, config.loss.diversity_weight, config.loss.method)
+    for point in grid_points(space):  # before a run directory exists
+        require_lpips(trial_config(base, point))
     _ensure_teacher(config, tag)
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)

@@ -119,10 +119,21 @@ def require_gpu(key: str, gpus: float, where: str = "this machine") -> None:
 
 def preflight(config: RunConfig) -> None:
     """Every check that needs no cluster, before a run directory, an MLflow run or a worker exists: the
-    teacher is where the config says."""
+    teacher is where the config says, and the regression baseline on a latent family finds LPIPS's weights."""
     from workers.teacher import require_teacher
 
+    require_lpips(config)
     require_teacher(config)
+
+
+def require_lpips(config: RunConfig) -> None:
+    """The regression baseline on a latent family measures LPIPS: its weight files must be here (the error names
+    them and loss.lpips_weights) before a store's teacher samples are computed."""
+    from models.families import get_family
+    from models.perceptual import lpips_files
+
+    if config.loss.method == "dmd-regression" and get_family(config.teacher.family).trainer is None:
+        lpips_files(config.loss.perceptual)
 
 
 # ----------------------------------------------------------------------------------------------------

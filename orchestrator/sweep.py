@@ -53,7 +53,10 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
 def precompute_stores(base: dict, space: dict[str, dict]) -> None:
     """Every store the space's trials read, before they start (so that none races another to write one)."""
     from orchestrator.precompute import precompute
+    from orchestrator.runs import require_lpips
 
+    for point in grid_points(space):  # every trial's checks before the first store is written
+        require_lpips(trial_config(base, point))
     stores = set()
     for point in grid_points(space):
         store, summary = precompute(trial_config(base, point), progress=False)

@@ -2,7 +2,8 @@
 `dpdmd` (`python -m orchestrator`) without Ray or an MLflow server, the way the README runs them on one GPU: the
 shapes domain's precompute, distillation in bf16 and fp32, sampling, evaluation and both ways of running the
 fidelity table (trials trained together, and a process per trial), each stopped and continued; the earlier
-remedies (loss.method dmd-regression, dmd-gan) trained together and alone; the SD3 and SDXL
+remedies (loss.method dmd-regression, dmd-gan) trained together and alone, and the regression on SD3 through
+LPIPS on decoded images; the SD3 and SDXL
 families on tiny random pipelines built in code (precompute, distillation with the teacher streamed from host
 memory, compiled blocks and activation checkpointing (for SD3 the kind that keeps attention outputs), export, the
 diffusers pipeline class loading the export, sampling, evaluation); and the SD3.5-Medium benchmark at two blocks.
@@ -203,6 +204,22 @@ def test_a_pretrained_family_from_precompute_to_the_diffusers_pipeline_on_the_gp
     assert "2 samples" in console
     console = dpdmd("evaluate", "--generator", str(generator), *overrides, out=out)
     assert "| generator |" in console
+
+
+def test_the_regression_baseline_on_sd3_measures_lpips_on_the_gpu(tmp_path):
+    """loss.method=dmd-regression on a latent family: the store of the teacher's samples, then a bf16 run whose
+    regression term decodes through the VAE into LPIPS (random weight files under the published names), with the
+    SD3 test's streamed teacher, compiled blocks and checkpointing."""
+    from sd_models import write_lpips_weights
+
+    overrides, _ = _pretrained_family(tmp_path, "sd3")
+    write_lpips_weights(tmp_path / "lpips")
+    out = tmp_path / "out"
+    dpdmd("distill", "--no-ray", *overrides, "loss.method=dmd-regression", "loss.lpips_net=alex",
+          f"loss.lpips_weights={tmp_path / 'lpips'}", "loss.lpips_resolution=64", out=out)
+    metrics = [json.loads(line) for line in (run_dir(out, "distill", overrides[1]) / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["generator_update"] == 2 and metrics[-1]["skipped_steps"] == 0
+    assert metrics[-1]["loss_reg"] > 0 and all(math.isfinite(metrics[-1][k]) for k in ("loss_reg", "loss_dmd"))
 
 
 def test_the_sd35_benchmark_at_two_blocks(tmp_path):

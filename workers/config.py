@@ -171,6 +171,12 @@ class LossConfig:
     regression_weight: float = 0.25  # dmd-regression: the original DMD's weight on its LPIPS regression
     gan_generator_weight: float = 3e-3  # dmd-gan: DMD2's weight on the generator's non-saturating GAN loss ...
     gan_critic_weight: float = 1e-2  # ... and on the critic head's classification loss
+    # dmd-regression on sd3 and sdxl: LPIPS on the decoded images (models/perceptual.py), its trunk (vgg or alex),
+    # the directory of its two weight files ("": torchvision's download cache and the lpips package) and the side
+    # the images are resized to first (224: the trunk's ImageNet resolution)
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    lpips_weights: str = ""
+    lpips_resolution: int = 224
     anchor_step: int = 5  # K: teacher ODE steps to the anchor z_K
     normaliser: Literal["xt", "xgen"] = "xt"  # DMD gradient normaliser: reference script / DMD2
     detach_first_step: bool = True  # stop-gradient after the generator's first step
@@ -182,6 +188,9 @@ class LossConfig:
         for key in ("regression_weight", "gan_generator_weight", "gan_critic_weight"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(self.anchor_step >= 1, "anchor_step", f"must be >= 1 teacher step, got {self.anchor_step}")
+        _check(self.lpips_net in ("vgg", "alex"), "lpips_net", f"must be vgg or alex, got {self.lpips_net!r}")
+        _check(self.lpips_resolution >= 64, "lpips_resolution",
+               f"must be >= 64 pixels (the trunk's five layers need them), got {self.lpips_resolution}")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -189,6 +198,13 @@ class LossConfig:
         return {"div": self.diversity_weight if self.method == "dp-dmd" else 0.0,
                 "reg": self.regression_weight if self.method == "dmd-regression" else 0.0,
                 "gan": self.gan_generator_weight if self.method == "dmd-gan" else 0.0}
+
+    @property
+    def perceptual(self):
+        """The LPIPS settings the latent families' regression distance is built with."""
+        from models.perceptual import PerceptualOptions
+
+        return PerceptualOptions(self.lpips_net, self.lpips_weights, self.lpips_resolution)
 
     @property
     def critic_gan_weight(self) -> float:
@@ -425,10 +441,6 @@ class RunConfig:
                f"must be 1 with sweep.scheduler=pbt, got {self.distributed.num_workers}: a PBT trial trains in its "
                "own process (Tune stops and restarts it at each perturbation); use asha or none for trials of "
                "several workers")
-        _check(not (self.loss.method == "dmd-regression" and self.teacher.family in ("sd3", "sdxl")), "loss.method",
-               f"dmd-regression on {self.teacher.family} needs LPIPS on decoded images, which this version does not "
-               "train with yet; run the regression baseline on the toy2d or shapes family, or choose dmd, dp-dmd or "
-               "dmd-gan")
         _check(not (self.loss.method == "dmd-gan" and self.distributed.zero_stage == 3), "distributed.zero_stage",
                "must be at most 2 with loss.method=dmd-gan: its generator term runs backward through the critic, "
                "whose ZeRO-3 engine gathers its partitioned weights only inside its own backward (DeepSpeed refuses "

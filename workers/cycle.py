@@ -155,8 +155,9 @@ def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor,
     extra = {}
     if method == "dmd-regression":
         with record_function(f"{REGION}regression"):
-            extra["reg"] = (rows.loss(regression_loss, rollout.x_gen, teacher_samples(anchors),
-                                      distance=adapter.regression_distance(rollout.x_gen.device)), weights["reg"])
+            distance = adapter.regression_distance(rollout.x_gen.device, config.loss.perceptual)
+            extra["reg"] = (rows.loss(regression_loss, rollout.x_gen, teacher_samples(anchors), distance=distance),
+                            weights["reg"])
     elif method == "dmd-gan":
         with record_function(f"{REGION}gan"), classifying(nets.critic):  # the critic frozen: generator_update
             adapter.velocity(nets.critic, interpolate(rollout.x_gen, eps2, t), t, anchors.cond)

@@ -116,8 +116,10 @@ def _train(config: RunConfig, ctx: WorkerContext, source: DataSource | None, neg
     torch.manual_seed(config.seed)  # identical initial weights on every rank
 
     # Training workers hold no text encoders: the store carries every row's prompt embeddings and the
-    # empty prompt's. Only the inline (reference-script) structure encodes prompts here.
-    adapter, teacher = teacher or load_teacher(config, device, dtype, text_encoders=source is None or negative is None)
+    # empty prompt's. Only the inline (reference-script) structure encodes prompts here. The VAE only for the
+    # regression baseline, which measures latent families on decoded images.
+    adapter, teacher = teacher or load_teacher(config, device, dtype, text_encoders=source is None or negative is None,
+                                               vae=config.loss.method == "dmd-regression")
     generator, critic, teacher_weights = _engines(config, teacher, device, cleanup)
     rng = torch.Generator().manual_seed(config.seed * 100_003 + ctx.rank)  # noise differs across ranks
     progress = _resume(ctx, generator, critic, rng)

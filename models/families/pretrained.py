@@ -104,6 +104,8 @@ def load_components(path: Path, options: LoadOptions, denoiser: str, denoiser_cl
     with quiet_loading():  # the pipeline module's first import also tells of transformers' image processors
         net = denoiser_class.from_pretrained(path, subfolder=denoiser, torch_dtype=options.dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=options.dtype) if options.vae else None
+        if vae is not None:  # frozen: the regression baseline's gradient passes through it to the generator only
+            vae.eval().requires_grad_(False)
         text_pipeline = None
         if options.text_encoders:
             text_pipeline = getattr(diffusers, pipeline_class).from_pretrained(
@@ -126,6 +128,24 @@ def check_resolution(resolution: int, multiple: int, largest: int, family: str) 
         raise ConfigError("teacher.resolution", f"{resolution} does not fit this {family} teacher: it must be a "
                                                 f"multiple of {multiple} and at most {largest} (0 picks the model's "
                                                 "native resolution)")
+
+
+def lpips_distance(adapter: TeacherAdapter, device: torch.device, options=None) -> nn.Module:
+    """The regression baseline's distance on a latent family: LPIPS on the VAE's decoded images
+    (models/perceptual.py), built once per adapter, device and options. The VAE decodes with gradient
+    checkpointing: its full-resolution activations would otherwise be held for the generator's backward."""
+    from models.perceptual import LPIPS, DecodedLPIPS, PerceptualOptions, lpips_files
+
+    options = options or PerceptualOptions()
+    if adapter.vae is None:
+        raise RuntimeError("the regression baseline decodes latents: load the teacher with its VAE "
+                           "(LoadOptions(vae=True))")
+    key = (str(device), options)
+    if getattr(adapter, "_lpips", (None,))[0] != key:
+        adapter.vae.enable_gradient_checkpointing()
+        lpips = LPIPS.from_files(options.net, *lpips_files(options)).to(device)
+        adapter._lpips = (key, DecodedLPIPS(adapter.decode_latents, lpips, options.resolution))
+    return adapter._lpips[1]
 
 
 def pixel_diversity(images: torch.Tensor, prompts: list[str]) -> float:

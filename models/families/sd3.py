@@ -17,8 +17,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, TeacherAdapter
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
-                                       read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, lpips_distance, pretrained_family,
+                                       random_denoiser, read_component_config, read_model_index)
 from models.flow import sampling_sigmas
 
 NAME = "sd3"
@@ -102,12 +102,15 @@ class SD3Adapter(TeacherAdapter):
         if self.vae is None:
             raise RuntimeError("this SD3 teacher was loaded without its VAE; load it with LoadOptions(vae=True) "
                                "to decode latents into images")
-        device, dtype = self.vae.device, self.vae.dtype
-        images = []
-        for chunk in samples.split(batch_size):
-            latents = chunk.to(device, dtype) / self.scaling_factor + self.shift_factor
-            images.append(self.vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1).cpu())
-        return torch.cat(images)
+        return torch.cat([self.decode_latents(chunk).float().clamp(-1, 1).cpu() for chunk in samples.split(batch_size)])
+
+    def decode_latents(self, samples: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (about [-1, 1], unclamped), in the VAE's dtype on its device; differentiable."""
+        latents = samples.to(self.vae.device, self.vae.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def regression_distance(self, device: torch.device, options=None) -> nn.Module:
+        return lpips_distance(self, device, options)
 
 
 def check_flow_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int, shift: float) -> None:

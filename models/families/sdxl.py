@@ -25,8 +25,8 @@ from torch import nn
 
 from models.adapter import Conditioning, LoadOptions, Role, TeacherAdapter, network_dtype
 from models.errors import ConfigError
-from models.families.pretrained import (check_resolution, load_components, pretrained_family, random_denoiser,
-                                       read_component_config, read_model_index)
+from models.families.pretrained import (check_resolution, load_components, lpips_distance, pretrained_family,
+                                       random_denoiser, read_component_config, read_model_index)
 from models.flow import expand_t, x0_from_velocity
 from models.losses import diversity_loss_x0
 
@@ -231,18 +231,22 @@ class SDXLAdapter(TeacherAdapter):
         if self.vae is None:
             raise RuntimeError("this SDXL teacher was loaded without its VAE; load it with LoadOptions(vae=True) "
                                "to decode latents into images")
+        return torch.cat([self.decode_latents(chunk).float().clamp(-1, 1).cpu() for chunk in samples.split(batch_size)])
+
+    def decode_latents(self, samples: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (about [-1, 1], unclamped), in the VAE's dtype on its device; differentiable."""
         device, dtype = self.vae.device, self.vae.dtype
-        images = []
-        for chunk in samples.split(batch_size):
-            latents = chunk.to(device, dtype)
-            if self.latents_mean is not None and self.latents_std is not None:
-                mean = torch.tensor(self.latents_mean).view(1, -1, 1, 1).to(device, dtype)
-                std = torch.tensor(self.latents_std).view(1, -1, 1, 1).to(device, dtype)
-                latents = latents * std / self.scaling_factor + mean
-            else:
-                latents = latents / self.scaling_factor
-            images.append(self.vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1).cpu())
-        return torch.cat(images)
+        latents = samples.to(device, dtype)
+        if self.latents_mean is not None and self.latents_std is not None:
+            mean = torch.tensor(self.latents_mean).view(1, -1, 1, 1).to(device, dtype)
+            std = torch.tensor(self.latents_std).view(1, -1, 1, 1).to(device, dtype)
+            latents = latents * std / self.scaling_factor + mean
+        else:
+            latents = latents / self.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def regression_distance(self, device: torch.device, options=None) -> nn.Module:
+        return lpips_distance(self, device, options)
 
 
 def ode_scheduler(path: Path) -> EulerDiscreteScheduler:

@@ -101,7 +101,7 @@ class ShapesAdapter(TeacherAdapter):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.text_encoder]
 
-    def regression_distance(self, device: torch.device) -> nn.Module:
+    def regression_distance(self, device: torch.device, options=None) -> nn.Module:
         """LPIPS's form on fixed random features (models/perceptual.py), not the evaluator the table measures with."""
         from models.perceptual import RandomFeatureDistance
 
