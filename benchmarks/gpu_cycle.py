@@ -30,6 +30,11 @@ Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) a
     python -m benchmarks.gpu_cycle --mode ours --profile --variant compile:distributed.compile=true
     python -m benchmarks.gpu_cycle --scaling outputs/bench/1gpu outputs/bench/2gpu  # 1 -> 2 GPU scaling
     python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                   # CPU, tiny SD3 (the tests)
+    python -m benchmarks.gpu_cycle --mode ours --variant regression:loss.method=dmd-regression  # a baseline's cost
+
+A variant with a baseline's loss.method runs from a store that also holds the teacher's full samples; the
+regression's VAE (SD3.5-Medium's) and LPIPS weight files are random, built here; the FLOP count models DMD's
+cycle only, so such a run's MFU reads n/a.
 
 --smoke also counts one whole cycle of every mode under FlopCounterMode (with and without checkpointing) and
 records it beside the per-pass sum (tests/test_bench.py holds them equal); never on GPU, where the counter holds
@@ -61,6 +66,7 @@ import torch
 
 from benchmarks import cycle_flops, gaps, memory_peak, random_sd3
 from models import tiny_pipelines
+from models.perceptual import save_random_weights
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
@@ -188,7 +194,13 @@ def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, overrid
         f"distributed.num_workers={world_size}", f"distributed.use_gpu={str(use_gpu).lower()}",
         f"distributed.zero_stage={args.zero_stage}", f"distributed.batch_size_per_worker={args.batch}",
         f"trajectories.batch_size={args.precompute_batch}", f"trajectories.rows_per_shard={args.precompute_batch}",
-        f"storage.output_dir={args.out}", *overrides])
+        f"storage.output_dir={args.out}", f"loss.lpips_weights={Path(args.out) / 'lpips'}", *overrides])
+
+
+def sample_runs(args: argparse.Namespace) -> list[str]:
+    """The methods of the runs that read the teacher's full samples (the baselines), in run order."""
+    methods = [run_config(args, False, 1, r.overrides).loss for r in args.runs]
+    return [loss.method for loss in methods if loss.teacher_samples]
 
 
 def cycle_shape(config) -> cycle_flops.CycleShape:
@@ -586,8 +598,16 @@ def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict
     prompts = tiny_pipelines.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
     text_adapter = text_adapter_for(args, adapter, device, dtype)
-    # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each).
-    config = run_config(args, use_gpu, world)
+    # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each). With a
+    # baseline among the runs, the store also holds the teacher's full samples (each row's whole ODE), and the
+    # regression's LPIPS gets random weight files under their published names (its cost is the same).
+    baselines = sample_runs(args)
+    config = run_config(args, use_gpu, world, (f"loss.method={baselines[0]}",) if baselines else ())
+    if rank == 0:
+        for run in args.runs:
+            loss = run_config(args, use_gpu, world, run.overrides).loss
+            if loss.method == "dmd-regression" and loss.lpips_weights == str(Path(args.out) / "lpips"):
+                save_random_weights(Path(loss.lpips_weights), loss.lpips_net)
     store_root, result = precompute(config, args, text_adapter, teacher, prompts, device, rank, world)
     with torch.no_grad():
         text_flops = {n: cycle_flops.count(lambda: text_adapter.encode_prompts(prompts[:n] if n > 1 else [""]))
@@ -614,6 +634,8 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
     store = open_store(*filesystem(config, store_root))
     prompts = tiny_pipelines.prompts(NUM_PROMPTS)
     adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
+    if config.loss.method == "dmd-regression":  # LPIPS on decoded images
+        adapter.vae = random_sd3.vae(args.smoke, device, dtype)
     before = live_objects()
     start_gib = gib(device)
     result: dict = {"label": run.label, "mode": run.mode, "overrides": list(run.overrides), "source": run.source}
@@ -770,6 +792,11 @@ def figures(args, result: dict, label: str, m: dict) -> dict:
              model_tflops_per_s_per_gpu=model / cycle_s / 1e12, mfu=model / cycle_s / spec,
              hfu=hardware / cycle_s / spec, mfu_measured=model / cycle_s / measured,
              hfu_measured=hardware / cycle_s / measured)
+    if config.loss.method in ("dmd-regression", "dmd-gan"):
+        # The pass counter models DMD's and DP-DMD's cycle; the baselines' VAE, LPIPS and GAN passes are not in it
+        m.update({key: float("nan") for key in ("model_flops_per_cycle", "hardware_flops_per_cycle",
+                                                "model_tflops_per_s_per_gpu", "mfu", "hfu", "mfu_measured",
+                                                "hfu_measured")})
     if "counted_flops" in m:
         m["flops_check"] = {"model": [model, m["counted_flops"]["model"]],
                             "hardware": [hardware, m["counted_flops"]["hardware"]]}
@@ -901,7 +928,7 @@ def markdown(result: dict) -> str:
             continue
         ratio = 1.0 if label == "reference" else result.get("ratios", {}).get(f"{label}_vs_reference")
         lines.append(f"| {name} | {m['cycle_s']:.3g} | {m['samples_per_s_per_gpu']:.3g} | "
-                     f"{m['model_flops_per_cycle'] / 1e12:.4g} | {_pct(m['mfu'])} | {_pct(m['mfu_measured'])} | "
+                     f"{_fmt(m['model_flops_per_cycle'] / 1e12, '.4g')} | {_pct(m['mfu'])} | {_pct(m['mfu_measured'])} | "
                      f"{_pct(m['hfu'])} | {_pct(m['hfu_measured'])} | "
                      f"{_fmt(m['peak_memory_gib'], '.1f')} | {_fmt(m.get('held_memory_gib'), '.1f')} | "
                      f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")

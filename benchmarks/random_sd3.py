@@ -1,6 +1,7 @@
 """SD3.5-Medium's networks with random weights, built in code (nothing downloaded): the transformer from
-models.families.sd3, and the three text encoders (CLIP-L, CLIP-G, T5-XXL) at their released sizes, which only the
-reference-structure trainer and the precompute hold. --smoke swaps in tiny ones of the same structure."""
+models.families.sd3, the three text encoders (CLIP-L, CLIP-G, T5-XXL) at their released sizes, which only the
+reference-structure trainer and the precompute hold, and the VAE, which only the regression baseline's trainer
+holds. --smoke swaps in tiny ones of the same structure."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import torch
 
 from models.families import sd3
-from models.tiny_pipelines import clip_tokenizer, t5_tokenizer
+from models.tiny_pipelines import clip_tokenizer, t5_tokenizer, tiny_vae
 
 # The text encoders of stabilityai/stable-diffusion-3.5-medium (text_encoder*/config.json): CLIP-L/14, OpenCLIP
 # bigG/14 and T5 v1.1 XXL. CLIP-L + CLIP-G hidden states (768 + 1280) sit beside T5's 4096 in the 77 + 256 token
@@ -20,6 +21,12 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, nu
               projection_dim=1280, vocab_size=49408, hidden_act="gelu")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+
+# The VAE of stabilityai/stable-diffusion-3.5-medium (vae/config.json): 16 latent channels, downsampling 8.
+SD35_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=sd3.SD3_SCALING_FACTOR,
+                shift_factor=sd3.SD3_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
 
 # Tiny stand-ins with the same structure: 64 px images (16 x 8 x 8 latents), 77 + 256 text tokens of width 32.
 SMOKE_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -48,6 +55,15 @@ def teacher(smoke: bool, resolution: int, device: torch.device, dtype: torch.dty
     """(adapter without text encoders, frozen transformer on device and dtype)."""
     adapter, net = sd3.random_teacher(transformer_config(smoke, num_layers), resolution, seed, dtype, device)
     return adapter, net.eval().requires_grad_(False)
+
+
+def vae(smoke: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """SD3.5-Medium's VAE (or a tiny one) with random weights, frozen, on device in dtype."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = tiny_vae(16, seed) if smoke else AutoencoderKL(**SD35_VAE)
+    return model.to(device, dtype).eval().requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -155,6 +155,22 @@ def lpips_file_names(net: str) -> tuple[str, str]:
     return _TRUNKS[net][3], f"{net}.pth"
 
 
+def save_random_weights(directory: Path, net: str = "alex", seed: int = 0) -> tuple[Path, Path]:
+    """Random LPIPS weight files under the published names and layouts, for tests and benchmarks (the time and
+    memory of a distance do not depend on its weights): torchvision's whole-network checkpoint (a classifier
+    tensor too) and the lpips package's linear layers (non-negative, as its trained ones are)."""
+    torch.manual_seed(seed)
+    model = LPIPS(net)
+    trunk_name, lin_name = lpips_file_names(net)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    trunk = {f"features.{k}": v.clone() for k, v in model.features.state_dict().items()}
+    torch.save(trunk | {"classifier.1.weight": torch.randn(4, 4)}, directory / trunk_name)
+    torch.save({f"lin{i}.model.1.weight": torch.rand_like(lin.weight) for i, lin in enumerate(model.lins)},
+               directory / lin_name)
+    return directory / trunk_name, directory / lin_name
+
+
 def lpips_files(options: PerceptualOptions) -> tuple[Path, Path]:
     """(trunk checkpoint, linear layers) of options.net: in options.weights when set, else torchvision's download
     cache (torch.hub's checkpoints) and the installed lpips package; the error names both files and how to get them."""

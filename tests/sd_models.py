@@ -1,5 +1,5 @@
 """Test helpers around the tiny pipelines of models/tiny_pipelines.py: saved copies, inputs for the SD3 transformer,
-prompt files, tiny DINOv2 and CLIP image models, LPIPS weight files."""
+prompt files, tiny DINOv2 and CLIP image models."""
 
 from __future__ import annotations
 
@@ -24,22 +24,6 @@ def save_tiny_sd3(path: Path, seed: int = 0, scheduler=None) -> Path:
 def save_tiny_sdxl(path: Path, seed: int = 0, scheduler=None) -> Path:
     tiny_sdxl_pipeline(seed, scheduler).save_pretrained(path)
     return path
-
-
-def write_lpips_weights(directory: Path, net: str = "alex", seed: int = 0) -> tuple[Path, Path]:
-    """Random LPIPS weight files under the published names and layouts: torchvision's whole-network checkpoint (its
-    classifier too) and the lpips package's linear layers (non-negative, as its trained ones are)."""
-    from models.perceptual import LPIPS, lpips_file_names
-
-    torch.manual_seed(seed)
-    model = LPIPS(net)
-    trunk_name, lin_name = lpips_file_names(net)
-    directory.mkdir(parents=True, exist_ok=True)
-    trunk = {f"features.{k}": v.clone() for k, v in model.features.state_dict().items()}
-    torch.save(trunk | {"classifier.1.weight": torch.randn(4, 4)}, directory / trunk_name)
-    torch.save({f"lin{i}.model.1.weight": torch.rand_like(lin.weight) for i, lin in enumerate(model.lins)},
-               directory / lin_name)
-    return directory / trunk_name, directory / lin_name
 
 
 def prompt_file(path: Path, prompts: list[str]) -> Path:

@@ -210,10 +210,10 @@ def test_the_regression_baseline_on_sd3_measures_lpips_on_the_gpu(tmp_path):
     """loss.method=dmd-regression on a latent family: the store of the teacher's samples, then a bf16 run whose
     regression term decodes through the VAE into LPIPS (random weight files under the published names), with the
     SD3 test's streamed teacher, compiled blocks and checkpointing."""
-    from sd_models import write_lpips_weights
+    from models.perceptual import save_random_weights
 
     overrides, _ = _pretrained_family(tmp_path, "sd3")
-    write_lpips_weights(tmp_path / "lpips")
+    save_random_weights(tmp_path / "lpips")
     out = tmp_path / "out"
     dpdmd("distill", "--no-ray", *overrides, "loss.method=dmd-regression", "loss.lpips_net=alex",
           f"loss.lpips_weights={tmp_path / 'lpips'}", "loss.lpips_resolution=64", out=out)

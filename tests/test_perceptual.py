@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from models.perceptual import LPIPS, DecodedLPIPS, PerceptualOptions, lpips_file_names, lpips_files
+from models.perceptual import save_random_weights as write_weights
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
 from sd_models import prompt_file, save_tiny_sd3
-from sd_models import write_lpips_weights as write_weights
 from workers.config import ConfigError
 from workers.distill import Distiller, copy_for_training, critic_network
 from workers.engines import build_engine, distributed
