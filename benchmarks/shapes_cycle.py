@@ -35,8 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/bench/shapes")
     p.add_argument("--cycles", type=int, default=10, help="timed cycles per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed cycles first")
-    p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together (N, or N:sdpa for the "
-                                                      "network's fused attention run once per trial)")
+    p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together (N, N:folded for fused "
+                                                      "attention once for all trials, or N:sdpa for the network's "
+                                                      "fused attention run once per trial)")
     p.add_argument("--alone", default="bf16,fp32", help="comma list of precisions for a trial trained alone by train")
     p.add_argument("--methods", default="dp-dmd", help="comma list of loss.method values, each measured in every "
                                                        "variant (dmd-regression and dmd-gan read a store of teacher samples)")

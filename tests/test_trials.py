@@ -69,7 +69,7 @@ def runs(tmp_path_factory, teacher_path):
     rest: list[dict] = []
     resumed = train_trials(cs, dirs, store, on_cycle=_record(rest))
     return dict(tmp=tmp, alone=alone, together=first + rest, stopped=stopped, resumed=resumed, dirs=dirs,
-                checkpoints=checkpoints)
+                checkpoints=checkpoints, configs=cs, store=store)
 
 
 def test_trials_together_match_train_run_one_at_a_time(runs):
@@ -88,6 +88,48 @@ def test_trials_together_match_train_run_one_at_a_time(runs):
     apart = sum((ours[k] - theirs[k]).pow(2).sum() for k in ours).sqrt()
     assert apart < 1e-2 * moved  # AdamW turns rounding in near-zero gradients into whole steps: compare updates
     assert runs["resumed"].progress[1].rows_consumed == UPDATES * 2
+
+
+def test_trials_together_with_folded_fused_attention_match_train_run_one_at_a_time(runs):
+    torch.set_num_threads(1)
+    folded: list[dict] = []
+    train_trials(runs["configs"], [runs["tmp"] / "folded0", runs["tmp"] / "folded1"], runs["store"], save=False,
+                 on_cycle=_record(folded), attention="folded")
+    for i in range(len(TRIALS)):
+        for cycle in range(UPDATES):
+            for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
+                assert folded[cycle][key][i] == pytest.approx(runs["alone"][i][cycle][key], rel=1e-4, abs=1e-6), \
+                    (i, cycle, key)
+
+
+def test_folded_attention_runs_the_fused_kernel_once_for_all_trials_with_the_classic_results():
+    import models.vmap_attention as vmap_attention
+    from workers.trials import StackedNetwork
+
+    adapter, net = shapes.new_teacher(width=8, seed=0)
+    x, t = torch.randn(6, *adapter.latent_shape), torch.rand(6) * 1000
+    cond = torch.randn(6, 4, net.config.cross_attention_dim)
+    pooled = torch.randn(6, net.config.projection_class_embeddings_input_dim)
+    outs, grads = {}, {}
+    for attention in ("classic", "folded"):
+        stacked = StackedNetwork(net, 3, attention)
+        with torch.no_grad():
+            stacked.flat.add_(torch.randn(stacked.flat.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+        calls = []
+        real = vmap_attention.F.scaled_dot_product_attention
+        with mock.patch.object(vmap_attention.F, "scaled_dot_product_attention",
+                               side_effect=lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)):
+            out = stacked(x, t, encoder_hidden_states=cond, class_labels=pooled).sample
+        outs[attention] = out
+        grads[attention], = torch.autograd.grad(out.pow(2).sum(), stacked.flat)
+        if attention == "folded":
+            layers = sum(1 for m in net.modules() if type(m).__name__ == "Attention")
+            assert len(calls) == layers and all(shape[0] == 6 for shape in calls)  # 3 trials x 2 rows, at once
+        else:
+            assert not calls
+    assert torch.allclose(outs["folded"], outs["classic"], rtol=1e-4, atol=1e-5)
+    # the same gradients up to rounding (elementwise tolerances fail on entries near zero)
+    assert (grads["folded"] - grads["classic"]).norm() < 1e-5 * grads["classic"].norm()
 
 
 def test_a_group_stopped_at_its_deadline_checkpoints_and_continues(runs):

@@ -98,6 +98,9 @@ def _flat(data: dict, prefix: str = "") -> dict:
 # Networks and optimizer over stacked trials
 
 
+ATTENTION = ("classic", "folded", "sdpa")  # how stacked networks run attention (StackedNetwork)
+
+
 class StackedNetwork(nn.Module):
     """num_trials networks of one architecture, their parameters stacked on a leading dim, called like one of
     them on a batch whose rows are trial-major (trial 0's rows, then trial 1's, ...): every tensor argument
@@ -105,17 +108,22 @@ class StackedNetwork(nn.Module):
 
     The parameters live in one flat (num_trials, P) tensor (`flat`, the leaf the optimizer steps), each named
     parameter a view of it: one optimizer update is a handful of kernels, not a handful per parameter.
-    attention="classic": attention as matrix products (diffusers' AttnProcessor), which vmap batches; fused
-    scaled-dot-product attention has no batching rule and would run once per trial."""
+    attention="classic": attention as matrix products (diffusers' AttnProcessor), which vmap batches; "folded":
+    the fused kernel once for all trials (models/vmap_attention.py); "sdpa": the network's own fused attention,
+    which has no batching rule and runs once per trial."""
 
     def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic"):
         super().__init__()
-        if attention == "classic":
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+        if attention != "sdpa":
             from diffusers.models.attention_processor import AttnProcessor
+
+            from models.vmap_attention import FoldedAttnProcessor
 
             for module in template.modules():  # the network, or the network inside a critic with a GAN head
                 if hasattr(module, "set_attn_processor"):
-                    module.set_attn_processor(AttnProcessor())
+                    module.set_attn_processor(AttnProcessor() if attention == "classic" else FoldedAttnProcessor())
                     break
         self.num_trials = num_trials
         self._template = [template]  # a plain list: its parameters are replaced, never trained or registered
@@ -417,7 +425,8 @@ def train_trials(configs: list[RunConfig], run_dirs: list[Path], store, teacher=
     into its run directory (workers.train.GENERATOR_DIR). deadline: a time.time() after which the trials
     checkpoint and stop (a job with a time limit; run again to continue). teacher: an (adapter, network) pair
     instead of loading configs[0].teacher (tests). on_cycle(generator_updates, metrics) after every cycle.
-    attention: "classic" (vmap-batched matrix products) or "sdpa" (the network's own, once per trial).
+    attention: "classic" (vmap-batched matrix products), "folded" (the fused kernel once for all trials) or "sdpa"
+    (the network's own fused attention, once per trial).
 
     On a GPU, while the trials train: cuDNN picks its convolution algorithms by timing them (cudnn.benchmark;
     every call has one of a few fixed shapes, and vmap runs the trials' convolutions as grouped ones), and
