@@ -676,6 +676,8 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
                                                                    "critic.gradient_checkpointing=false")))}
     # Everything the run built goes before the process ends: the check that nothing outlives a run.
     del clock, pair, source, negative, text_adapter
+    adapter.__dict__.pop("_lpips", None)  # the regression's LPIPS and VAE (none for the other runs)
+    adapter.vae = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     after = live_objects()

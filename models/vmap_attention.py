@@ -41,6 +41,9 @@ class FoldedAttention(torch.autograd.Function):
             return x.movedim(dim, 0) if dim is not None else x.expand(n, *x.shape)
 
         q, k, v, mask = (front(x, d) for x, d in zip((q, k, v, mask), in_dims))
+        if mask is not None:  # broadcast to (n, ..., L, S) as sdpa would broadcast each slice's mask
+            mask = mask.reshape(n, *(1,) * (q.ndim - mask.ndim), *mask.shape[1:])
+            mask = mask.expand(*q.shape[:-1], k.shape[-2])
         fold = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
         out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=fold(mask))
         return out.reshape(n, -1, *out.shape[1:]), 0

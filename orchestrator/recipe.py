@@ -67,7 +67,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 # Local paths that workers, actors and Tune trials (which run in other working directories) must find.
 PATH_KEYS = (("storage", "output_dir"), ("storage", "trajectory_root"), ("storage", "teacher_cache"), ("teacher", "path"),
              ("trajectories", "prompts"), ("evaluation", "prompts"), ("evaluation", "dino_path"),
-             ("evaluation", "clip_path"), ("evaluation", "pickscore_path"), ("evaluation", "imagereward_path"))
+             ("evaluation", "clip_path"), ("evaluation", "pickscore_path"), ("evaluation", "imagereward_path"),
+             ("loss", "lpips_weights"))
 
 
 def resolve(recipe: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -78,6 +78,10 @@ def check_batchable(configs: list[RunConfig]) -> None:
         raise ConfigError("teacher.family", "trials trained together run attention as batched matrix products "
                                             "(diffusers' AttnProcessor), which has no form of SD3's joint attention; "
                                             "run sd3 trials one at a time (dpdmd fidelity --jobs)")
+    if config.loss.method == "dmd-regression" and config.teacher.family in ("sd3", "sdxl"):
+        raise ConfigError("loss.method", "trials trained together cannot run the regression remedy on a latent "
+                                         "family: its VAE does not run under vmap (GroupNorm); run these trials one "
+                                         "at a time (dpdmd fidelity --jobs)")
     for section in ("generator", "critic"):
         if getattr(config, section).gradient_checkpointing:
             raise ConfigError(f"{section}.gradient_checkpointing", "trials trained together keep their activations "
