@@ -146,10 +146,10 @@ class LPIPS(nn.Module):
 
 
 def _lpips_unit(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """LPIPS's channel normalisation (its normalize_tensor: the eps outside the root, unlike unit()). The clamp
-    inside the root changes no value the package computes (a zero norm stays 0 + eps) but keeps the gradient
-    finite where a position's features are all zero (after a ReLU), where the package's is NaN."""
-    return features / (features.pow(2).sum(1, keepdim=True).clamp_min(1e-30).sqrt() + eps)
+    """LPIPS's channel normalisation (its normalize_tensor: the eps outside the root, unlike unit()). Its root has
+    no finite gradient at an all-zero position, but every tap follows a ReLU, whose backward sets the gradient of
+    a position at or below zero to 0, so no NaN reaches the image."""
+    return features / (features.pow(2).sum(1, keepdim=True).sqrt() + eps)
 
 
 def lpips_file_names(net: str) -> tuple[str, str]:

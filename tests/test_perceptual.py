@@ -61,6 +61,12 @@ def test_lpips_is_its_published_arithmetic_by_hand(tmp_path):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_a_relative_weights_directory_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = resolve("sd35m-512", ["loss.method=dmd-regression", "loss.lpips_weights=lpips"])
+    assert config.loss.lpips_weights == str(tmp_path / "lpips")
+
+
 def test_the_weight_files_are_found_where_torchvision_and_lpips_keep_them_or_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
