@@ -33,21 +33,30 @@ def test_the_trunks_have_torchvisions_layout_so_its_checkpoints_load_by_name():
         LPIPS("squeeze")
 
 
-def test_lpips_is_its_published_arithmetic_by_hand(tmp_path):
-    model = LPIPS.from_files("alex", *write_weights(tmp_path))
-    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
-    trunk = torch.load(tmp_path / lpips_file_names("alex")[0])
-    lins = torch.load(tmp_path / lpips_file_names("alex")[1])
+# Per trunk, each convolution of torchvision's features in order: (stride, padding, read after its ReLU, pool after)
+HAND = {"alex": [(4, 2, True, (3, 2)), (1, 2, True, (3, 2)), (1, 1, True, None), (1, 1, True, None),
+                 (1, 1, True, None)],
+        "vgg": [(1, 1, tap, (2, 2) if tap and i < 12 else None)
+                for i, tap in enumerate([False, True, False, True, False, False, True, False, False, True, False,
+                                         False, True])]}
 
-    def taps(images):  # AlexNet's features (torchvision), read after its five ReLUs
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_is_its_published_arithmetic_by_hand(tmp_path, net):
+    model = LPIPS.from_files(net, *write_weights(tmp_path, net))
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    trunk = torch.load(tmp_path / lpips_file_names(net)[0])
+    lins = torch.load(tmp_path / lpips_file_names(net)[1])
+
+    def taps(images):  # the trunk's features (torchvision), read after the five ReLUs LPIPS reads
         h = (images - torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)) / torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
         out = []
-        for i, (stride, padding, pool) in zip(CONVS["alex"], [(4, 2, True), (1, 2, True), (1, 1, False), (1, 1, False),
-                                                              (1, 1, False)]):
+        for i, (stride, padding, tap, pool) in zip(CONVS[net], HAND[net]):
             h = F.relu(F.conv2d(h, trunk[f"features.{i}.weight"], trunk[f"features.{i}.bias"], stride, padding))
-            out.append(h)
+            if tap:
+                out.append(h)
             if pool:
-                h = F.max_pool2d(h, 3, 2)
+                h = F.max_pool2d(h, *pool)
         return out
 
     expected = 0
