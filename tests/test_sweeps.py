@@ -142,7 +142,10 @@ def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, o
     steps = [m.step for m in curve]
     assert len(steps) >= 2 and all(step % 4 == 0 for step in steps)
     lines = (result.sweep_dir / "lr=0.5-seed=0" / "live_eval.jsonl").read_text().splitlines()
-    assert sorted(json.loads(line)["generator_update"] for line in lines) == sorted(steps)
+    in_file = sorted(json.loads(line)["generator_update"] for line in lines)
+    # the stop may cut the evaluation it interrupted after its MLflow metrics, before its line (once: 4, 8, 12, 16
+    # in the file against 4, 8, 12 in MLflow, when the file came first); every line is in MLflow, at most one not
+    assert set(in_file) <= set(steps) and len(steps) - len(in_file) <= 1 and len(in_file) >= 2, (in_file, steps)
     assert (result.sweep_dir / "curves.png").stat().st_size > 1000
 
 

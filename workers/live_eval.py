@@ -58,8 +58,8 @@ class Evaluator:
         (d_name, d_sign), (q_name, q_sign) = family.diversity, family.quality
         metrics["objective"] = d_sign * metrics[d_name] + q_sign * metrics[q_name]  # one number for schedulers
         result = {"generator_update": step, **{PREFIX + k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        # MLflow first, the run directory's file second: an evaluator stopped between the two (its trial stopped
+        # by a guard or a scheduler) leaves the file a subset of the run's metrics, never a line MLflow lacks
         if self.mlflow is not None:
             import time
 
@@ -69,6 +69,8 @@ class Evaluator:
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in result.items()
                                               if k.startswith(PREFIX)])
+        with self.path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
         return result
 
 
