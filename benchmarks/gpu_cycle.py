@@ -197,12 +197,6 @@ def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, overrid
         f"storage.output_dir={args.out}", f"loss.lpips_weights={Path(args.out) / 'lpips'}", *overrides])
 
 
-def sample_runs(args: argparse.Namespace) -> list[str]:
-    """The methods of the runs that read the teacher's full samples (the baselines), in run order."""
-    methods = [run_config(args, False, 1, r.overrides).loss for r in args.runs]
-    return [loss.method for loss in methods if loss.teacher_samples]
-
-
 def cycle_shape(config) -> cycle_flops.CycleShape:
     return cycle_flops.CycleShape(
         config.schedule.critic_updates_per_generator, config.distributed.batch_size_per_worker,
@@ -601,13 +595,12 @@ def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict
     # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each). With a
     # baseline among the runs, the store also holds the teacher's full samples (each row's whole ODE), and the
     # regression's LPIPS gets random weight files under their published names (its cost is the same).
-    baselines = sample_runs(args)
+    losses = [run_config(args, use_gpu, world, run.overrides).loss for run in args.runs]
+    baselines = [loss.method for loss in losses if loss.teacher_samples]
     config = run_config(args, use_gpu, world, (f"loss.method={baselines[0]}",) if baselines else ())
-    if rank == 0:
-        for run in args.runs:
-            loss = run_config(args, use_gpu, world, run.overrides).loss
-            if loss.method == "dmd-regression" and loss.lpips_weights == str(Path(args.out) / "lpips"):
-                save_random_weights(Path(loss.lpips_weights), loss.lpips_net)
+    for loss in losses if rank == 0 else ():
+        if loss.method == "dmd-regression" and loss.lpips_weights == str(Path(args.out) / "lpips"):
+            save_random_weights(Path(loss.lpips_weights), loss.lpips_net)
     store_root, result = precompute(config, args, text_adapter, teacher, prompts, device, rank, world)
     with torch.no_grad():
         text_flops = {n: cycle_flops.count(lambda: text_adapter.encode_prompts(prompts[:n] if n > 1 else [""]))
@@ -676,8 +669,7 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
                                                                    "critic.gradient_checkpointing=false")))}
     # Everything the run built goes before the process ends: the check that nothing outlives a run.
     del clock, pair, source, negative, text_adapter
-    adapter.__dict__.pop("_lpips", None)  # the regression's LPIPS and VAE (none for the other runs)
-    adapter.vae = None
+    adapter.__dict__.pop("_lpips", None)  # the regression's LPIPS (the VAE, made before `before`, is counted there)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     after = live_objects()

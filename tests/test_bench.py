@@ -20,13 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     """One smoke run in a fresh interpreter where Ray and MLflow cannot be imported, as on the GPU machine
     (DeepSpeed tries MLflow and does without it); every run then goes in a process of its own. It starts with
-    a run that raises a simulated out-of-memory error. Checkpointing is diffusers' (true): whole cycles counted
-    under FlopCounterMode see attention in its plain form, which selective checkpointing cannot keep."""
+    a run that raises a simulated out-of-memory error, and ends with a run of the regression baseline (its VAE and
+    LPIPS built in the run). Checkpointing is diffusers' (true): whole cycles counted under FlopCounterMode see
+    attention in its plain form, which selective checkpointing cannot keep."""
     out = tmp_path_factory.mktemp("bench")
     code = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
             "sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "--smoke", "--critic-updates", "1", "--simulate-oom",
                            "--gradient-checkpointing", "true",
+                           "--variant", "regression:loss.method=dmd-regression,loss.lpips_net=alex,"
+                                        "loss.lpips_resolution=64",
                            "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -39,7 +42,9 @@ MODES = ("reference", "inline", "ours")
 
 def test_every_mode_runs_and_is_timed(smoke):
     _, result = smoke
-    assert list(result["runs"]) == ["simulated-oom", *MODES]
+    assert list(result["runs"]) == ["simulated-oom", *MODES, "regression"]
+    regression = result["runs"]["regression"]  # timed; its FLOPs are not modelled, so no MFU is claimed
+    assert "error" not in regression and regression["cycle_s"] > 0 and math.isnan(regression["model_flops_per_cycle"])
     for mode in MODES:
         m = result["runs"][mode]
         assert "error" not in m
