@@ -500,8 +500,7 @@ def _set_up(configs, run_dirs, store, teacher, attention) -> _Group:
     config = configs[0]
     device = device_for(config.distributed.use_gpu)
     torch.manual_seed(config.seed)
-    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(config.evaluation.every),
-                                           vae=config.loss.method == "dmd-regression")
+    adapter, net = teacher or load_teacher(config, device, torch.float32, text_encoders=bool(config.evaluation.every))
     trials = [Trial(c, LocalContext(d), torch.Generator().manual_seed(c.seed * 100_003), Progress())
               for c, d in zip(configs, run_dirs)]
     batch = TrialBatch(configs, adapter, net, store.negative(), device, attention)
