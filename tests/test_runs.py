@@ -4,6 +4,7 @@ stopped, and a console that is the project's, not Ray's."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from helpers import TINY_DISTILL, TINY_STORE, TINY_TEACHER, tiny_config
 from orchestrator.cli import main
+from workers.context import checkpoint_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_TEACHER, *TINY_STORE, *TINY_DISTILL]
@@ -74,6 +76,19 @@ def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict)
     return subprocess.CompletedProcess(command, proc.returncode, out), next(runs.iterdir())
 
 
+def _interrupt_mid_run(command_for, runs: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path, int]:
+    """_interrupt_after_first_checkpoint on command_for(updates), and the updates it ran for. 100 toy2d updates
+    take about 2 s: a poller descheduled that long on a busy machine sent its SIGINT after the run had finished
+    (its generator exported; without Ray it exited 0, under Ray the signal met the process's teardown). Then the
+    run is made again, 10 times longer, in a fresh run directory."""
+    for updates in (100, 1000):
+        stopped, run_dir = _interrupt_after_first_checkpoint(command_for(updates), runs, env)
+        if not (run_dir / "generator").is_dir():
+            break
+        shutil.rmtree(runs)
+    return stopped, run_dir, updates
+
+
 def _run(command: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
@@ -86,20 +101,20 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_same_run_without_ray(tmp_p
     """Ctrl-C goes to a command in a process of its own; the resume and the rerun of a finished run call the same
     entry point here (as processes of their own, each paid again for importing torch, diffusers and DeepSpeed)."""
     tiny_config(tmp_path)  # the teacher
-    overrides = [*TINY, f"storage.output_dir={tmp_path}", "schedule.num_generator_updates=100",
-                 "schedule.checkpoint_every=10", "schedule.log_every=100"]
+    overrides = [*TINY, f"storage.output_dir={tmp_path}", "schedule.checkpoint_every=10", "schedule.log_every=100"]
     dpdmd = [sys.executable, "-m", "orchestrator", "distill", "--no-ray"]
-    stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
-                                                         tmp_path / "runs", _env())
+    stopped, run_dir, updates = _interrupt_mid_run(
+        lambda updates: [*dpdmd, "--recipe", "toy2d", *overrides, f"schedule.num_generator_updates={updates}"],
+        tmp_path / "runs", _env())
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     assert "Setting accelerator to CPU" not in stopped.stdout, stopped.stdout[-3000:]  # DeepSpeed (LIBRARY_NOISE)
     last = stopped.stdout.strip().splitlines()[-1]
     assert "dpdmd: stopped; the last checkpoint is" in last and f"--resume {run_dir}" in last
 
     assert main(["distill", "--no-ray", "--resume", str(run_dir)]) == 0, capsys.readouterr()
-    progress = json.loads((run_dir / "checkpoints" / "step-0000100" / "progress.json").read_text())
-    assert progress["generator_updates"] == 100 and progress["resumes"] == 1
-    assert (progress["rows_consumed"], progress["prompt_rows_consumed"]) == (100 * 8, 100 * 2 * 8)
+    progress = json.loads((run_dir / "checkpoints" / checkpoint_name(updates) / "progress.json").read_text())
+    assert progress["generator_updates"] == updates and progress["resumes"] == 1
+    assert (progress["rows_consumed"], progress["prompt_rows_consumed"]) == (updates * 8, updates * 2 * 8)
     assert (run_dir / "generator" / "dpdmd_generator.json").is_file()
     capsys.readouterr()
     assert main(["distill", "--no-ray", "--resume", str(run_dir)]) == 0  # a finished run says so, does nothing
@@ -119,8 +134,9 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     precompute(tiny_config(tmp_path, *overrides[len(TINY):]), use_ray=False, progress=False)
     dpdmd = [sys.executable, "-m", "orchestrator", "distill"]
     env = {**_env(), **ray_env}
-    stopped, run_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
-                                                         tmp_path / "runs", env)
+    stopped, run_dir, updates = _interrupt_mid_run(
+        lambda updates: [*dpdmd, "--recipe", "toy2d", *overrides, f"schedule.num_generator_updates={updates}"],
+        tmp_path / "runs", env)
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     assert f"Continue with: dpdmd distill --resume {run_dir}" in stopped.stdout
     for noise in LIBRARY_NOISE:  # the command made the MLflow database, and its worker imported DeepSpeed on a CPU
@@ -134,13 +150,13 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     console = (resumed.stdout + resumed.stderr).strip().splitlines()
     assert len(console) <= 40 and not any("TrainingReport(" in line for line in console), "\n".join(console)
     assert not [line for line in console for noise in LIBRARY_NOISE if noise in line], "\n".join(console)
-    assert any(line.startswith("[distill] generator update 100/100") for line in console)
+    assert any(line.startswith(f"[distill] generator update {updates}/{updates}") for line in console)
     closing = "\n".join(console[-5:])
     for what in ("run directory:", "generator:", "MLflow run:"):
         assert what in closing
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resumes"] >= 1
-    assert run.data.metrics["generator_update"] == 100
+    assert run.data.metrics["generator_update"] == updates
 
 
 def test_the_console_shows_every_trials_progress_line_and_drops_rays_noise():
@@ -151,6 +167,7 @@ def test_the_console_shows_every_trials_progress_line_and_drops_rays_noise():
     script = """
 import json
 from orchestrator.cli import main
+from workers.context import checkpoint_name
 code = main(['distill', '--recipe', 'toy2d', 'no.such.key=1'])
 from ray._private.ray_logging import stdout_deduplicator as dedup
 lines = []
