@@ -509,3 +509,56 @@ def test_the_shapes_benchmark_counts_kernels_as_busy_time_not_the_regions_around
     summary = summarise(SimpleNamespace(events=lambda: events, key_averages=lambda: []), wall_s=0.001)
     assert summary["kernels"] == 2 and summary["gpu_busy_s"] == pytest.approx(500e-6)
     assert summary["busy_share"] == pytest.approx(0.5) and summary["launch_calls"] == 1
+
+
+def test_the_shapes_benchmark_reads_its_variants_and_refuses_an_unknown_suffix():
+    from benchmarks.shapes_cycle import parse_together
+
+    assert parse_together("12") == (12, "classic", None)
+    assert parse_together("12:folded") == (12, "folded", None)
+    assert parse_together("12:classic+compile") == (12, "classic", "default")
+    assert parse_together("6+compile=max-autotune-no-cudagraphs") == (6, "classic", "max-autotune-no-cudagraphs")
+    with pytest.raises(ValueError, match=r"\+compile or \+compile=MODE"):
+        parse_together("12+graphs")
+
+
+def test_the_compiled_variant_sends_each_stacked_network_through_torch_compile_with_the_same_output(monkeypatch):
+    """The +compile variant: every call of a StackedNetwork goes through one torch.compile'd function per network
+    (traced here by dynamo with the eager backend: the graph capture of vmap over the network, without inductor's
+    minutes of code generation on a CPU), gives the plain call's output and gradient, and the class is as it was
+    afterwards."""
+    from benchmarks.shapes_cycle import compiled_stacks
+    from models.families.shapes.teacher import build_unet
+    from workers.trials import StackedNetwork
+
+    compiled_with, real_compile = [], torch.compile
+
+    def eager_compile(fn, **options):
+        compiled_with.append(options)
+        return real_compile(fn, backend="eager", dynamic=options["dynamic"])
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stacked, plain_forward = StackedNetwork(build_unet(8), 2), StackedNetwork.forward
+    with torch.no_grad():
+        stacked.flat.add_(0.01 * torch.randn_like(stacked.flat))  # two trials with different weights
+    inputs = (torch.randn(4, 3, 32, 32), torch.rand(4) * 1000)
+    kwargs = {"encoder_hidden_states": torch.randn(4, 5, 64), "class_labels": torch.randn(4, 64)}
+
+    def output_and_gradient():
+        out = stacked(*inputs, **kwargs).sample
+        return out.detach(), torch.autograd.grad(out.pow(2).mean(), stacked.flat)[0]
+
+    plain = output_and_gradient()
+    with compiled_stacks("default"):
+        compiled = output_and_gradient()
+        again = output_and_gradient()
+    assert compiled_with == [{"dynamic": False, "mode": None}]  # one compiled function for the network, reused
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    for got in (compiled, again):
+        assert torch.allclose(got[0], plain[0], atol=1e-6) and torch.allclose(got[1], plain[1], atol=1e-6)
+    assert StackedNetwork.forward is plain_forward and "_compiled_call" in stacked.__dict__
+    with compiled_stacks(None):
+        assert StackedNetwork.forward is plain_forward
+    torch._dynamo.reset()
