@@ -66,7 +66,10 @@ def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict)
         records = [*runs.glob("*/checkpoints/latest"), *runs.glob("*/checkpoints/checkpoint_manager_snapshot.json")]
         return any("step-" in record.read_text() for record in records)
 
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # SIGINT as a terminal gives it: a test run started as a background job of a script (`scripts/dev test &`)
+    # ignores SIGINT, Python keeps an ignored SIGINT ignored, and the command would run to its end
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not registered():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -78,9 +81,10 @@ def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict)
 
 def _interrupt_mid_run(command_for, runs: Path, env: dict) -> tuple[subprocess.CompletedProcess, Path, int]:
     """_interrupt_after_first_checkpoint on command_for(updates), and the updates it ran for. 100 toy2d updates
-    take about 2 s: a poller descheduled that long on a busy machine sent its SIGINT after the run had finished
-    (its generator exported; without Ray it exited 0, under Ray the signal met the process's teardown). Then the
-    run is made again, 10 times longer, in a fresh run directory."""
+    take about 2 s: a poller descheduled that long on a busy machine would send its SIGINT after the run had
+    finished (its generator exported; without Ray it exits 0, under Ray the signal meets the process's teardown;
+    both seen with a 4 s delay put before the signal). Then the run is made again, 10 times longer, in a fresh
+    run directory."""
     for updates in (100, 1000):
         stopped, run_dir = _interrupt_after_first_checkpoint(command_for(updates), runs, env)
         if not (run_dir / "generator").is_dir():
