@@ -171,7 +171,6 @@ def test_the_console_shows_every_trials_progress_line_and_drops_rays_noise():
     script = """
 import json
 from orchestrator.cli import main
-from workers.context import checkpoint_name
 code = main(['distill', '--recipe', 'toy2d', 'no.such.key=1'])
 from ray._private.ray_logging import stdout_deduplicator as dedup
 lines = []
