@@ -16,13 +16,11 @@ Imports neither Ray nor MLflow.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,9 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", default="1,6,12", help="comma list: trials trained together (N, N:folded for fused "
                                                       "attention once for all trials, or N:sdpa for the network's "
                                                       "fused attention run once per trial; a +compile suffix, "
-                                                      "N:classic+compile or +compile=MODE, runs each stacked "
-                                                      "network's call through torch.compile, which the trainer "
-                                                      "itself does not yet do)")
+                                                      "N:classic+compile or +compile=MODE, trains them with "
+                                                      "distributed.compile=true and that compile_mode)")
     p.add_argument("--alone", default="bf16,fp32", help="comma list of precisions for a trial trained alone by train")
     p.add_argument("--methods", default="dp-dmd", help="comma list of loss.method values, each measured in every "
                                                        "variant (dmd-regression and dmd-gan read a store of teacher samples)")
@@ -52,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float = 0.05, method: str = "dp-dmd"):
+def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float = 0.05, method: str = "dp-dmd",
+                overrides: tuple[str, ...] = ()):
     from orchestrator.recipe import resolve
 
     gpu = torch.cuda.is_available() and not args.smoke
@@ -65,7 +63,7 @@ def base_config(args, precision: str, cycles: int, seed: int = 0, weight: float 
                               "schedule.checkpoint_every=0", f"schedule.log_every={cycles}", "trajectories.batch_size=512",
                               "trajectories.rows_per_shard=1024", f"trajectories.gpus_per_actor={int(gpu)}",
                               f"storage.output_dir={args.out}", f"seed={seed}", f"loss.diversity_weight={weight}",
-                              f"loss.method={method}", *extra])
+                              f"loss.method={method}", *extra, *overrides])
 
 
 class Clock:
@@ -154,33 +152,6 @@ def measure_alone(args, precision: str, device, method: str = "dp-dmd") -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")}
 
 
-@contextmanager
-def compiled_stacks(mode: str | None):
-    """While open, every StackedNetwork (workers/trials.py) runs its call (vmap over the trials' networks) through
-    torch.compile, one compiled function per network, specialised to the call's shapes. An experiment the
-    benchmark measures before the trainer takes it up; without a mode (None) nothing changes."""
-    from workers.trials import StackedNetwork
-
-    if mode is None:
-        yield
-        return
-    plain = StackedNetwork.forward
-
-    def forward(self, *args, **kwargs):
-        compiled = self.__dict__.get("_compiled_call")
-        if compiled is None:
-            compiled = torch.compile(functools.partial(plain, self), dynamic=False,
-                                     mode=None if mode == "default" else mode)
-            self.__dict__["_compiled_call"] = compiled
-        return compiled(*args, **kwargs)
-
-    StackedNetwork.forward = forward
-    try:
-        yield
-    finally:
-        StackedNetwork.forward = plain
-
-
 def parse_together(what: str) -> tuple[int, str, str | None]:
     """"12", "12:folded", "12:classic+compile", "12+compile=max-autotune-no-cudagraphs" -> (trials, attention,
     torch.compile mode: None without +compile, "default" for a bare +compile)."""
@@ -200,15 +171,15 @@ def measure_together(args, what: str, device, method: str = "dp-dmd") -> dict:
 
     n, attention, mode = parse_together(what)
     total = args.warmup + args.cycles + 1
-    configs = [base_config(args, "fp32", total, seed=i % 3, weight=(0.0, 0.05, 0.2, 0.5)[i // 3 % 4], method=method)
-               for i in range(n)]
+    compiling = () if mode is None else ("distributed.compile=true", f"distributed.compile_mode={mode}")
+    configs = [base_config(args, "fp32", total, seed=i % 3, weight=(0.0, 0.05, 0.2, 0.5)[i // 3 % 4], method=method,
+                           overrides=compiling) for i in range(n)]
     store = store_for(args, configs[0])
     clock = Clock(args.warmup, args.cycles, device, args.profile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dirs = [Path(args.out) / f"together-{n}-{method}" / str(i) for i in range(n)]
-    with compiled_stacks(mode):
-        train_trials(configs, dirs, store, on_cycle=lambda step, metrics: clock(step), save=False, attention=attention)
+    train_trials(configs, dirs, store, on_cycle=lambda step, metrics: clock(step), save=False, attention=attention)
     compiled = "" if mode is None else ", compiled" if mode == "default" else f", compiled ({mode})"
     return {"variant": _named(f"{n} together, fp32, {attention} attention{compiled}", method), "trials": n,
             "cycle_s": clock.cycle_s,

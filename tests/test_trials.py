@@ -2,6 +2,7 @@
 stopped group continues from its checkpoints."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -100,6 +101,56 @@ def test_trials_together_with_folded_fused_attention_match_train_run_one_at_a_ti
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
                 assert folded[cycle][key][i] == pytest.approx(runs["alone"][i][cycle][key], rel=1e-4, abs=1e-6), \
                     (i, cycle, key)
+
+
+def _eager_compile(monkeypatch) -> list:
+    """torch.compile with dynamo's eager backend: the graph capture (vmap over the stacked networks included)
+    without inductor's minutes of code generation on a CPU. Returns the options each call was given."""
+    import torch._dynamo
+
+    compiled_with, real_compile = [], torch.compile
+
+    def eager(fn, **options):
+        compiled_with.append(options)
+        return real_compile(fn, backend="eager", dynamic=options.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return compiled_with
+
+
+def test_trials_together_compiled_match_train_run_one_at_a_time(runs, monkeypatch):
+    """distributed.compile=true: the stacked generator and critic each run their call through one compiled
+    function, the teacher is compiled as train compiles it, and every loss is still train's."""
+    import torch._dynamo
+
+    torch.set_num_threads(1)
+    compiled_with = _eager_compile(monkeypatch)
+    cs = [replace(c, distributed=replace(c.distributed, compile=True)) for c in runs["configs"]]
+    compiled: list[dict] = []
+    try:
+        train_trials(cs, [runs["tmp"] / "compiled0", runs["tmp"] / "compiled1"], runs["store"], save=False,
+                     on_cycle=_record(compiled))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
+    finally:
+        torch._dynamo.reset()
+    # generator and critic (mode None: torch.compile's default, shapes fixed), then the teacher (Module.compile)
+    assert compiled_with[:2] == [{"dynamic": False, "mode": None}] * 2 and compiled_with[2] == {"mode": "default"}
+    for i in range(len(TRIALS)):
+        for cycle in range(UPDATES):
+            for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
+                assert compiled[cycle][key][i] == pytest.approx(runs["alone"][i][cycle][key], rel=1e-4, abs=1e-6), \
+                    (i, cycle, key)
+
+
+def test_a_stacked_network_compiles_with_the_configured_mode_and_runs_eagerly_without_one(monkeypatch):
+    from workers.trials import StackedNetwork
+
+    compiled_with = _eager_compile(monkeypatch)
+    eager = StackedNetwork(shapes.build_unet(8), 2)
+    StackedNetwork(shapes.build_unet(8), 2, compile_mode="max-autotune-no-cudagraphs")
+    assert eager._compiled is None and compiled_with == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
 
 
 def test_folded_attention_runs_the_fused_kernel_once_for_all_trials_with_the_classic_results():
@@ -301,6 +352,29 @@ def test_on_a_gpu_trials_together_train_from_the_rows_the_read_ahead_put_there(t
     result = train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store)
     assert result.errors == [None, None] and result.finished == [True, True]
     assert all((tmp_path / f"t{i}" / GENERATOR_DIR / "dpdmd_generator.json").is_file() for i in range(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_compiled_trials_together_train_as_the_eager_ones(tmp_path, teacher_path):
+    """distributed.compile=true on a GPU: inductor's Triton code for the stacked calls (vmap over the trials'
+    networks) and the teacher gives the eager run's losses, cycle for cycle."""
+    import torch._dynamo
+
+    runs = {}
+    for compile_ in (False, True):
+        cs = configs(tmp_path, teacher_path, "distributed.use_gpu=true", f"distributed.compile={str(compile_).lower()}")
+        store, _ = precompute(cs[0], use_ray=False, progress=False)
+        runs[compile_] = []
+        torch._dynamo.utils.counters.clear()
+        result = train_trials(cs, [tmp_path / f"c{compile_}{i}" for i in range(2)], store, save=False,
+                              on_cycle=_record(runs[compile_]))
+        assert result.errors == [None, None] and result.finished == [True, True]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3
+    for eager, compiled in zip(runs[False], runs[True]):
+        for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key
+    torch._dynamo.reset()
 
 
 def test_a_trial_group_trains_exports_and_evaluates_each_trial_and_records_its_rows(tmp_path, teacher_path):

@@ -47,6 +47,7 @@ from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_f
 from workers.cycle import (CRITIC_METRICS, FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples,
                            generator_update, teacher_samples)
 from workers.distill import copy_for_training, critic_network
+from workers.engines import RECOMPILE_LIMIT, compile_network
 from workers.progress import Progress, read_progress, write_progress
 
 TRIAL_STATE = "trial.pt"
@@ -114,9 +115,15 @@ class StackedNetwork(nn.Module):
     parameter a view of it: one optimizer update is a handful of kernels, not a handful per parameter.
     attention="classic": attention as matrix products (diffusers' AttnProcessor), which vmap batches; "folded":
     the fused kernel once for all trials (models/vmap_attention.py); "sdpa": the network's own fused attention,
-    which has no batching rule and runs once per trial."""
+    which has no batching rule and runs once per trial.
 
-    def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic"):
+    compile_mode (distributed.compile_mode; None: eager): the call, vmap over the trials' networks included, runs
+    through torch.compile, one compiled function per stacked network specialised to the call's shapes (a
+    handful: with and without gradients, with and without a GAN head's logits). Compiling takes minutes on a
+    CPU and about a minute on a GPU (BENCHMARKS.md); the output is the eager call's to rounding."""
+
+    def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic",
+                 compile_mode: str | None = None):
         super().__init__()
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
@@ -136,6 +143,13 @@ class StackedNetwork(nn.Module):
         flat = torch.cat([p.detach().reshape(-1) for _, p in named])
         self.flat = flat.unsqueeze(0).repeat(num_trials, 1).requires_grad_(True)
         self._logits: torch.Tensor | None = None
+        self._compiled: Callable | None = None
+        if compile_mode is not None:
+            from torch._dynamo import config as dynamo  # generator and critic share this code: several graphs each
+
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            self._compiled = torch.compile(self._call, dynamic=False,
+                                           mode=None if compile_mode == "default" else compile_mode)
 
     @property
     def classify(self) -> bool:
@@ -165,6 +179,9 @@ class StackedNetwork(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
+        return (self._compiled or self._call)(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         n, template = self.num_trials, self._template[0]
         batch = args[0].shape[0]
         if batch % n:
@@ -305,8 +322,12 @@ class TrialBatch:
         self.configs, self.adapter, self.teacher, self.device = configs, adapter, teacher, device
         self.num_trials = n = len(configs)
         config = configs[0]
-        self.generator = StackedNetwork(copy_for_training(teacher), n, attention)
-        self.critic = StackedNetwork(critic_network(config, copy_for_training(teacher)), n, attention)
+        dist = config.distributed
+        mode = dist.compile_mode if dist.compile else None
+        self.generator = StackedNetwork(copy_for_training(teacher), n, attention, mode)
+        self.critic = StackedNetwork(critic_network(config, copy_for_training(teacher)), n, attention, mode)
+        if dist.compile:  # as train does: after the copies, which would drop compiled code (Module.__getstate__)
+            compile_network(teacher, dist.compile_mode)
         self.generator_optim = self._optimizer(self.generator, config.generator.optim)
         self.critic_optim = self._optimizer(self.critic, config.critic.optim)
         self.negative = negative.to(device)
