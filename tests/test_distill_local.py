@@ -267,7 +267,9 @@ def test_optimizer_parameter_groups_take_the_same_update(out, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("settings", [("distributed.precision=bf16", "distributed.zero_stage=2"),
-                                      ("distributed.zero_stage=1",)])
+                                      ("distributed.zero_stage=1",),
+                                      ("distributed.precision=bf16", "critic.optim.offload=true"),
+                                      ("critic.optim.offload=true",)])
 def test_an_update_with_non_finite_gradients_is_not_applied(out, settings):
     """A finite loss whose gradients hold a NaN (here put there by a hook on one critic weight): the update
     leaves every weight as it was and raises, naming the gradients; in skip mode it is counted and the next
@@ -353,3 +355,63 @@ def test_what_outlives_the_first_cycle_is_frozen_for_the_collector_until_train_e
         train(config, LocalContext(tmp_path / "failed", resume=False), _poisoned(store, 1), store.negative(),
               save=False)
     assert gc.get_freeze_count() == 0
+
+
+OFFLOAD = ("generator.optim.offload=true", "critic.optim.offload=true")
+
+
+def _losses(config, run_dir, resume=False) -> list[float]:
+    store = _store(config)
+    seen: list[dict] = []
+    train(config, LocalContext(run_dir, resume=resume), store_source(store), store.negative(),
+          on_cycle=lambda progress, metrics: seen.append(dict(metrics)))
+    return [m[key] for m in seen for key in ("loss_critic", "loss_dmd")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_offloaded_optimizer_updates_in_host_memory_as_the_devices_would_and_resumes(out, tmp_path, precision):
+    """generator.optim.offload / critic.optim.offload: DeepSpeed's ZeRO-Offload with the client AdamW (its own
+    CPU Adam is a C++ build it would demand), the float32 master weights in host memory, DeepSpeed's own overflow
+    check; every cycle's losses those of the run without it, and a resumed run ends where the straight one does."""
+    settings = (f"distributed.precision={precision}",)
+    config = tiny_config(out, *settings, *OFFLOAD)
+    with distributed(False):
+        engine = build_engine(copy_for_training(load_teacher(config)[1]), config.critic.optim, config)
+        assert engine.optimizer.cpu_offload and engine.nonfinite_gradients is not None
+        assert all(p.device.type == "cpu" for p in engine.optimizer.single_partition_of_fp32_groups)
+        plain = build_engine(copy_for_training(load_teacher(config)[1]), tiny_config(out, *settings).critic.optim,
+                             config)
+        assert not plain.optimizer.cpu_offload
+    offloaded = _losses(config, tmp_path / "offloaded")
+    assert offloaded == pytest.approx(_losses(tiny_config(out, *settings), tmp_path / "plain"), rel=1e-5, abs=1e-7)
+    _losses(tiny_config(out, *settings, *OFFLOAD, "schedule.num_generator_updates=2"), tmp_path / "half")
+    resumed = _losses(config, tmp_path / "half", resume=True)
+    assert resumed == pytest.approx(offloaded[4:], rel=1e-5, abs=1e-7)  # updates 3 and 4
+
+
+def test_offloading_an_optimizer_needs_zero_and_is_refused_for_trials_trained_together(out):
+    from workers.config import ConfigError
+    from workers.trials import check_batchable
+
+    with pytest.raises(ConfigError, match=r"critic\.optim\.offload.*zero_stage 1, 2 or 3"):
+        tiny_config(out, "distributed.zero_stage=0", "critic.optim.offload=true")
+    with pytest.raises(ConfigError, match=r"generator\.optim\.offload.*set it to false"):
+        check_batchable([tiny_config(out, "generator.optim.offload=true")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_an_offloaded_optimizer_keeps_its_state_in_host_memory_and_trains_as_on_the_gpu(out, tmp_path):
+    """ZeRO-Offload on a GPU: pinned host copies, PyTorch's fused AdamW on the CPU, the bf16 weights copied back
+    to the GPU after each step; the run's losses those of the optimizer on the GPU, to bf16's rounding."""
+    settings = ("distributed.use_gpu=true", "distributed.precision=bf16")
+    config = tiny_config(out, *settings, *OFFLOAD)
+    with distributed(True):
+        engine = build_engine(copy_for_training(load_teacher(config, torch.device("cuda"))[1]), config.critic.optim,
+                              config)
+        assert engine.optimizer.cpu_offload
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in engine.optimizer.single_partition_of_fp32_groups)
+        assert all(p.device.type == "cuda" for p in engine.module.parameters())
+    offloaded = _losses(config, tmp_path / "offloaded")
+    on_gpu = _losses(tiny_config(out, *settings), tmp_path / "on-gpu")
+    assert offloaded == pytest.approx(on_gpu, rel=1e-3, abs=1e-5)

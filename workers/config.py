@@ -119,6 +119,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # 0 disables clipping
+    # ZeRO-Offload: this network's float32 master weights and AdamW moments (12 bytes per parameter, about 26 GiB
+    # for SD3.5-Medium's transformer) live in host memory and its update runs there (PyTorch's fused CPU AdamW);
+    # the GPU holds the bf16 weights and gradients. Costs a host update and two transfers per step of this
+    # network, so it pays most on the generator (one step per cycle; the critic steps several). Needs ZeRO >= 1.
+    offload: bool = False
 
     def __post_init__(self):
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -445,6 +450,10 @@ class RunConfig:
                "must be at most 2 with loss.method=dmd-gan: its generator term runs backward through the critic, "
                "whose ZeRO-3 engine gathers its partitioned weights only inside its own backward (DeepSpeed refuses "
                "the other engine's); set distributed.zero_stage=2")
+        for section in ("generator", "critic"):
+            _check(not getattr(self, section).optim.offload or self.distributed.zero_stage >= 1,
+                   f"{section}.optim.offload", "keeps the optimizer's state where ZeRO partitions it, so it needs "
+                   f"distributed.zero_stage 1, 2 or 3 (it is {self.distributed.zero_stage})")
         _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
                f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
                "the paper uses K = 5 of 30")

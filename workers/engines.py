@@ -77,23 +77,31 @@ def init_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
-def guards_gradients(config: RunConfig) -> bool:
-    """ZeRO-1/2, whose optimizer computes the global gradient norm before stepping: there NonfiniteGradients
-    replaces DeepSpeed's own bf16 check (ZeRO-3 keeps DeepSpeed's)."""
-    return config.distributed.zero_stage in (1, 2)
+def guards_gradients(config: RunConfig, optim: OptimConfig) -> bool:
+    """ZeRO-1/2 on the GPU's optimizer, which computes the global gradient norm before stepping: there
+    NonfiniteGradients replaces DeepSpeed's own bf16 check. ZeRO-3 and an optimizer offloaded to host memory
+    (optim.offload, whose norm and overflow check DeepSpeed computes as it copies the gradients out) keep
+    DeepSpeed's."""
+    return config.distributed.zero_stage in (1, 2) and not optim.offload
 
 
 def deepspeed_config(config: RunConfig, optim: OptimConfig) -> dict:
     dist = config.distributed
     bf16 = dist.precision == "bf16"
+    zero = {"stage": dist.zero_stage}
+    if optim.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dist.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": dist.batch_size_per_worker,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": dist.zero_stage},
+        "zero_optimization": zero,
+        # ZeRO-Offload with the client AdamW below (DeepSpeed would otherwise demand its own CPU Adam, a C++
+        # extension built on first use); PyTorch's fused kernel updates the host copy
+        **({"zero_force_ds_cpu_optimizer": False} if optim.offload else {}),
         # DeepSpeed's bf16 check reads every gradient in seven small kernels and two host waits per parameter:
         # about 6,000 launches per update for SD3.5, over which the GPU idles (benchmarks/gaps.py measured it).
-        "bf16": {"enabled": bf16, **({"check_grad_overflow": False} if bf16 and guards_gradients(config) else {})},
+        "bf16": {"enabled": bf16, **({"check_grad_overflow": False} if bf16 and guards_gradients(config, optim) else {})},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -132,8 +140,10 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
     optimizer = torch.optim.AdamW(parameter_groups(params), lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
-    engine.nonfinite_gradients = NonfiniteGradients(engine.optimizer, optimizer) if guards_gradients(config) else None
-    if guards_gradients(config):
+    guarded = guards_gradients(config, optim)
+    reports = guarded or (optim.offload and config.distributed.zero_stage in (1, 2))
+    engine.nonfinite_gradients = NonfiniteGradients(engine.optimizer, optimizer, skips=guarded) if reports else None
+    if guarded:
         fused_grad_norm(engine.optimizer)
     return engine
 
@@ -184,13 +194,16 @@ class NonfiniteGradients:
     deepspeed_config) it steps the client optimizer group by group, and before each group's step this hands
     PyTorch's fused AdamW found_inf = "the norm is not a finite, non-negative number": the kernel then leaves
     weights, moments and step counts as they were, on every rank alike (the norm is all-reduced). flag() says
-    whether the last update was skipped, as a device tensor the caller reads when it next syncs."""
+    whether the last update was skipped, as a device tensor the caller reads when it next syncs.
 
-    def __init__(self, zero_optimizer, client: torch.optim.Optimizer):
+    skips=False: only that report, for an optimizer offloaded to host memory, where DeepSpeed's own check skips
+    the update (and sets the norm to inf) as it copies the gradients out."""
+
+    def __init__(self, zero_optimizer, client: torch.optim.Optimizer, skips: bool = True):
         self.zero_optimizer = zero_optimizer
         self.device = client.param_groups[0]["params"][0].device
         self._norm, self._flag = None, None  # the last norm read, and its flag: every group's step shares them
-        if client.defaults.get("fused"):  # only the fused kernel reads found_inf; in float32 DeepSpeed skips itself
+        if skips and client.defaults.get("fused"):  # only the fused kernel reads found_inf; fp32: DeepSpeed skips
             client.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer, args, kwargs) -> None:

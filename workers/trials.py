@@ -84,6 +84,9 @@ def check_batchable(configs: list[RunConfig]) -> None:
                                          "family: its VAE does not run under vmap (GroupNorm); run these trials one "
                                          "at a time (dpdmd fidelity --jobs)")
     for section in ("generator", "critic"):
+        if getattr(config, section).optim.offload:
+            raise ConfigError(f"{section}.optim.offload", "trials trained together keep their optimizer state on "
+                                                          "the device (one stacked AdamW); set it to false")
         if getattr(config, section).gradient_checkpointing:
             raise ConfigError(f"{section}.gradient_checkpointing", "trials trained together keep their activations "
                                                                   "(no checkpointing); set it to false")
