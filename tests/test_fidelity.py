@@ -131,3 +131,22 @@ def test_fidelity_command_runs_real_trials_without_ray(tmp_path, capsys):
         assert (out_dir / name).is_file(), name
     assert "| DMD | 2 |" in capsys.readouterr().out
     assert len(list((out_dir / "trials").glob("*/generator/dpdmd_generator.json"))) == 4
+
+    # A table whose trials finished on another machine: only what the table reads came back (each trial's
+    # result.json and samples.npz, the teacher's evaluation); the same command with --out writes the same table
+    # and trains nothing again.
+    kept = {"result.json", "samples.npz"}
+    for trial in (out_dir / "trials").iterdir():
+        for path in sorted(trial.rglob("*"), reverse=True):
+            if path.is_dir():
+                path.rmdir()
+            elif path.name not in kept:
+                path.unlink()
+    for name in ("fidelity.md", "fidelity.json", "fidelity.png", "fidelity_samples.png"):
+        (out_dir / name).unlink()
+    code = main(["fidelity", "--no-ray", "--jobs", "2", "--recipe", "toy2d", *TINY_TEACHER, *TINY_STORE,
+                 *TINY_DISTILL, f"storage.output_dir={tmp_path}", f"sweep.space={space}",
+                 "evaluation.seeds_per_prompt=50", "--out", str(out_dir)])
+    assert code == 0 and "4 trials, 4 already done, 0 to run" in capsys.readouterr().out
+    assert json.loads((out_dir / "fidelity.json").read_text())["settings"] == data["settings"]
+    assert (out_dir / "fidelity_samples.png").is_file()
