@@ -122,8 +122,9 @@ class StackedNetwork(nn.Module):
 
     compile_mode (distributed.compile_mode; None: eager): the call, vmap over the trials' networks included, runs
     through torch.compile, one compiled function per stacked network specialised to the call's shapes (a
-    handful: with and without gradients, with and without a GAN head's logits). Compiling takes minutes on a
-    CPU and about a minute on a GPU (BENCHMARKS.md); the output is the eager call's to rounding."""
+    handful: with and without gradients, with and without a GAN head's logits). Compiling takes minutes, on a
+    CPU and on a GPU alike (on an H100 the graph with gradients alone took over 100 s; BENCHMARKS.md), so it pays
+    only for long runs; the output is the eager call's to rounding."""
 
     def __init__(self, template: nn.Module, num_trials: int, attention: str = "classic",
                  compile_mode: str | None = None):
