@@ -141,8 +141,8 @@ def build_engine(net: nn.Module, optim: OptimConfig, config: RunConfig):
                                   weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(config, optim))
     guarded = guards_gradients(config, optim)
-    reports = guarded or (optim.offload and config.distributed.zero_stage in (1, 2))
-    engine.nonfinite_gradients = NonfiniteGradients(engine.optimizer, optimizer, skips=guarded) if reports else None
+    # every ZeRO optimizer records an update it skipped as an infinite norm: reported wherever DeepSpeed skips
+    engine.nonfinite_gradients = NonfiniteGradients(engine.optimizer, optimizer, params[0].device, skips=guarded)
     if guarded:
         fused_grad_norm(engine.optimizer)
     return engine
@@ -196,12 +196,13 @@ class NonfiniteGradients:
     weights, moments and step counts as they were, on every rank alike (the norm is all-reduced). flag() says
     whether the last update was skipped, as a device tensor the caller reads when it next syncs.
 
-    skips=False: only that report, for an optimizer offloaded to host memory, where DeepSpeed's own check skips
-    the update (and sets the norm to inf) as it copies the gradients out."""
+    skips=False: only that report, where DeepSpeed's own check skips the update and sets the norm to inf (ZeRO-3,
+    and an optimizer offloaded to host memory, whose gradients it checks as it copies them out). An optimizer
+    without a global norm (float32 without ZeRO) reports nothing (flag() is None)."""
 
-    def __init__(self, zero_optimizer, client: torch.optim.Optimizer, skips: bool = True):
+    def __init__(self, zero_optimizer, client: torch.optim.Optimizer, device: torch.device, skips: bool = True):
         self.zero_optimizer = zero_optimizer
-        self.device = client.param_groups[0]["params"][0].device
+        self.device = device  # the weights' (under ZeRO-3 the client's groups hold no parameters)
         self._norm, self._flag = None, None  # the last norm read, and its flag: every group's step shares them
         if skips and client.defaults.get("fused"):  # only the fused kernel reads found_inf; fp32: DeepSpeed skips
             client.register_step_pre_hook(self._before_step)
