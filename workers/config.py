@@ -310,7 +310,9 @@ class DistributedConfig:
     zero_stage: int = 2
     precision: Literal["fp32", "bf16"] = "fp32"
     batch_size_per_worker: int = 4
-    compile: bool = False  # torch.compile the teacher, generator and critic (per transformer block where they have them)
+    # torch.compile the teacher, generator and critic (per transformer block where they have them; trials trained
+    # together: each stacked network's whole call, which inductor takes minutes to compile, BENCHMARKS.md)
+    compile: bool = False
     # torch.compile's mode with compile=true: "reduce-overhead" adds CUDA graphs (launch gaps), "max-autotune" also
     # searches kernel configurations; "default" is what BENCHMARKS.md measured
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
