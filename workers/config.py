@@ -122,8 +122,9 @@ class OptimConfig:
     # ZeRO-Offload: this network's float32 master weights and AdamW moments (12 bytes per parameter, about 25 GiB
     # for SD3.5-Medium's transformer) leave the GPU for host memory (with a float32 gradient copy and a bf16 buffer
     # there, about 18 bytes per parameter of pinned host memory) and its update runs there (PyTorch's AdamW, its
-    # fused kernel on a GPU machine); the GPU holds the bf16 weights and gradients. Costs a host update and two transfers per step of this
-    # network, so it pays most on the generator (one step per cycle; the critic steps several). Needs ZeRO >= 1.
+    # fused kernel on a GPU machine); the GPU holds the bf16 weights and gradients. Costs a host update and two
+    # transfers per step of this network, so it pays most on the generator (one step per cycle; the critic steps
+    # several). Needs ZeRO >= 1.
     offload: bool = False
 
     def __post_init__(self):

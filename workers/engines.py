@@ -97,7 +97,7 @@ def deepspeed_config(config: RunConfig, optim: OptimConfig) -> dict:
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         # ZeRO-Offload with the client AdamW below (DeepSpeed would otherwise demand its own CPU Adam, a C++
-        # extension built on first use); PyTorch's fused kernel updates the host copy
+        # extension built on first use); PyTorch's AdamW updates the host copy
         **({"zero_force_ds_cpu_optimizer": False} if optim.offload else {}),
         # DeepSpeed's bf16 check reads every gradient in seven small kernels and two host waits per parameter:
         # about 6,000 launches per update for SD3.5, over which the GPU idles (benchmarks/gaps.py measured it).
@@ -296,6 +296,15 @@ def _keeping_attention(cls: type) -> dict:
 RECOMPILE_LIMIT = 64
 
 
+def allow_recompiles() -> None:
+    """Dynamo's limit of graphs per code object raised to RECOMPILE_LIMIT, for code that compiles to several
+    graphs (a block kind per pass, a stacked network with and without gradients); past the limit it runs eagerly."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+
+
 def compile_network(net: nn.Module, mode: str = "default") -> None:
     """torch.compile in place, by region where the network has repeated blocks (one graph serves every block of
     a kind, so compiling takes seconds instead of minutes): the classes diffusers names in the model's
@@ -305,11 +314,8 @@ def compile_network(net: nn.Module, mode: str = "default") -> None:
 
     One block's code serves several graphs: SD3.5's block kinds (dual attention, plain, the last context-only
     one) times the passes a cycle makes (no-grad, with grad, recomputed under checkpointing). Dynamo's default
-    limit of 8 graphs per code object would run the rest eagerly, so it is raised to RECOMPILE_LIMIT."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    limit of 8 graphs per code object would run the rest eagerly, so it is raised (allow_recompiles)."""
+    allow_recompiles()
     if getattr(net, "_repeated_blocks", None):
         net.compile_repeated_blocks(mode=mode)
         return

@@ -47,7 +47,7 @@ from workers.context import CHECKPOINTS, LocalContext, checkpoint_name, device_f
 from workers.cycle import (CRITIC_METRICS, FiniteVote, Networks, TrialRows, critic_loss, generator_loss, generator_samples,
                            generator_update, teacher_samples)
 from workers.distill import copy_for_training, critic_network
-from workers.engines import RECOMPILE_LIMIT, compile_network
+from workers.engines import allow_recompiles, compile_network
 from workers.progress import Progress, read_progress, write_progress
 
 TRIAL_STATE = "trial.pt"
@@ -149,9 +149,7 @@ class StackedNetwork(nn.Module):
         self._logits: torch.Tensor | None = None
         self._compiled: Callable | None = None
         if compile_mode is not None:
-            from torch._dynamo import config as dynamo  # generator and critic share this code: several graphs each
-
-            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            allow_recompiles()  # generator and critic share this code: several graphs each
             self._compiled = torch.compile(self._call, dynamic=False,
                                            mode=None if compile_mode == "default" else compile_mode)
 
