@@ -122,7 +122,8 @@ def network_passes(adapter: TeacherAdapter, build: Callable[[], nn.Module], cond
 @dataclass(frozen=True)
 class CycleShape:
     """What one cycle runs: critic updates C, rows per update B, generator steps N, anchor steps K, whether the
-    diversity loss is on (lambda > 0) and the first generator step detached."""
+    diversity loss is on (lambda > 0) and the first generator step detached, and whether the anchor rollout also
+    takes the teacher's x0 estimate at the anchor (epsilon teachers' diversity target: one more guided pass)."""
 
     critic_updates: int
     batch: int
@@ -130,6 +131,7 @@ class CycleShape:
     anchor_step: int
     diversity: bool = True
     detach_first_step: bool = True
+    anchor_x0: bool = False
 
 
 def cycle_passes(mode: str, s: CycleShape,
@@ -156,6 +158,8 @@ def cycle_passes(mode: str, s: CycleShape,
     passes += [("teacher, guided (doubled batch)", "forward", 2 * b, 1), ("critic at x_t (no grad)", "forward", b, 1)]
     if mode in ("inline", "reference"):
         passes.append(("teacher anchor rollout, K guided steps", "forward", 2 * b, s.anchor_step))
+        if s.anchor_x0:
+            passes.append(("teacher x0 estimate at the anchor, guided", "forward", 2 * b, 1))
     if mode == "reference":
         passes += [("prompt encoding, every batch", "text", b, c + 1), ("empty prompt encoding", "text", 1, 1)]
     return passes

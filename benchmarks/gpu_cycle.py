@@ -1,9 +1,11 @@
-"""The DP-DMD cycle at SD3.5-Medium scale: time, MFU and HFU, memory, against the reference structure.
+"""The DP-DMD cycle at SD3.5-Medium (or SDXL) scale: time, MFU and HFU, memory, against the reference structure.
 
 Every mode runs workers.train.train, the function Ray Train workers run, on SD3.5-Medium's exact transformer
 with random weights (models.families.sd3.random_teacher), 1024 x 1024 images (16 x 128 x 128 latents), prompt
 embeddings of the real shapes (77 CLIP + 256 T5 tokens x 4096, pooled 2048), bf16, DeepSpeed ZeRO engines,
-the paper's recipe (sd35m):
+the paper's recipe (sd35m); with --family sdxl, on SDXL base's UNet (models.families.sdxl.random_teacher: 4 x
+128 x 128 latents, 77 tokens x 2048, pooled 1280 and 6 size ids) with the sdxl recipe, its two CLIP encoders
+and its VAE (benchmarks/random_sdxl.py):
 
   ours       what `dpdmd distill` runs: workers.train.store_source over a trajectory store written by this
              run's precompute; the trainer holds no text encoder
@@ -31,6 +33,7 @@ Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) a
     python -m benchmarks.gpu_cycle --scaling outputs/bench/1gpu outputs/bench/2gpu  # 1 -> 2 GPU scaling
     python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                   # CPU, tiny SD3 (the tests)
     python -m benchmarks.gpu_cycle --mode ours --variant regression:loss.method=dmd-regression  # a baseline's cost
+    python -m benchmarks.gpu_cycle --family sdxl --mode ours --out outputs/bench/sdxl  # SDXL base's UNet
 
 A variant with a baseline's loss.method runs from a store that also holds the teacher's full samples; the
 regression's VAE (SD3.5-Medium's) and LPIPS weight files are random, built here; the FLOP count models DMD's
@@ -64,13 +67,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cycle_flops, gaps, memory_peak, random_sd3
+from benchmarks import cycle_flops, gaps, memory_peak, random_sd3, random_sdxl
 from models import tiny_pipelines
 from models.perceptual import save_random_weights
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
 SIMULATED_OOM = "simulated-oom"
+FAMILIES = {"sd3": random_sd3, "sdxl": random_sdxl}  # --family: the networks built, the recipe run
+FAMILY_NAMES = {"sd3": "SD3.5-Medium's transformer", "sdxl": "SDXL base's UNet"}
 ROOT = Path(__file__).resolve().parents[1]
 # Children run without Ray and MLflow, as on the GPU machine (DeepSpeed tries MLflow and does without it).
 CHILD = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks.gpu_cycle import main; "
@@ -110,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="same as --set distributed.compile=true")
     p.add_argument("--gradient-checkpointing", choices=("true", "false", "attention"), default=None,
                    help="generator and critic activation checkpointing (default: the recipe's, true)")
+    p.add_argument("--family", choices=tuple(FAMILIES), default="sd3",
+                   help="sd3: SD3.5-Medium's transformer and the sd35m recipe; sdxl: SDXL base's UNet and the "
+                        "sdxl recipe")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all)")
     p.add_argument("--precompute-batch", type=int, default=4, help="rows per precompute batch and shard")
@@ -133,8 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compare two earlier runs' JSON (same per-GPU batch) and print the scaling efficiency")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.models = FAMILIES[args.family]
     if args.smoke:
-        args.resolution = random_sd3.SMOKE_RESOLUTION
+        args.resolution = args.models.SMOKE_RESOLUTION
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
     if args.verify_flops is None:
         args.verify_flops = args.smoke
@@ -146,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     try:
+        args.models.network_config(args.smoke, args.layers)
         args.runs = runs(args)
     except ValueError as err:
         p.error(str(err))
@@ -179,13 +189,13 @@ def reference_settings(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def run_config(args: argparse.Namespace, use_gpu: bool, world_size: int, overrides=(), cycles: int = 0):
-    """The paper's recipe (sd35m) with the benchmark's settings; teacher.path is never read (the teacher is
-    built in code and handed to train)."""
+    """The paper's recipe of the family (sd35m or sdxl) with the benchmark's settings; teacher.path is never read
+    (the teacher is built in code and handed to train)."""
     from orchestrator.recipe import resolve
 
     checkpointing = args.gradient_checkpointing
     cycles = cycles or args.warmup + args.steps + int(args.profile) + int(args.memory)
-    return resolve("sd35m", [
+    return resolve(args.models.RECIPE, [
         f"teacher.resolution={args.resolution}", f"loss.anchor_step={args.anchor_step}",
         f"schedule.critic_updates_per_generator={args.critic_updates}",
         f"schedule.num_generator_updates={cycles}", "schedule.checkpoint_every=0", f"schedule.log_every={cycles}",
@@ -201,7 +211,7 @@ def cycle_shape(config) -> cycle_flops.CycleShape:
     return cycle_flops.CycleShape(
         config.schedule.critic_updates_per_generator, config.distributed.batch_size_per_worker,
         config.generator.num_steps, config.loss.anchor_step, config.loss.diversity_weight > 0,
-        config.loss.detach_first_step)
+        config.loss.detach_first_step, FAMILIES[config.teacher.family].anchor_x0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,14 +491,14 @@ def reference_source(adapter, teacher, prompts: list[str], device):
 
 def inline_anchor_source(reader, adapter, teacher, negative, device):
     """Rows and embeddings from reader (the store), but each generator batch's anchor recomputed by the
-    teacher's K guided steps from its eps: the precompute effect alone."""
-    from models.flow import sampling_sigmas
+    teacher's K guided steps from its eps, as compute_anchors does (and its x0 estimate there, for teachers
+    whose diversity target it is): the precompute effect alone."""
     from models.rollout import teacher_anchor
     from workers.batches import TrainingData
 
     def source(config, ctx, progress):
         t = config.teacher
-        sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
+        sigmas = adapter.sampling_sigmas(t.num_steps, t.shift, "teacher").to(device)
         uncond = negative.to(device)
         data = reader(config, ctx, progress)
 
@@ -496,7 +506,11 @@ def inline_anchor_source(reader, adapter, teacher, negative, device):
             for batch in data.anchors:
                 batch = batch.to(device)
                 fn = adapter.velocity_fn(teacher, batch.cond, uncond.expand(len(batch.eps)), t.guidance_scale)
-                batch.z = teacher_anchor(fn, batch.eps, sigmas, config.loss.anchor_step).z
+                anchor = teacher_anchor(fn, adapter.initial_state(batch.eps, sigmas, "teacher"), sigmas,
+                                        config.loss.anchor_step, x0_estimate=adapter.anchor_x0)
+                batch.z = anchor.z
+                if anchor.x0 is not None:
+                    batch.x0_anchor = anchor.x0
                 yield batch
         return TrainingData(anchors(), data.prompts, data.rows_available)
     return source
@@ -508,8 +522,8 @@ def inline_anchor_source(reader, adapter, teacher, negative, device):
 
 def precompute(config, args, adapter, teacher, prompts, device, rank: int, world: int):
     """Anchors and embeddings for every row the runs consume into a store under <out>/store (shards split over
-    ranks), timed per shard; the bound is --precompute-batch rows per K guided teacher passes."""
-    from models.flow import sampling_sigmas
+    ranks), timed per shard; the bound is --precompute-batch rows per K guided teacher passes (K + 1 where the
+    teacher's x0 estimate at the anchor is the diversity target)."""
     from models.rollout import teacher_anchor
     from workers.anchors import compute_anchors
     from workers.schema import batch_to_table
@@ -517,9 +531,9 @@ def precompute(config, args, adapter, teacher, prompts, device, rank: int, world
         write_negative, write_shard
 
     num_shards = max(2, shards_needed(config, len(prompts), world))
-    spec = StoreSpec({"family": "sd3", "model": "random-weights", "resolution": args.resolution, "layers": args.layers,
-                      "anchor_step": args.anchor_step, "smoke": args.smoke}, prompts, 0, args.precompute_batch,
-                     num_shards)
+    spec = StoreSpec({"family": args.family, "model": "random-weights", "resolution": args.resolution,
+                      "layers": args.layers, "anchor_step": args.anchor_step, "smoke": args.smoke}, prompts, 0,
+                     args.precompute_batch, num_shards)
     root = Path(args.out) / "store" / spec.key
     if rank == 0 and root.exists():
         shutil.rmtree(root)
@@ -545,17 +559,17 @@ def precompute(config, args, adapter, teacher, prompts, device, rank: int, world
     _barrier()
     store = open_store(fs, path)
 
-    # The bound: the K guided teacher passes (a doubled batch each) and nothing else.
+    # The bound: the guided teacher passes (a doubled batch each) and nothing else.
     t = config.teacher
     cond = store.negative().expand(args.precompute_batch).to(device)
-    eps = torch.randn(args.precompute_batch, *adapter.latent_shape).to(device)
+    sigmas = adapter.sampling_sigmas(t.num_steps, t.shift, "teacher").to(device)
+    eps = adapter.initial_state(torch.randn(args.precompute_batch, *adapter.latent_shape).to(device), sigmas, "teacher")
     fn = adapter.velocity_fn(teacher, cond, cond, t.guidance_scale)
-    sigmas = sampling_sigmas(t.num_steps, t.shift).to(device)
     rollout_s = []
     for _ in range(3):
         synchronize(device)
         start = time.perf_counter()
-        teacher_anchor(fn, eps, sigmas, args.anchor_step)
+        teacher_anchor(fn, eps, sigmas, args.anchor_step, x0_estimate=adapter.anchor_x0)
         synchronize(device)
         rollout_s.append(time.perf_counter() - start)
     timed = slice(1, None) if len(compute_s) > 1 else slice(None)  # the first shard warms the kernels up
@@ -577,11 +591,7 @@ def _barrier() -> None:
 
 
 def text_adapter_for(args, adapter, device, dtype):
-    from models.families.sd3 import SD3Adapter
-
-    text = random_sd3.text_pipeline(args.smoke, device, dtype)
-    return SD3Adapter(adapter.resolution, adapter.latent_channels, adapter.vae_scale_factor, adapter.scheduler,
-                      text_pipeline=text)
+    return args.models.with_text(adapter, args.models.text_pipeline(args.smoke, device, dtype))
 
 
 def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict:
@@ -590,7 +600,7 @@ def precompute_child(args, device, use_gpu: bool, rank: int, world: int) -> dict
     dtype = torch.bfloat16
     peak_flops = matmul_peak(device)
     prompts = tiny_pipelines.prompts(NUM_PROMPTS)
-    adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
+    adapter, teacher = args.models.teacher(args.smoke, args.resolution, device, dtype, args.layers)
     text_adapter = text_adapter_for(args, adapter, device, dtype)
     # Every run consumes at most this many anchor rows (the --verify-flops runs take one cycle each). With a
     # baseline among the runs, the store also holds the teacher's full samples (each row's whole ODE), and the
@@ -626,9 +636,9 @@ def run_child(args, run: Run, device, use_gpu: bool, rank: int, world: int, stor
                         cycles=args.warmup + args.steps + int(profiled) + int(recorded))
     store = open_store(*filesystem(config, store_root))
     prompts = tiny_pipelines.prompts(NUM_PROMPTS)
-    adapter, teacher = random_sd3.teacher(args.smoke, args.resolution, device, dtype, args.layers)
+    adapter, teacher = args.models.teacher(args.smoke, args.resolution, device, dtype, args.layers)
     if config.loss.method == "dmd-regression":  # LPIPS on decoded images
-        adapter.vae = random_sd3.vae(args.smoke, device, dtype)
+        adapter.vae = args.models.vae(args.smoke, device, dtype)
     before = live_objects()
     start_gib = gib(device)
     result: dict = {"label": run.label, "mode": run.mode, "overrides": list(run.overrides), "source": run.source}
@@ -798,17 +808,13 @@ def figures(args, result: dict, label: str, m: dict) -> dict:
 
 
 def count_passes(args) -> cycle_flops.PassFlops:
-    """Per-pass FLOPs of the transformer on the meta device (no memory, no GPU time)."""
-    from diffusers import SD3Transformer2DModel
-
-    from models.families import sd3
-
-    transformer = random_sd3.transformer_config(args.smoke, args.layers)
-    adapter = sd3.SD3Adapter(args.resolution, transformer["in_channels"], sd3.SD3_VAE_SCALE_FACTOR, scheduler=None)
+    """Per-pass FLOPs of the denoiser on the meta device (no memory, no GPU time)."""
+    config = args.models.network_config(args.smoke, args.layers)
+    network = args.models.network_class()
     shape = cycle_shape(run_config(args, False, 1))
-    return cycle_flops.network_passes(adapter, lambda: SD3Transformer2DModel(**transformer),
-                                      sd3.conditioning_shapes(transformer), cycle_flops.forward_batches(shape),
-                                      shape.batch, torch.bfloat16)
+    return cycle_flops.network_passes(args.models.counting_adapter(config, args.resolution),
+                                      lambda: network(**config), args.models.conditioning_shapes(config),
+                                      cycle_flops.forward_batches(shape), shape.batch, torch.bfloat16)
 
 
 def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -821,7 +827,8 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
 
     result: dict = {"benchmark": "gpu_cycle", "date": time.strftime("%Y-%m-%d"),
                     "command": "python -m benchmarks.gpu_cycle " + " ".join(argv), "world_size": args.gpus,
-                    "settings": {k: v for k, v in vars(args).items() if k not in ("runs", "scaling", "child")},
+                    "settings": {k: v for k, v in vars(args).items()
+                                 if k not in ("runs", "scaling", "child", "models")},
                     "runs": {}}
     result["settings"]["runs"] = [r.__dict__ for r in args.runs]
     # The store and the encoders' FLOPs in a child, while this process counts the transformer's passes.
@@ -836,15 +843,14 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
         write_report(out, result)
         return result
     passes.text = {int(k): v for k, v in pre["text_flops"].items()}
-    from models.families.sd3 import conditioning_shapes
-
-    transformer = random_sd3.transformer_config(args.smoke, args.layers)
+    network = args.models.network_config(args.smoke, args.layers)
+    latent_shape = args.models.counting_adapter(network, args.resolution).latent_shape
     spec_flops, spec_source = spec_peak(pre["device"], args.peak_tflops)
     result.update(device=pre["device"], torch=pre["torch"], matmul_peak_flops=pre["matmul_peak_flops"],
                   spec_peak_flops=spec_flops, spec_peak_source=spec_source,
                   precompute=pre["precompute"],
-                  model={"transformer": transformer, "latent_shape": [16, args.resolution // 8, args.resolution // 8],
-                         "conditioning": {k: list(v) for k, v in conditioning_shapes(transformer).items()},
+                  model={"family": args.family, "network": network, "latent_shape": list(latent_shape),
+                         "conditioning": {k: list(v) for k, v in args.models.conditioning_shapes(network).items()},
                          "pass_flops": passes.to_json()})
     for run in args.runs:
         remaining = left()
@@ -899,6 +905,7 @@ def markdown(result: dict) -> str:
     if s["gradient_checkpointing"] == "attention" and "reference" in result.get("runs", {}):
         checkpointing += " (the reference: whole blocks)"
     lines = [
+        f"{FAMILY_NAMES[s.get('family', 'sd3')]} with random weights; "
         f"{result.get('device', '?')} x {result['world_size']}, {result['date']}, torch {result.get('torch', '?')}; "
         f"dense bf16 peak {_fmt(result.get('spec_peak_flops', float('nan')) / 1e12, '.0f')} TFLOP/s "
         f"({result.get('spec_peak_source', 'not known')}; MFU and HFU against it), bf16 matmul peak measured "

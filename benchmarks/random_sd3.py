@@ -1,7 +1,7 @@
 """SD3.5-Medium's networks with random weights, built in code (nothing downloaded): the transformer from
 models.families.sd3, the three text encoders (CLIP-L, CLIP-G, T5-XXL) at their released sizes, which only the
 reference-structure trainer and the precompute hold, and the VAE, which only the regression baseline's trainer
-holds. --smoke swaps in tiny ones of the same structure."""
+holds. --smoke swaps in tiny ones of the same structure. benchmarks.random_sdxl has the same names for SDXL."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 from models.families import sd3
 from models.tiny_pipelines import clip_tokenizer, t5_tokenizer, tiny_vae
+
+NAME, RECIPE = "sd3", "sd35m"
 
 # The text encoders of stabilityai/stable-diffusion-3.5-medium (text_encoder*/config.json): CLIP-L/14, OpenCLIP
 # bigG/14 and T5 v1.1 XXL. CLIP-L + CLIP-G hidden states (768 + 1280) sit beside T5's 4096 in the 77 + 256 token
@@ -50,6 +52,25 @@ def transformer_config(smoke: bool, num_layers: int = 0) -> dict:
     return config
 
 
+network_config = transformer_config
+anchor_x0 = sd3.SD3Adapter.anchor_x0  # the anchor rollout also takes the teacher's x0 estimate there
+
+
+def conditioning_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    return sd3.conditioning_shapes(config)
+
+
+def network_class():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel
+
+
+def counting_adapter(config: dict, resolution: int):
+    """The adapter the FLOP counter calls the network through (no scheduler, text encoders or VAE)."""
+    return sd3.SD3Adapter(resolution, config["in_channels"], sd3.SD3_VAE_SCALE_FACTOR, scheduler=None)
+
+
 def teacher(smoke: bool, resolution: int, device: torch.device, dtype: torch.dtype, num_layers: int = 0,
             seed: int = 0):
     """(adapter without text encoders, frozen transformer on device and dtype)."""
@@ -67,7 +88,7 @@ def vae(smoke: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -85,7 +106,7 @@ def text_pipeline(smoke: bool, device: torch.device, dtype: torch.dtype, seed: i
     clip_l, clip_g, t5 = (SMOKE_CLIP, SMOKE_CLIP, SMOKE_T5) if smoke else (CLIP_L, CLIP_G, T5_XXL)
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77)
     torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**clip_l, **ids)),
                     CLIPTextModelWithProjection(CLIPTextConfig(**clip_g, **ids)),
                     T5EncoderModel(T5Config(**t5, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))]
@@ -97,3 +118,9 @@ def text_pipeline(smoke: bool, device: torch.device, dtype: torch.dtype, seed: i
                                     text_encoder_3=encoders[2], tokenizer_3=t5_tokenizer())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def with_text(adapter, text):
+    """adapter with text as its text pipeline (prompts encoded in the process)."""
+    return sd3.SD3Adapter(adapter.resolution, adapter.latent_channels, adapter.vae_scale_factor, adapter.scheduler,
+                          text_pipeline=text)

@@ -129,6 +129,15 @@ def sdxl_scheduler(**overrides):
                                      "steps_offset": 1, "timestep_spacing": "leading", **overrides})
 
 
+# The tiny SDXL UNet: 2 levels, SDXL's text_time added conditioning (6 time ids x 8 + pooled 32).
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=4)
+
+
 def tiny_sdxl_pipeline(seed: int = 0, scheduler=None):
     """A StableDiffusionXLPipeline at 64 x 64 px: latents (4, 8, 8), a 2-level UNet with SDXL's text_time
     added conditioning (6 time ids x 8 + pooled 32), text encoders of 32 + 32 = 64 channels."""
@@ -136,12 +145,7 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler=None):
 
     tokenizer = clip_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=4)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
     return StableDiffusionXLPipeline(
         unet=unet, scheduler=scheduler or sdxl_scheduler(), vae=tiny_vae(4, seed + 4, scaling_factor=0.13025),
         text_encoder=clip_text_model(len(tokenizer), seed + 1), tokenizer=tokenizer,
