@@ -349,10 +349,10 @@ def test_the_compile_mode_reaches_every_compiled_block(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: modes.append((type(self).__name__, kwargs)))
     net = torch.nn.Module()
     net.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
-    config = build(RunConfig, {"distributed": {"compile": True, "compile_mode": "reduce-overhead"}})
+    config = build(RunConfig, {"distributed": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}})
     compile_network(net, config.distributed.compile_mode)
-    compile_network(torch.nn.Conv1d(1, 1, 1), "max-autotune")
-    assert modes == [("Linear", {"mode": "reduce-overhead"})] * 2 + [("Conv1d", {"mode": "max-autotune"})]
+    compile_network(torch.nn.Conv1d(1, 1, 1), "default")
+    assert modes == [("Linear", {"mode": "max-autotune-no-cudagraphs"})] * 2 + [("Conv1d", {"mode": "default"})]
 
 
 def test_idle_gpu_time_is_charged_to_what_the_host_was_doing():

@@ -149,6 +149,18 @@ def test_every_invalid_value_names_its_key(override, key):
     assert len(info.value.message) > 10  # says what is expected, not just "invalid"
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_that_record_cuda_graphs_are_refused_with_the_mode_to_use(capsys, mode):
+    """Both were accepted, and on a GPU the first compiled cycle failed when a block's CUDA-graph replay overwrote
+    an output still needed; the refusal comes before anything loads."""
+    assert cli.main(["config", "distributed.compile=true", f"distributed.compile_mode={mode}"]) == 2
+    err = capsys.readouterr().err
+    assert "distributed.compile_mode" in err and "CUDA graphs" in err and "max-autotune-no-cudagraphs" in err
+    assert "Traceback" not in err
+    for fine in ("default", "max-autotune-no-cudagraphs"):
+        assert resolve(None, ["distributed.compile=true", f"distributed.compile_mode={fine}"]).distributed.compile
+
+
 def test_a_token_in_a_storage_url_is_refused_without_being_repeated(capsys, tmp_path):
     """A signature in the query of storage.s3_endpoint_url was written to config.yaml (the run's and the
     store's) and to MLflow params; credentials in a URL's user part were refused already."""
