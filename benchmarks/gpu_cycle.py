@@ -12,8 +12,8 @@ and its VAE (benchmarks/random_sdxl.py):
   inline     the precompute effect alone: embeddings from the store, but the K-step guided teacher anchor
              rollout inside every generator step; every other setting as ours
   reference  what the reference script does: eager networks with diffusers' whole-block checkpointing, prompts
-             encoded in the loop by full-size random CLIP-L, CLIP-G and T5-XXL held by the trainer, the anchor
-             rollout inside every generator step
+             encoded in the loop by the family's full-size random text encoders held by the trainer (SD3:
+             CLIP-L, CLIP-G and T5-XXL; SDXL: CLIP-L and CLIP-G), the anchor rollout inside every generator step
 
 Each mode (and each --variant, an extra run of ours with config overrides) runs in a process of its own, so
 that it starts from an empty GPU, its peak memory is its own, and an out-of-memory error or a crash is recorded
@@ -24,19 +24,20 @@ samples/s, peak and held (between cycles) GPU memory, and FLOPs per cycle counte
 makes): MFU from model FLOPs, HFU with activation-checkpointing recompute, each against the GPU's specified
 dense bf16 peak (SPEC_BF16_TFLOPS, as the field reports MFU) and against a bf16 matmul measured here; each timed
 cycle's seconds and the time Python's garbage collector held the process in it. Also
-precompute anchors/s against the bound of the teacher's K guided passes alone.
+precompute anchors/s against the bound of the teacher's guided passes alone (K; K + 1 for SDXL, whose anchors
+also take the teacher's x0 estimate).
 Writes <out>/gpu_cycle.json and <out>/gpu_cycle.md (a table for BENCHMARKS.md) after every run.
 
     python -m benchmarks.gpu_cycle --out outputs/bench/1gpu                         # one GPU, three modes
     python -m benchmarks.gpu_cycle --gpus 2 --out outputs/bench/2gpu                # each mode under torchrun
     python -m benchmarks.gpu_cycle --mode ours --profile --variant compile:distributed.compile=true
     python -m benchmarks.gpu_cycle --scaling outputs/bench/1gpu outputs/bench/2gpu  # 1 -> 2 GPU scaling
-    python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                   # CPU, tiny SD3 (the tests)
+    python -m benchmarks.gpu_cycle --smoke --out /tmp/bench-smoke                   # CPU, tiny networks (the tests)
     python -m benchmarks.gpu_cycle --mode ours --variant regression:loss.method=dmd-regression  # a baseline's cost
     python -m benchmarks.gpu_cycle --family sdxl --mode ours --out outputs/bench/sdxl  # SDXL base's UNet
 
 A variant with a baseline's loss.method runs from a store that also holds the teacher's full samples; the
-regression's VAE (SD3.5-Medium's) and LPIPS weight files are random, built here; the FLOP count models DMD's
+regression's VAE (the family's) and LPIPS weight files are random, built here; the FLOP count models DMD's
 cycle only, so such a run's MFU reads n/a.
 
 --smoke also counts one whole cycle of every mode under FlopCounterMode (with and without checkpointing) and
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import itertools
 import json
 import os
@@ -67,14 +69,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cycle_flops, gaps, memory_peak, random_sd3, random_sdxl
+from benchmarks import cycle_flops, gaps, memory_peak
 from models import tiny_pipelines
 from models.perceptual import save_random_weights
 
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
 SIMULATED_OOM = "simulated-oom"
-FAMILIES = {"sd3": random_sd3, "sdxl": random_sdxl}  # --family: the networks built, the recipe run
+# --family: the module that builds its networks (benchmarks/random_<family>.py) and names its recipe
 FAMILY_NAMES = {"sd3": "SD3.5-Medium's transformer", "sdxl": "SDXL base's UNet"}
 ROOT = Path(__file__).resolve().parents[1]
 # Children run without Ray and MLflow, as on the GPU machine (DeepSpeed tries MLflow and does without it).
@@ -84,6 +86,12 @@ CHILD = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks
 
 # ----------------------------------------------------------------------------------------------------
 # Settings
+
+
+def family_models(family: str):
+    """benchmarks/random_<family>.py, imported when asked for: --base runs this benchmark on an earlier tree,
+    whose models/ may lack what another family's module imports."""
+    return importlib.import_module(f"benchmarks.random_{family}")
 
 
 @dataclass(frozen=True)
@@ -115,11 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="same as --set distributed.compile=true")
     p.add_argument("--gradient-checkpointing", choices=("true", "false", "attention"), default=None,
                    help="generator and critic activation checkpointing (default: the recipe's, true)")
-    p.add_argument("--family", choices=tuple(FAMILIES), default="sd3",
+    p.add_argument("--family", choices=tuple(FAMILY_NAMES), default="sd3",
                    help="sd3: SD3.5-Medium's transformer and the sd35m recipe; sdxl: SDXL base's UNet and the "
                         "sdxl recipe")
     p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all)")
+    p.add_argument("--layers", type=int, default=0, help="use the first N transformer blocks (0: all; SD3 only)")
     p.add_argument("--precompute-batch", type=int, default=4, help="rows per precompute batch and shard")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per run (more than 1: each run under torchrun)")
     p.add_argument("--profile", action="store_true",
@@ -135,13 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "should be overridden (the measured matmul peak is reported beside it either way)")
     p.add_argument("--deadline", type=float, default=0.0, metavar="S",
                    help="stop a run at S seconds from the start and start none with under 60 s left (0: no limit)")
-    p.add_argument("--smoke", action="store_true", help="tiny SD3 and encoders on CPU, 2 timed cycles")
+    p.add_argument("--smoke", action="store_true", help="the family's tiny networks on CPU, 2 timed cycles")
     p.add_argument("--out", default="outputs/bench")
     p.add_argument("--scaling", nargs=2, metavar=("ONE_GPU_OUT", "N_GPU_OUT"),
                    help="compare two earlier runs' JSON (same per-GPU batch) and print the scaling efficiency")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.models = FAMILIES[args.family]
+    args.models = family_models(args.family)
     if args.smoke:
         args.resolution = args.models.SMOKE_RESOLUTION
         args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
@@ -157,7 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.models.network_config(args.smoke, args.layers)
         args.runs = runs(args)
-    except ValueError as err:
+        for run in args.runs:  # a setting the config refuses stops the benchmark here, not inside its precompute
+            check_run(args, run)
+    except ValueError as err:  # ConfigError included
         p.error(str(err))
     return args
 
@@ -177,6 +187,14 @@ def runs(args: argparse.Namespace) -> list[Run]:
             raise ValueError(f"--variant {text!r}: give LABEL:KEY=VALUE[,KEY=VALUE] with a new label")
         out.append(Run(label, "ours", tuned + tuple(overrides.split(","))))
     return out
+
+
+def check_run(args: argparse.Namespace, run: Run) -> None:
+    config = run_config(args, torch.cuda.is_available() and not args.smoke, args.gpus, run.overrides)
+    if "attention" in (config.generator.gradient_checkpointing, config.critic.gradient_checkpointing) \
+            and not args.models.transformer_blocks:
+        raise ValueError(f"{run.label}: gradient checkpointing 'attention' keeps the attention outputs of a "
+                         f"transformer's blocks, and {FAMILY_NAMES[args.family]} has none: use true or false")
 
 
 def reference_settings(args: argparse.Namespace) -> tuple[str, ...]:
@@ -211,7 +229,7 @@ def cycle_shape(config) -> cycle_flops.CycleShape:
     return cycle_flops.CycleShape(
         config.schedule.critic_updates_per_generator, config.distributed.batch_size_per_worker,
         config.generator.num_steps, config.loss.anchor_step, config.loss.diversity_weight > 0,
-        config.loss.detach_first_step, FAMILIES[config.teacher.family].anchor_x0)
+        config.loss.detach_first_step, family_models(config.teacher.family).anchor_x0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -831,7 +849,7 @@ def parent_main(args: argparse.Namespace, argv: list[str]) -> dict:
                                  if k not in ("runs", "scaling", "child", "models")},
                     "runs": {}}
     result["settings"]["runs"] = [r.__dict__ for r in args.runs]
-    # The store and the encoders' FLOPs in a child, while this process counts the transformer's passes.
+    # The store and the encoders' FLOPs in a child, while this process counts the denoiser's passes.
     counted: dict = {}
     counting = threading.Thread(target=lambda: counted.update(passes=count_passes(args)))
     counting.start()
@@ -935,7 +953,7 @@ def markdown(result: dict) -> str:
                      f"{_fmt(ratio, '.2f')}{'x' if ratio else ''} |")
     p = result["precompute"]
     lines += ["", f"Precompute: {p['anchors_per_s_per_gpu']:.3g} anchors/s per GPU (batch {p['batch']}, writing "
-                  f"{p['write_share'] * 100:.0f}% of the time); the teacher's K guided passes alone bound it at "
+                  f"{p['write_share'] * 100:.0f}% of the time); the teacher's guided passes alone bound it at "
                   f"{p['bound_anchors_per_s_per_gpu']:.3g} ({p['efficiency'] * 100:.0f}% of the bound)."]
     for label, m in result["runs"].items():
         if m.get("cycle_s_all"):

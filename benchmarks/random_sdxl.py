@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.random_sd3 import CLIP_G, CLIP_L, default_dtype
 from models.families import sdxl
-from models.tiny_pipelines import TINY_SDXL_UNET, clip_encoder, clip_text_model, clip_tokenizer, tiny_vae
+from models.tiny_pipelines import clip_encoder, clip_text_model, clip_tokenizer, tiny_vae
 
 NAME, RECIPE = "sdxl", "sdxl"
 
@@ -21,13 +21,18 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512
 
 SMOKE_RESOLUTION = 64
 anchor_x0 = sdxl.SDXLAdapter.anchor_x0  # the anchor rollout also takes the teacher's x0 estimate there
+transformer_blocks = False  # a UNet: gradient checkpointing "attention" does not apply
 
 
 def network_config(smoke: bool, num_layers: int = 0) -> dict:
     """SDXL base's UNet config (or the tiny pipeline's). A UNet has no run of equal blocks to cut."""
     if num_layers:
         raise ValueError("--layers cuts SD3's transformer; SDXL's UNet runs whole (leave --layers at 0)")
-    return dict(TINY_SDXL_UNET if smoke else sdxl.SDXL_BASE_UNET)
+    if smoke:
+        from models.tiny_pipelines import TINY_SDXL_UNET  # here: --base trees older than it import this module
+
+        return dict(TINY_SDXL_UNET)
+    return dict(sdxl.SDXL_BASE_UNET)
 
 
 def conditioning_shapes(config: dict) -> dict[str, tuple[int, ...]]:

@@ -172,13 +172,32 @@ def test_sdxl_runs_on_its_unet_and_counts_the_x0_pass_of_its_anchors(sdxl_smoke)
     assert (out / "gpu_cycle.md").read_text().startswith("SDXL base's UNet with random weights; cpu x 1")
 
 
-def test_layers_cut_only_sd3s_transformer():
+def test_settings_a_run_cannot_take_are_refused_before_anything_runs(capsys):
+    """A variant whose overrides the config refuses once passed the parser and failed the whole benchmark inside
+    its precompute, with no run recorded; --layers and selective checkpointing need SD3's transformer blocks."""
     from benchmarks.gpu_cycle import parse_args
 
     assert parse_args(["--layers", "2"]).layers == 2
-    with pytest.raises(SystemExit) as err:
-        parse_args(["--family", "sdxl", "--layers", "2"])
-    assert err.value.code == 2
+    for argv, says in ((["--family", "sdxl", "--layers", "2"], "--layers"),
+                       (["--mode", "ours", "--variant", "graphs:distributed.compile_mode=reduce-overhead"],
+                        "CUDA graphs"),
+                       (["--family", "sdxl", "--mode", "ours", "--gradient-checkpointing", "attention"],
+                        "SDXL base's UNet has none")):
+        with pytest.raises(SystemExit) as err:
+            parse_args(argv)
+        assert err.value.code == 2 and says in capsys.readouterr().err, argv
+    assert parse_args(["--mode", "ours", "--gradient-checkpointing", "attention"]).runs[0].label == "ours"
+
+
+def test_an_earlier_tree_without_the_sdxl_module_still_runs_the_sd3_benchmark(tmp_path):
+    """--base copies this benchmark into an earlier tree; its models/ may lack what random_sdxl imports, so the
+    family modules load on demand."""
+    code = ("import sys; import models.tiny_pipelines as t; del t.TINY_SDXL_UNET; "
+            "from benchmarks.gpu_cycle import parse_args; a = parse_args(['--mode', 'ours']); "
+            "print(a.models.__name__, 'benchmarks.random_sdxl' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["benchmarks.random_sd3", "False"]
 
 
 def test_scaling_compares_two_runs(tmp_path):

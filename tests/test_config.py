@@ -159,6 +159,13 @@ def test_compile_modes_that_record_cuda_graphs_are_refused_with_the_mode_to_use(
     assert "Traceback" not in err
     for fine in ("default", "max-autotune-no-cudagraphs"):
         assert resolve(None, ["distributed.compile=true", f"distributed.compile_mode={fine}"]).distributed.compile
+    # with compile off the answer is the same (not "turn compile on", which would meet this refusal next), and a
+    # mistyped mode is told the modes that work, not the refused ones
+    with pytest.raises(ConfigError, match="CUDA graphs"):
+        resolve(None, [f"distributed.compile_mode={mode}"])
+    with pytest.raises(ConfigError) as info:
+        resolve(None, ["distributed.compile=true", "distributed.compile_mode=fast"])
+    assert "max-autotune-no-cudagraphs" in info.value.message and repr(mode) not in info.value.message
 
 
 def test_a_token_in_a_storage_url_is_refused_without_being_repeated(capsys, tmp_path):

@@ -301,6 +301,10 @@ class EvalConfig:
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # distributed.compile_mode
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that record CUDA graphs: refused
+
+
 @dataclass
 class DistributedConfig:
     """Ray Train workers and DeepSpeed ZeRO sharding."""
@@ -314,10 +318,10 @@ class DistributedConfig:
     # torch.compile the teacher, generator and critic (per transformer block where they have them; trials trained
     # together: each stacked network's whole call, which inductor takes minutes to compile, BENCHMARKS.md)
     compile: bool = False
-    # torch.compile's mode with compile=true: "max-autotune-no-cudagraphs" also searches kernel configurations;
-    # "default" is what BENCHMARKS.md measured. The modes that record CUDA graphs ("reduce-overhead", "max-autotune")
-    # are refused: the next replay of a compiled block overwrites outputs the cycle still needs
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # torch.compile's mode with compile=true (COMPILE_MODES): "max-autotune-no-cudagraphs" also searches kernel
+    # configurations; "default" is what BENCHMARKS.md measured. The modes that record CUDA graphs ("reduce-overhead",
+    # "max-autotune") are refused: the next replay of a compiled block overwrites outputs the cycle still needs
+    compile_mode: str = "default"
     # Keep the frozen teacher's weights in pinned host memory and stream them through the GPU block by block when it
     # scores the generator's samples (once per generator update): SD3.5-Medium's 4.6 GiB off the GPU but for its
     # first block and 0.4 GiB outside its blocks from the rollout to the score; one H200 measured 0.05 s of a 6.4 s
@@ -333,16 +337,18 @@ class DistributedConfig:
         _check(self.batch_size_per_worker >= 1, "batch_size_per_worker",
                f"must be >= 1, got {self.batch_size_per_worker}")
         _check(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.compile_mode not in CUDA_GRAPH_MODES, "compile_mode",
+               f"{self.compile_mode!r} records CUDA graphs, and the next replay of a compiled block overwrites outputs "
+               "the cycle still needs (on an H200 the first SD3.5-Medium cycle failed: \"accessing tensor output of "
+               "CUDAGraphs that has been overwritten by a subsequent run\"): use max-autotune-no-cudagraphs for "
+               "searched kernels without graphs, or default")
+        _check(self.compile_mode in COMPILE_MODES, "compile_mode",
+               f"expected one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         _check(self.compile or self.compile_mode == "default", "compile_mode",
                f"applies only with distributed.compile=true (got {self.compile_mode!r} with compile off): turn "
                "compile on, or leave compile_mode out")
         _check(self.use_gpu or not self.offload_teacher, "offload_teacher",
                "moves the teacher's weights between host and GPU memory: it needs use_gpu=true")
-        _check(self.compile_mode not in ("reduce-overhead", "max-autotune"), "compile_mode",
-               f"{self.compile_mode!r} records CUDA graphs, and the next replay of a compiled block overwrites outputs "
-               "the cycle still needs (on an H200 the first SD3.5-Medium cycle failed: \"accessing tensor output of "
-               "CUDAGraphs that has been overwritten by a subsequent run\"): use max-autotune-no-cudagraphs for "
-               "searched kernels without graphs, or default")
 
 
 @dataclass
