@@ -173,12 +173,11 @@ class StackedNetwork(nn.Module):
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        """Each named parameter, (num_trials, *shape): views of flat."""
-        out, offset = {}, 0
-        for name, shape, numel in self.layout:
-            out[name] = self.flat[:, offset:offset + numel].view(self.num_trials, *shape)
-            offset += numel
-        return out
+        """Each named parameter, (num_trials, *shape): views of flat, made by one split. Its backward is one
+        concatenation of the parameters' gradients; a slice per parameter had a backward per parameter, each a
+        zero-filled gradient of the whole of flat with its slice copied in, then summed into flat's."""
+        chunks = self.flat.split([numel for _, _, numel in self.layout], dim=1)
+        return {name: chunk.view(self.num_trials, *shape) for (name, shape, _), chunk in zip(self.layout, chunks)}
 
     def forward(self, *args, **kwargs):
         return (self._compiled or self._call)(*args, **kwargs)
