@@ -76,7 +76,7 @@ from models.perceptual import save_random_weights
 MODES = cycle_flops.MODES
 NUM_PROMPTS = 16
 SIMULATED_OOM = "simulated-oom"
-# --family: the module that builds its networks (benchmarks/random_<family>.py) and names its recipe
+# --family: the module that builds its networks (benchmarks/random_sd3.py, random_sdxl.py) and names its recipe
 FAMILY_NAMES = {"sd3": "SD3.5-Medium's transformer", "sdxl": "SDXL base's UNet"}
 ROOT = Path(__file__).resolve().parents[1]
 # Children run without Ray and MLflow, as on the GPU machine (DeepSpeed tries MLflow and does without it).
@@ -89,8 +89,8 @@ CHILD = ("import sys; sys.modules.update(ray=None, mlflow=None); from benchmarks
 
 
 def family_models(family: str):
-    """benchmarks/random_<family>.py, imported when asked for: --base runs this benchmark on an earlier tree,
-    whose models/ may lack what another family's module imports."""
+    """benchmarks/random_sd3.py or random_sdxl.py, imported when asked for: --base runs this benchmark on an
+    earlier tree, whose models/ may lack what another family's module imports."""
     return importlib.import_module(f"benchmarks.random_{family}")
 
 
