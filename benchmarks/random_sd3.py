@@ -12,7 +12,7 @@ import torch
 from models.families import sd3
 from models.tiny_pipelines import clip_tokenizer, t5_tokenizer, tiny_vae
 
-NAME, RECIPE = "sd3", "sd35m"
+RECIPE = "sd35m"
 
 # The text encoders of stabilityai/stable-diffusion-3.5-medium (text_encoder*/config.json): CLIP-L/14, OpenCLIP
 # bigG/14 and T5 v1.1 XXL. CLIP-L + CLIP-G hidden states (768 + 1280) sit beside T5's 4096 in the 77 + 256 token
@@ -53,12 +53,9 @@ def transformer_config(smoke: bool, num_layers: int = 0) -> dict:
 
 
 network_config = transformer_config
+conditioning_shapes = sd3.conditioning_shapes
 anchor_x0 = sd3.SD3Adapter.anchor_x0  # the anchor rollout also takes the teacher's x0 estimate there
 transformer_blocks = True  # gradient checkpointing "attention" applies (workers/engines.py)
-
-
-def conditioning_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    return sd3.conditioning_shapes(config)
 
 
 def network_class():

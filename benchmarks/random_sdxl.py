@@ -12,7 +12,7 @@ from benchmarks.random_sd3 import CLIP_G, CLIP_L, default_dtype
 from models.families import sdxl
 from models.tiny_pipelines import clip_encoder, clip_text_model, clip_tokenizer, tiny_vae
 
-NAME, RECIPE = "sdxl", "sdxl"
+RECIPE = "sdxl"
 
 # The VAE of stabilityai/stable-diffusion-xl-base-1.0 (vae/config.json): 4 latent channels, downsampling 8.
 SDXL_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
