@@ -993,9 +993,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What two runs must share for their per-GPU throughputs to compare: the model (results from before the family
+# setting are SD3's) and each GPU's work per cycle
+SCALING_SAME = {"family": lambda r: r.get("model", {}).get("family", "sd3"),
+                "network": lambda r: r.get("model", {}).get("network"),
+                "resolution": lambda r: r.get("settings", {}).get("resolution"),
+                "batch": lambda r: r.get("settings", {}).get("batch"),
+                "critic updates": lambda r: r.get("settings", {}).get("critic_updates")}
+
+
 def scaling(one: Path, two: Path) -> str:
     """1 -> N GPU scaling efficiency per run: per-GPU throughput on N over per-GPU throughput on 1."""
     a, b = (json.loads((Path(p) / "gpu_cycle.json").read_text()) for p in (one, two))
+    differ = [f"{name} {get(a)!r} against {get(b)!r}" for name, get in SCALING_SAME.items() if get(a) != get(b)]
+    if differ:
+        raise ValueError(f"--scaling: {one} and {two} measured different work per GPU ({'; '.join(differ)}); "
+                         "compare two runs of the same --family, --layers, --resolution, --batch and "
+                         "--critic-updates")
     lines = [f"| run | {a['world_size']} GPU samples/s per GPU | {b['world_size']} GPU samples/s per GPU | "
              "scaling efficiency |", "|---|---|---|---|"]
     for label in a["runs"]:
@@ -1009,7 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.scaling:
-        print(scaling(*args.scaling), end="")
+        try:
+            print(scaling(*args.scaling), end="")
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
         return 0
     if args.child:
         return child_main(args)

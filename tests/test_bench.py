@@ -211,6 +211,24 @@ def test_scaling_compares_two_runs(tmp_path):
     assert main(["--scaling", str(tmp_path / "one"), str(tmp_path / "two")]) == 0
 
 
+def test_scaling_refuses_two_runs_of_different_work_per_gpu(tmp_path, capsys):
+    """An SDXL run on two GPUs was compared with an SD3 run on one as if the model were the same."""
+    from benchmarks.gpu_cycle import main
+
+    for name, world, family, batch in (("one", 1, None, 4), ("two", 2, "sdxl", 4), ("half", 2, None, 2)):
+        (tmp_path / name).mkdir()
+        result = {"world_size": world, "settings": {"batch": batch, "resolution": 1024, "critic_updates": 5},
+                  "runs": {"ours": {"samples_per_s_per_gpu": 10.0}}}
+        if family:  # results written before the family setting have none: SD3's
+            result["model"] = {"family": family}
+        (tmp_path / name / "gpu_cycle.json").write_text(json.dumps(result))
+    assert main(["--scaling", str(tmp_path / "one"), str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert "family 'sd3' against 'sdxl'" in err and "--family" in err and "Traceback" not in err
+    assert main(["--scaling", str(tmp_path / "one"), str(tmp_path / "half")]) == 2
+    assert "batch 4 against 2" in capsys.readouterr().err
+
+
 def test_importing_the_benchmark_changes_no_environment(monkeypatch):
     import importlib
     import os
