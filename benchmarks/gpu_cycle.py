@@ -190,11 +190,9 @@ def runs(args: argparse.Namespace) -> list[Run]:
 
 
 def check_run(args: argparse.Namespace, run: Run) -> None:
-    config = run_config(args, torch.cuda.is_available() and not args.smoke, args.gpus, run.overrides)
-    if "attention" in (config.generator.gradient_checkpointing, config.critic.gradient_checkpointing) \
-            and not args.models.transformer_blocks:
-        raise ValueError(f"{run.label}: gradient checkpointing 'attention' keeps the attention outputs of a "
-                         f"transformer's blocks, and {FAMILY_NAMES[args.family]} has none: use true or false")
+    """The run's config resolved as its process will resolve it: a setting it refuses (ConfigError) is refused
+    here, before anything runs ('attention' checkpointing on SDXL's UNet among them)."""
+    run_config(args, torch.cuda.is_available() and not args.smoke, args.gpus, run.overrides)
 
 
 def reference_settings(args: argparse.Namespace) -> tuple[str, ...]:

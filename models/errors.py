@@ -11,3 +11,8 @@ class ConfigError(ValueError):
         self.key = key
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
+
+    def __reduce__(self):
+        # Raised in a Ray worker or actor, the error comes back pickled; the default rebuilds it from args (the
+        # one joined string), which __init__ cannot take
+        return type(self), (self.key, self.message)

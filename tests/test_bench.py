@@ -182,7 +182,7 @@ def test_settings_a_run_cannot_take_are_refused_before_anything_runs(capsys):
                        (["--mode", "ours", "--variant", "graphs:distributed.compile_mode=reduce-overhead"],
                         "CUDA graphs"),
                        (["--family", "sdxl", "--mode", "ours", "--gradient-checkpointing", "attention"],
-                        "SDXL base's UNet has none")):
+                        "sdxl family's network has none")):
         with pytest.raises(SystemExit) as err:
             parse_args(argv)
         assert err.value.code == 2 and says in capsys.readouterr().err, argv

@@ -343,3 +343,28 @@ def test_a_missing_prompt_file_is_named_and_good_ones_are_read(tmp_path):
     from workers.evaluate import eval_prompts
 
     assert eval_prompts(resolve("toy2d", [f"evaluation.prompts={prompts}"])) == ["a red cat", "a blue dog"]
+
+
+def test_a_config_error_crosses_a_process_boundary_whole():
+    """Raised in a Ray worker, a ConfigError came back as "ConfigError.__init__() missing 1 required positional
+    argument", under a traceback of Ray Train's, instead of its one line and exit code 2."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("critic.gradient_checkpointing", "set it to true")))
+    assert (err.key, err.message, str(err)) == ("critic.gradient_checkpointing", "set it to true",
+                                                "critic.gradient_checkpointing: set it to true")
+
+
+def test_checkpointing_that_keeps_attention_is_refused_for_networks_without_transformer_blocks(tmp_path, capsys):
+    """toy2d's MLP, the shapes UNet and SDXL's UNet have no transformer blocks: the setting passed every check and
+    failed inside the training workers, which Ray Train restarted three times before a 177-line traceback."""
+    for recipe in ("toy2d", "shapes", "sdxl"):
+        for section in ("generator", "critic"):
+            code = cli.main(["distill", "--no-ray", "--recipe", recipe, f"{section}.gradient_checkpointing=attention",
+                             f"storage.output_dir={tmp_path}", "distributed.use_gpu=false",
+                             "trajectories.gpus_per_actor=0"])
+            err = capsys.readouterr().err
+            assert code == 2 and "Traceback" not in err, (recipe, err)
+            assert f"{section}.gradient_checkpointing: 'attention'" in err and "set it to true or false" in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing started
+    assert resolve("sd3-tiny", ["critic.gradient_checkpointing=attention"]).critic.gradient_checkpointing == "attention"

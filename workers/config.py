@@ -466,6 +466,10 @@ class RunConfig:
             _check(not getattr(self, section).optim.offload or self.distributed.zero_stage >= 1,
                    f"{section}.optim.offload", "keeps the optimizer's state where ZeRO partitions it, so it needs "
                    f"distributed.zero_stage 1, 2 or 3 (it is {self.distributed.zero_stage})")
+        for section in ("generator", "critic"):
+            _check(getattr(self, section).gradient_checkpointing != "attention" or self.teacher.family == "sd3",
+                   f"{section}.gradient_checkpointing", "'attention' keeps the attention outputs of a transformer's "
+                   f"blocks (SD3), and the {self.teacher.family} family's network has none: set it to true or false")
         _check(self.loss.anchor_step <= self.teacher.num_steps, "loss.anchor_step",
                f"K = {self.loss.anchor_step} must not exceed teacher.num_steps = {self.teacher.num_steps}; "
                "the paper uses K = 5 of 30")
