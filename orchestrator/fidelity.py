@@ -64,6 +64,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
     check_space(space, config.loss.diversity_weight, config.loss.method)
     for point in grid_points(space):  # before a run directory exists
         require_lpips(trial_config(base, point))
+    _require_gpus(config, use_ray)
     _ensure_teacher(config, tag)
     out_dir = Path(out_dir).resolve() if out_dir else make_run_dir(config, kind)
     recipes.save(config, out_dir)
@@ -89,6 +90,19 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
         tracking = _training_curves(rows, config, out_dir)
     _print_done(tag, start, out_dir, written, tracking)
     return out_dir
+
+
+def _require_gpus(config: RunConfig, use_ray: bool) -> None:
+    """A recipe that asks for GPUs is refused where there are none, before the teacher is evaluated or a run
+    directory exists (the trials' own check came after both, and on a CPU the teacher's evaluation ran first)."""
+    from orchestrator.precompute import available_gpus
+    from orchestrator.runs import require_gpu
+
+    for key, wants in (("distributed.use_gpu", config.distributed.use_gpu),
+                       ("trajectories.gpus_per_actor", config.trajectories.gpus_per_actor > 0)):
+        if wants:
+            require_gpu(key, available_gpus(use_ray), "the Ray cluster" if use_ray else "this machine")
+            return
 
 
 def _ensure_teacher(config: RunConfig, tag: str) -> None:

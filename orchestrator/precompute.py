@@ -104,7 +104,8 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     store, repair = _open_listed(fs, root, url, repair)
     complete = store is not None and len(store.shards) >= spec.num_shards
     if config.trajectories.gpus_per_actor > 0 and not complete:  # before anything is written
-        require_gpu("trajectories.gpus_per_actor", _gpus(use_ray), "the Ray cluster" if use_ray else "this machine")
+        require_gpu("trajectories.gpus_per_actor", available_gpus(use_ray),
+                    "the Ray cluster" if use_ray else "this machine")
     write_config(fs, root, recipes.dump(config))
     listed: dict[int, ShardInfo] = {}
     if complete:
@@ -210,7 +211,7 @@ class LogLines:
         self.stream.flush()
 
 
-def _gpus(use_ray: bool) -> float:
+def available_gpus(use_ray: bool) -> float:
     """GPUs the precompute's writers could use: the Ray cluster's, or this machine's."""
     if use_ray:
         import ray

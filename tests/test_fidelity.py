@@ -151,3 +151,20 @@ def test_fidelity_command_runs_real_trials_without_ray(tmp_path, capsys):
     assert code == 0 and "4 trials, 4 already done, 0 to run" in capsys.readouterr().out
     assert json.loads((out_dir / "fidelity.json").read_text())["settings"] == data["settings"]
     assert (out_dir / "fidelity_samples.png").is_file()
+
+
+def test_a_table_that_asks_for_a_gpu_is_refused_before_anything_starts_on_a_machine_without_one(tmp_path, capsys):
+    """The README's GPU table commands, run on a CPU machine, made a run directory and evaluated the teacher on
+    the CPU before the trials' own check could refuse them."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for gpu in (["distributed.use_gpu=true"], ["distributed.use_gpu=false", "trajectories.gpus_per_actor=1"]):
+        code = main(["fidelity", "--no-ray", "--together", "5", "--jobs", "2", "--recipe", "shapes",
+                     "sweep.space=methods", *gpu, f"storage.output_dir={tmp_path}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert f"{gpu[-1].split('=')[0]}: the recipe asks for a GPU and this machine has none" in err, err
+        assert "distributed.use_gpu=false trajectories.gpus_per_actor=0" in err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no teacher evaluated
