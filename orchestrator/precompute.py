@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from orchestrator import recipe as recipes
 from orchestrator.runs import require_gpu
 from workers.context import clock
-from workers.config import RunConfig
+from workers.config import ConfigError, RunConfig
 from workers.evaluate import training_prompts
 from workers.precompute import AnchorWriter
 from workers.store import (CONFIG, MANIFEST, NEGATIVE, ShardInfo, Store, StoreError, StoreSpec, filesystem, location,
@@ -106,6 +106,8 @@ def fill_store(config: RunConfig, spec: StoreSpec, use_ray: bool = True, progres
     if config.trajectories.gpus_per_actor > 0 and not complete:  # before anything is written
         require_gpu("trajectories.gpus_per_actor", available_gpus(use_ray),
                     "the Ray cluster" if use_ray else "this machine")
+    if use_ray and not complete:
+        check_actor_fits(config)
     write_config(fs, root, recipes.dump(config))
     listed: dict[int, ShardInfo] = {}
     if complete:
@@ -209,6 +211,23 @@ class LogLines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def check_actor_fits(config: RunConfig) -> None:
+    """Refuse an actor larger than the whole Ray cluster: Ray Data would wait for it for ever, printing "No
+    available node types can fulfill resource request" over and over."""
+    import ray
+
+    from orchestrator.cluster import ensure_ray
+
+    ensure_ray()
+    traj, resources = config.trajectories, ray.cluster_resources()
+    for key, wants, kind in (("cpus_per_actor", traj.cpus_per_actor, "CPU"),
+                             ("gpus_per_actor", traj.gpus_per_actor, "GPU")):
+        if wants > resources.get(kind, 0):
+            raise ConfigError(f"trajectories.{key}", f"one precompute actor asks for {wants:g} {kind}s, but the Ray "
+                                                     f"cluster has {resources.get(kind, 0):g}; lower "
+                                                     f"trajectories.{key} (fractions such as 0.5 are allowed)")
 
 
 def available_gpus(use_ray: bool) -> float:

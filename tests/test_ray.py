@@ -24,6 +24,10 @@ def test_the_cluster_check_refuses_what_does_not_fit(ray_cluster, tmp_path):
                       ray.cluster_resources())
     with pytest.raises(ConfigError, match="GPU"):
         check_cluster(tiny_config(tmp_path, "distributed.use_gpu=true"), ray.cluster_resources())
+    # an actor pool whose actor is larger than the cluster waited for it for ever, printing Ray's autoscaler line
+    with pytest.raises(ConfigError, match=r"trajectories.cpus_per_actor: one precompute actor asks for 64 CPUs"):
+        precompute(tiny_config(tmp_path, "trajectories.cpus_per_actor=64"), use_ray=True, progress=False)
+    assert not list(tmp_path.glob("trajectories/*/*"))  # nothing written
 
 
 def test_an_actor_pool_precompute_survives_a_killed_actor_and_matches_the_in_process_writer(ray_cluster, tmp_path):
