@@ -31,6 +31,10 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
 
     space = space or load_space(config.sweep.space)
+    # the scheduler's and the searcher's refusals (a grid under optuna, PBT with nothing to perturb) before the
+    # stores, a run directory or an MLflow run exist
+    tune_scheduler(config, space)
+    search_algorithm(config, space)
     preflight(config)
     ensure_ray()
     precompute_stores(base, space)

@@ -132,3 +132,19 @@ def test_the_pick_says_why_in_one_sentence_and_a_planted_better_trial_is_picked(
     assert result.front == [3]
     assert "lambda=0.5 has the better mode_kl (0.14) but its off_mode_rate (0.06) is outside the tolerance" in sweep_table(SweepResult(Path("."), rows=rows, front=[1, 0],
                                                                             picked=0), "toy2d", 0.005)
+
+
+def test_a_sweep_its_searcher_or_scheduler_refuses_stops_before_any_work(tmp_path, capsys):
+    """sweep.search=optuna over the default space's grids was refused only after the stores were computed, a run
+    directory made and an MLflow run marked failed (about 40 s on toy2d); PBT's refusals came as late."""
+    from orchestrator.cli import main
+
+    seeds_only = tmp_path / "seeds.yaml"
+    seeds_only.write_text("seed: {grid: [0, 1]}\n")
+    out = tmp_path / "out"
+    for settings, says in ((["sweep.search=optuna", "sweep.space=fidelity"], "sweep.search: optuna draws every trial"),
+                           (["sweep.scheduler=pbt", f"sweep.space={seeds_only}"], "sweep.scheduler: pbt perturbs")):
+        code = main(["sweep", "--recipe", "toy2d", *settings, f"storage.output_dir={out}"])
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err, err
+    assert not out.exists()  # no store, no run directory, no MLflow database
