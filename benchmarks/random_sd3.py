@@ -55,7 +55,6 @@ def transformer_config(smoke: bool, num_layers: int = 0) -> dict:
 network_config = transformer_config
 conditioning_shapes = sd3.conditioning_shapes
 anchor_x0 = sd3.SD3Adapter.anchor_x0  # the anchor rollout also takes the teacher's x0 estimate there
-transformer_blocks = True  # gradient checkpointing "attention" applies (workers/engines.py)
 
 
 def network_class():

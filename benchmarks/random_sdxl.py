@@ -21,7 +21,6 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512
 
 SMOKE_RESOLUTION = 64
 anchor_x0 = sdxl.SDXLAdapter.anchor_x0  # the anchor rollout also takes the teacher's x0 estimate there
-transformer_blocks = False  # a UNet: gradient checkpointing "attention" does not apply
 
 
 def network_config(smoke: bool, num_layers: int = 0) -> dict:

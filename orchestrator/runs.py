@@ -212,9 +212,9 @@ def distill_with_ray(config: RunConfig, run_dir: Path, store, tracked=None, call
         # A damaged trajectory store is the user's to repair: its error (file, store, command) goes to the
         # caller as it is, not inside the workers' tracebacks (Ray Train keeps each rank's exception).
         # So is a bad setting that only a worker could find (ConfigError: the exit code 2 and its one line).
-        damage = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, (StoreError, ConfigError))]
-        if damage:
-            raise damage[0] from None
+        theirs = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, (StoreError, ConfigError))]
+        if theirs:
+            raise theirs[0] from None
         raise
     if result.error:
         raise result.error
