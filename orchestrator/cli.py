@@ -142,7 +142,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from orchestrator.runs import finished, resume_config
 
     if args.resume:
-        config, run_dir = resume_config(args.resume, args.overrides), Path(args.resume)
+        config, run_dir = resume_config(args.resume, args.overrides, "distill"), Path(args.resume)
         if finished(run_dir, config):
             print(f"{run_dir} has finished already ({config.schedule.num_generator_updates} generator updates); "
                   f"its generator is {run_dir / 'generator'}")
@@ -158,7 +158,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
     if args.resume:
-        config = resume_config(args.resume, args.overrides)
+        config = resume_config(args.resume, args.overrides, "sweep")
         run_sweep(config, to_dict(config), sweep_dir=Path(args.resume).resolve(), resume=True)
     else:
         config = recipes.resolve(args.recipe, args.overrides)
@@ -171,6 +171,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and not args.no_ray:
+        raise ConfigError("--jobs", "sets the trials at a time without Ray; add --no-ray, or leave --jobs out and "
+                                    "let Ray Tune run as many as the cluster holds (sweep.max_concurrent_trials)")
     config = recipes.resolve(args.recipe, args.overrides)
     if args.together < 1 or (args.together > 1 and not args.no_ray):
         raise ConfigError("--together", f"takes N >= 1 trials per process, with --no-ray (Ray Tune runs a trial per "

@@ -35,7 +35,9 @@ from workers.config import ConfigError, RunConfig
 def check_space(space: dict[str, dict], default_weight: float = 0.05, default_method: str = "dp-dmd") -> None:
     if SEED_KEY not in space or next(iter(space[SEED_KEY])) != "grid" or len(next(iter(space[SEED_KEY].values()))) < 2:
         raise ConfigError("sweep.space", "a fidelity space needs `seed: {grid: [0, 1, 2]}` (training seeds, at "
-                                         "least 2) so that each setting is reported with its spread")
+                                         "least 2) so that each setting is reported with its spread; the built-in "
+                                         "ones have it: add sweep.space=fidelity (DMD and DP-DMD) or "
+                                         "sweep.space=methods (with the two baselines)")
     if any(next(iter(spec)) not in ("grid", "choice") for spec in space.values()):
         raise ConfigError("sweep.space", "a fidelity space takes grid values only (each setting runs once per seed)")
     if not any(setting_method(p, default_weight, default_method) == "dmd" for p in grid_points(space)):

@@ -47,12 +47,12 @@ def make_run_dir(config: RunConfig, kind: str, parent: Path | None = None, name:
     return run_dir
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The config of an earlier run directory, to continue it exactly as it was started."""
+def resume_config(run_dir: Path, overrides: list[str], command: str = "distill") -> RunConfig:
+    """The config of an earlier run directory of `dpdmd <command>`, to continue it exactly as it was started."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError("--resume", f"{run_dir} is not a run directory (no config.yaml); give the directory "
-                                      "`dpdmd distill` printed, e.g. outputs/runs/<time>-distill-<name>")
+                                      f"`dpdmd {command}` printed, e.g. outputs/runs/<time>-{command}-<name>")
     if overrides:
         raise ConfigError("--resume", f"a resumed run keeps the settings it started with (its config.yaml); drop "
                                       f"{' '.join(overrides)}, or start a new run with them")

@@ -78,7 +78,7 @@ def test_with_a_looser_tolerance_the_more_diverse_setting_is_picked():
 
 
 @pytest.mark.parametrize("space, message", [
-    ({"loss.diversity_weight": {"grid": [0.0, 0.05]}}, "seed"),
+    ({"loss.diversity_weight": {"grid": [0.0, 0.05]}}, "seed.*add sweep.space=fidelity"),  # the fix, named
     ({"loss.diversity_weight": {"grid": [0.0, 0.05]}, "seed": {"grid": [0]}}, "at least 2"),
     ({"loss.diversity_weight": {"grid": [0.05, 0.5]}, "seed": {"grid": [0, 1]}}, "lambda = 0"),
     ({"loss.diversity_weight": {"grid": [0.0]}, "seed": {"grid": [0, 1]}, "generator.optim.lr": {"uniform": [1e-5, 1e-4]}},

@@ -40,21 +40,56 @@ def test_a_missing_teacher_is_a_hint_and_leaves_nothing_behind(tmp_path, capsys,
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_generator_of_another_family_is_named(tmp_path, capsys):
-    generator = tmp_path / "generator"
-    generator.mkdir()
-    (generator / "dpdmd_generator.json").write_text(json.dumps({"family": "toy2d", "num_steps": 4}))
+@pytest.mark.parametrize("command", ["precompute", "distill"])
+def test_weights_without_a_pipeline_index_are_refused_before_the_store(tmp_path, capsys, command):
+    """A directory of weights that is not a diffusers pipeline (no model_index.json) passed the weight-file check;
+    `dpdmd precompute` then wrote the store's config.yaml and only the teacher's loading refused it."""
+    weights = tmp_path / "weights-only"
+    (weights / "transformer").mkdir(parents=True)
+    (weights / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue sphere\n")
+    code = main([command, "--no-ray", "--recipe", "sd35m", "distributed.use_gpu=false",
+                 "trajectories.gpus_per_actor=0", f"trajectories.prompts={prompts}", f"evaluation.prompts={prompts}",
+                 f"teacher.path={weights}", f"storage.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model_index.json" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_generator_of_another_family_is_named_with_its_recipe(tmp_path, capsys):
+    """The hint named `--recipe <family>`: right for toy2d and shapes, but no recipe is called sd3 or sdxl."""
+    generator = tmp_path / "run" / "generator"
+    generator.mkdir(parents=True)
+    (generator / "dpdmd_generator.json").write_text(json.dumps({"family": "sd3", "num_steps": 4}))
+    code = main(["sample", "--recipe", "shapes", "--generator", str(generator), f"storage.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--generator" in err and "teacher.family is sd3" in err and "--recipe sd3" not in err
+    (tmp_path / "run" / "config.yaml").write_text("teacher: {family: sd3}\n")  # its run directory's recipe
     code = main(["evaluate", "--recipe", "shapes", "--generator", str(generator), f"storage.output_dir={tmp_path}"])
     err = capsys.readouterr().err
-    assert code == 2 and "--generator" in err and "--recipe toy2d" in err
+    assert code == 2 and f"--recipe {tmp_path / 'run' / 'config.yaml'}" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
     assert main(["distill", "--resume", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert main(["sweep", "--resume", str(tmp_path / "missing")]) == 2  # its hint named `dpdmd distill`
+    err = capsys.readouterr().err
+    assert "`dpdmd sweep` printed" in err and "-sweep-" in err and "distill" not in err
     (tmp_path / "config.yaml").write_text("name: x\n")
     assert main(["distill", "--resume", str(tmp_path), "loss.diversity_weight=0.1"]) == 2
     assert "keeps the settings it started with" in capsys.readouterr().err
+
+
+def test_jobs_without_no_ray_is_refused_not_ignored(tmp_path, capsys):
+    """`dpdmd fidelity --jobs 4` under Ray ran its trials as Tune allowed, the flag silently dropped."""
+    assert main(["fidelity", "--recipe", "shapes", "--jobs", "4", "sweep.space=fidelity",
+                 f"storage.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs" in err and "--no-ray" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
 
 
 def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict) -> tuple[subprocess.CompletedProcess,

@@ -75,8 +75,7 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", family:
     meta = json.loads(meta_path.read_text())
     if family is not None and meta["family"] != family:
         raise ConfigError("--generator", f"{path} was distilled from a {meta['family']} teacher, but the recipe's "
-                                         f"teacher.family is {family}; give the recipe it was trained with "
-                                         f"(e.g. --recipe {meta['family']})")
+                                         f"teacher.family is {family}; {_recipe_of(Path(path), meta['family'])}")
     options = LoadOptions(text_encoders=True, vae=True, resolution=meta.get("resolution", 0))
     adapter, net = get_family(meta["family"]).load_teacher(path, options)
     net.eval().requires_grad_(False).to(device)
@@ -84,6 +83,15 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu", family:
     sigmas = (torch.tensor(meta["sigmas"], dtype=torch.float32) if "sigmas" in meta
               else adapter.sampling_sigmas(meta["num_steps"], meta["shift"], "generator"))
     return adapter, net, Sampler(sigmas, meta["guidance_scale"], "generator")
+
+
+def _recipe_of(generator: Path, family: str) -> str:
+    """How to name the recipe a generator was trained with: its run directory's config.yaml (a run's generator/
+    or a checkpoint's step-N/generator/ lies under it), else any recipe of its teacher's family."""
+    for run_dir in list(generator.resolve().parents)[:3]:
+        if (run_dir / "config.yaml").is_file():
+            return f"give the recipe it was trained with: --recipe {run_dir / 'config.yaml'}"
+    return f"give a recipe whose teacher.family is {family} (`dpdmd config --recipe NAME` shows a recipe's)"
 
 
 @dataclass

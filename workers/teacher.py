@@ -151,9 +151,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def require_teacher(config: RunConfig) -> Path:
-    """The teacher's local directory, or an error that says how to get one (before any work starts)."""
+    """The teacher's local directory, or an error that says how to get one (before any work starts). A pretrained
+    family's directory must also be a pipeline of the class it loads (its model_index.json says which)."""
+    from models.families.pretrained import read_model_index
+
     path = teacher_dir(config)
     if path.is_dir() and any(p.suffix in WEIGHT_SUFFIXES for p in path.rglob("*")):
+        if get_family(config.teacher.family).pipeline_class:
+            read_model_index(path, config.teacher.family)
         return path
     if not config.teacher.path:
         raise FileNotFoundError(
