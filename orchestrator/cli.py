@@ -50,7 +50,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(recipes.dump(recipes.resolve(args.recipe, args.overrides)), end="")
+    from orchestrator.spaces import load_space
+
+    config = recipes.resolve(args.recipe, args.overrides)
+    load_space(config.sweep.space)  # what `dpdmd sweep` and `dpdmd fidelity` would read: its file and keys
+    print(recipes.dump(config), end="")
     return 0
 
 

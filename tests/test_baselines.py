@@ -16,7 +16,7 @@ from models.perceptual import RandomFeatureDistance
 from models.sampling import Sampler, sample
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
-from workers.config import ConfigError
+from workers.config import ConfigError, reported_metrics
 from workers.context import LocalContext
 from workers.cycle import classifying
 from workers.distill import Distiller, copy_for_training, critic_network
@@ -241,6 +241,7 @@ def test_trials_together_train_each_baseline_as_train_trains_each_trial_alone(tm
     cs = configs(tmp_path, teacher_path, method)
     store, _ = precompute(cs[0], use_ray=False, progress=False)
     alone = train_each_alone(cs, tmp_path, store)
+    assert all(set(cycle) == set(reported_metrics(method)) for run in alone for cycle in run)  # what sweep.metric takes
     together: list[dict] = []
     train_trials(cs, [tmp_path / "t0", tmp_path / "t1"], store, save=False,
                  on_cycle=lambda step, metrics: together.append({k: [float(x) for x in v] for k, v in metrics.items()}))

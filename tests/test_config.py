@@ -258,10 +258,11 @@ def _float_keys() -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999", "nan", "inf", "-Infinity"])
 def test_every_float_key_refuses_a_number_that_is_not_finite(value):
     """`loss.diversity_weight=.inf`, `generator.optim.lr=.inf` and `teacher.guidance_scale=.inf` were accepted
-    (exit 0, the value printed back); .nan was refused only where a bound happened to compare against it."""
+    (exit 0, the value printed back); .nan was refused only where a bound happened to compare against it. YAML
+    reads `nan` and `inf` without their dot as strings: they were refused as "expected float, got 'nan' (str)"."""
     keys = _float_keys()
     assert {"loss.diversity_weight", "generator.optim.lr", "teacher.guidance_scale"} <= {k for k, _ in keys}
     for key, is_list in keys:
@@ -275,6 +276,21 @@ def test_the_config_command_names_a_number_that_is_not_finite(capsys):
     assert cli.main(["config", "--recipe", "toy2d", "loss.diversity_weight=.inf"]) == 2
     err = capsys.readouterr().err
     assert "loss.diversity_weight" in err and "finite number" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.space=no-such-space", "no search space 'no-such-space'"),
+    ("sweep.metric=loss_dmdd", "not a metric a dp-dmd run reports: give one of loss_generator, loss_dmd"),
+    ("sweep.metric=loss_gan", "not a metric a dp-dmd run reports"),  # dmd-gan's
+])
+def test_the_config_command_checks_what_a_sweep_would_read(capsys, override, message):
+    """`dpdmd config` printed a config whose search space did not exist, and a sweep.metric no trial reports
+    (Tune's scheduler refused it only at the first trial's first report, after the stores were computed)."""
+    assert cli.main(["config", "--recipe", "toy2d", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert cli.main(["config", "--recipe", "toy2d", "loss.method=dmd-gan", "sweep.metric=loss_gan"]) == 0
+    assert cli.main(["config", "--recipe", "toy2d", "sweep.metric=live_objective", "evaluation.every=10"]) == 0
 
 
 def test_build_rejects_a_non_mapping_section():

@@ -14,7 +14,7 @@ from models.families.shapes import teacher as shapes
 from orchestrator.precompute import precompute
 from orchestrator.recipe import resolve
 from workers.batches import to_device
-from workers.config import ConfigError
+from workers.config import ConfigError, reported_metrics
 from workers.context import LocalContext
 from workers.train import GENERATOR_DIR
 from workers.trials import StackedAdamW, check_batchable, train_trials, trial_checkpoints
@@ -76,6 +76,7 @@ def runs(tmp_path_factory, teacher_path):
 def test_trials_together_match_train_run_one_at_a_time(runs):
     together, alone, tmp = runs["together"], runs["alone"], runs["tmp"]
     assert runs["resumed"].finished == [True, True] and runs["resumed"].errors == [None, None]
+    assert all(set(cycle) == set(reported_metrics("dp-dmd")) for run in alone for cycle in run)  # sweep.metric's
     for i in range(len(TRIALS)):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator", "dmd_normaliser"):

@@ -165,6 +165,18 @@ class CriticConfig:
 # head on the critic. The last two read the teacher's full samples from the trajectory store.
 METHODS = ("dmd", "dp-dmd", "dmd-regression", "dmd-gan")
 TEACHER_SAMPLE_METHODS = ("dmd-regression", "dmd-gan")
+# What every training report holds (workers/train.py; anchor_passes when the run reads a store), and what each
+# baseline adds: the names sweep.metric may give besides the live_* ones of evaluation beside training
+REPORTED_METRICS = ("loss_generator", "loss_dmd", "loss_div", "dmd_grad_norm", "dmd_normaliser", "loss_critic",
+                    "generator_update", "critic_updates", "resumes", "skipped_steps", "cycle_s", "samples_per_s",
+                    "anchor_passes")
+METHOD_METRICS = {"dmd-regression": ("loss_reg",),
+                  "dmd-gan": ("loss_gan", "loss_gan_critic", "gan_real_prob", "gan_fake_prob")}
+
+
+def reported_metrics(method: str) -> tuple[str, ...]:
+    """The metrics a training report of loss.method holds (a skipped update's report holds `skipped` alone)."""
+    return REPORTED_METRICS + METHOD_METRICS.get(method, ())
 
 
 @dataclass
@@ -449,6 +461,10 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _check(self.sweep.metric.startswith("live_") or self.sweep.metric in reported_metrics(self.loss.method),
+               "sweep.metric", f"{self.sweep.metric!r} is not a metric a {self.loss.method} run reports: give one of "
+               f"{', '.join(reported_metrics(self.loss.method))}, or a live_* one of evaluation beside training (e.g. "
+               "live_objective, with evaluation.every > 0)")
         live = self.sweep.metric.startswith("live_") or self.sweep.collapse_fraction > 0
         _check(not live or self.evaluation.every > 0, "evaluation.every",
                f"must be > 0 for sweep.metric={self.sweep.metric} or a collapse guard "

@@ -56,6 +56,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, int) and abs(value) > 1e308:  # float() of it overflows
                 raise _not_finite(key, value)
             return float(value)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise _not_finite(key, value)  # YAML 1.1 reads nan and inf (no dot) as strings
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             number = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
             if not math.isfinite(number):  # 1e999
