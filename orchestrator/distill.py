@@ -32,9 +32,6 @@ def check_cluster(config: RunConfig, resources: dict) -> None:
         raise ConfigError("distributed.num_workers",
                           f"{dist.num_workers} GPU workers, but the cluster has {resources.get('GPU', 0):g} GPUs; "
                           "lower distributed.num_workers or set distributed.use_gpu=false")
-    if dist.precision == "bf16" and not dist.use_gpu and dist.zero_stage == 0:
-        raise ConfigError("distributed.precision", "bf16 without ZeRO (stage 0) is not supported by DeepSpeed on "
-                                                   "CPU; use distributed.zero_stage=1..3 or precision=fp32")
 
 
 def run_distill(config: RunConfig, run_dir: Path | None = None, parent_run_id: str | None = None,

@@ -3,6 +3,7 @@ networks train in bf16 (the generator trains at the timesteps its exported sched
 
 import json
 
+import pytest
 import torch
 
 from helpers import tiny_config
@@ -28,9 +29,10 @@ class RecordingAdapter(Toy2DAdapter):
         return super().network_velocity(net, x_t, t, cond)
 
 
-def test_bf16_training_calls_the_networks_at_the_exported_scheduler_times(tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 0])  # 0: DeepSpeed's bf16 optimizer without ZeRO, which trains on CPUs too
+def test_bf16_training_calls_the_networks_at_the_exported_scheduler_times(tmp_path, zero_stage):
     # shift 3: the generator's times 0.8577, 0.6022, 0.0089 have no exact bf16 form
-    config = tiny_config(tmp_path, "teacher.shift=3.0", "distributed.precision=bf16", "distributed.zero_stage=2",
+    config = tiny_config(tmp_path, "teacher.shift=3.0", "distributed.precision=bf16", f"distributed.zero_stage={zero_stage}",
                          "schedule.num_generator_updates=2", "schedule.checkpoint_every=0")
     store, _ = precompute(config, use_ray=False, progress=False)
     plain, net = load_teacher(config, "cpu", torch.bfloat16)

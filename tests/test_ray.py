@@ -24,6 +24,8 @@ def test_the_cluster_check_refuses_what_does_not_fit(ray_cluster, tmp_path):
                       ray.cluster_resources())
     with pytest.raises(ConfigError, match="GPU"):
         check_cluster(tiny_config(tmp_path, "distributed.use_gpu=true"), ray.cluster_resources())
+    # bf16 without ZeRO was refused here as unsupported on CPUs, yet it trains there (tests/test_precision.py)
+    check_cluster(tiny_config(tmp_path, "distributed.precision=bf16", "distributed.zero_stage=0"), ray.cluster_resources())
     # an actor pool whose actor is larger than the cluster waited for it for ever, printing Ray's autoscaler line
     with pytest.raises(ConfigError, match=r"trajectories.cpus_per_actor: one precompute actor asks for 64 CPUs"):
         precompute(tiny_config(tmp_path, "trajectories.cpus_per_actor=64"), use_ray=True, progress=False)
