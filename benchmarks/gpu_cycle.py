@@ -227,7 +227,7 @@ def cycle_shape(config) -> cycle_flops.CycleShape:
     return cycle_flops.CycleShape(
         config.schedule.critic_updates_per_generator, config.distributed.batch_size_per_worker,
         config.generator.num_steps, config.loss.anchor_step, config.loss.diversity_weight > 0,
-        config.loss.detach_first_step, family_models(config.teacher.family).anchor_x0)
+        config.loss.first_step_detached, family_models(config.teacher.family).anchor_x0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,20 +56,24 @@ class GeneratorRollout:
 
 
 def generator_rollout(velocity_fn: VelocityFn, eps: torch.Tensor, generator_sigmas: torch.Tensor,
-                      detach_first_step: bool = True) -> GeneratorRollout:
+                      detach_first_step: bool | torch.Tensor = True) -> GeneratorRollout:
     """The N-step generator sample with the DP-DMD stop-gradient after step 1 (docs/method.md, loss 2).
 
     eps: (B, ...) the starting state at t = generator_sigmas[0] (noise itself at t = 1, the adapter's
     initial_state below that); generator_sigmas: (N + 1,) ending at 0.
     Step 1 gives v_first and x_first = eps + (t_1 - t_0) v_first, detached so that the DMD term
     reaches the generator only through steps 2..N and the diversity term only through step 1.
+    detach_first_step may be (B,) bool, one flag per row (trials trained together, some of them plain DMD).
     """
     if generator_sigmas.numel() < 2:
         raise ValueError("generator_sigmas needs at least two entries (one step)")
     t0, t1 = generator_sigmas[0], generator_sigmas[1]
     v_first = velocity_fn(eps, batch_t(t0, eps))
     x_first = euler_step(eps, v_first, t0, t1)
-    if detach_first_step:
+    if isinstance(detach_first_step, torch.Tensor):
+        rows = detach_first_step.to(x_first.device).reshape(-1, *[1] * (x_first.ndim - 1))
+        x_first = torch.where(rows, x_first.detach(), x_first)
+    elif detach_first_step:
         x_first = x_first.detach()
     x_gen = ode_rollout(velocity_fn, x_first, generator_sigmas[1:])
     return GeneratorRollout(v_first=v_first, x_first=x_first, x_gen=x_gen)

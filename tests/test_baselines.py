@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import train_each_alone
+from helpers import same_loss, train_each_alone
 from models.families.shapes import domain
 from models.families.shapes import teacher as shapes
 from models.gan import CriticWithHead, feature_site
@@ -250,7 +250,7 @@ def test_trials_together_train_each_baseline_as_train_trains_each_trial_alone(tm
     for i in range(2):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", term, "loss_generator", *extra):
-                assert together[cycle][key][i] == pytest.approx(alone[i][cycle][key], rel=1e-4, abs=1e-6), (i, cycle, key)
+                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle), (i, cycle, key)
     assert together[0]["loss_generator"][0] == pytest.approx(together[0]["loss_dmd"][0])  # weight 0: DMD alone
     assert together[0]["loss_generator"][1] > together[0]["loss_dmd"][1]  # weight 0.5: the term counts
 

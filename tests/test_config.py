@@ -293,6 +293,20 @@ def test_the_config_command_checks_what_a_sweep_would_read(capsys, override, mes
     assert cli.main(["config", "--recipe", "toy2d", "sweep.metric=live_objective", "evaluation.every=10"]) == 0
 
 
+@pytest.mark.parametrize("overrides, detached", [
+    ([], True),  # DP-DMD at the paper's lambda
+    (["loss.diversity_weight=0"], False),  # plain DMD
+    (["loss.method=dmd"], False),
+    (["loss.method=dmd-regression"], False),  # the two earlier remedies, as their own papers train them
+    (["loss.method=dmd-gan"], False),
+    (["loss.diversity_weight=0", "loss.detach_first_step=true"], True),  # the "detach alone" ablation
+    (["loss.detach_first_step=false"], False),  # DP-DMD without its stop-gradient (collapses early, the paper says)
+])
+def test_the_stop_gradient_after_the_first_step_is_dp_dmds_alone_unless_forced(overrides, detached):
+    for recipe in ("toy2d", "shapes", "sd35m", "sdxl"):
+        assert resolve(recipe, overrides).loss.first_step_detached is detached, recipe
+
+
 def test_build_rejects_a_non_mapping_section():
     with pytest.raises(ConfigError, match="mapping"):
         build(RunConfig, {"teacher": [1, 2]})

@@ -63,6 +63,22 @@ def test_without_the_stop_gradient_the_dmd_term_reaches_step_1():
     assert a[0] != 0 and b[0] != 0
 
 
+def test_a_flag_per_row_cuts_the_dmd_term_from_step_1_of_those_rows_only():
+    """Trials trained together, DMD (no stop-gradient) beside DP-DMD (the stop-gradient): one rollout, a flag per row."""
+    sigmas = sampling_sigmas(4, 3.0)
+    eps = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for detach in (torch.tensor([False, False, True, True]), False, True):
+        gen = PerStepGenerator(sigmas)
+        first = eps.clone().requires_grad_(True)  # step 1's gradient, row by row, is what reaches its input
+        rollout = generator_rollout(gen, first, sigmas, detach)
+        rollout.x_gen.pow(2).sum().backward()
+        grads.append(torch.zeros_like(first) if first.grad is None else first.grad)  # None: no path at all
+    mixed, plain, detached = grads
+    torch.testing.assert_close(mixed[:2], plain[:2])
+    assert bool((mixed[2:] == 0).all()) and bool((detached == 0).all()) and bool((plain != 0).all())
+
+
 def test_rollout_values_do_not_depend_on_the_stop_gradient():
     sigmas = sampling_sigmas(4, 3.0)
     gen = PerStepGenerator(sigmas)

@@ -305,7 +305,8 @@ def test_the_sdxl_recipes_hold_the_papers_settings(name, resolution):
     t, loss, dist = config.teacher, config.loss, config.distributed
     assert (t.family, t.path, t.resolution) == ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", resolution)
     assert (t.guidance_scale, t.num_steps, t.shift, t.dtype) == (8.0, 30, 1.0, "fp32")
-    assert (loss.anchor_step, loss.diversity_weight, loss.detach_first_step) == (5, 0.05, True)
+    assert (loss.anchor_step, loss.diversity_weight, loss.first_step_detached) == (5, 0.05, True)
+    assert not resolve(name, ["loss.diversity_weight=0"]).loss.first_step_detached  # its DMD baseline
     assert config.schedule.critic_updates_per_generator == 5 and config.schedule.num_generator_updates == 6000
     assert config.generator.optim.lr == config.critic.optim.lr == 1e-5 and config.generator.num_steps == 4
     assert (dist.num_workers, dist.batch_size_per_worker, dist.precision, dist.use_gpu) == (8, 4, "bf16", True)

@@ -198,7 +198,10 @@ class LossConfig:
     lpips_resolution: int = 224
     anchor_step: int = 5  # K: teacher ODE steps to the anchor z_K
     normaliser: Literal["xt", "xgen"] = "xt"  # DMD gradient normaliser: reference script / DMD2
-    detach_first_step: bool = True  # stop-gradient after the generator's first step
+    # DP-DMD's stop-gradient after the generator's first step (loss 2). null: where DP-DMD trains (dp-dmd with
+    # lambda > 0); plain DMD (lambda = 0 or dmd) and the two baselines roll out with gradient through every step,
+    # as their own papers do. true / false force it (true at lambda = 0: the "detach alone" ablation)
+    detach_first_step: bool | None = None
 
     def __post_init__(self):
         _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -210,6 +213,13 @@ class LossConfig:
         _check(self.lpips_net in ("vgg", "alex"), "lpips_net", f"must be vgg or alex, got {self.lpips_net!r}")
         _check(self.lpips_resolution >= 64, "lpips_resolution",
                f"must be >= 64 pixels (the trunk's five layers need them), got {self.lpips_resolution}")
+
+    @property
+    def first_step_detached(self) -> bool:
+        """Whether the generator's first step is cut from the DMD term's gradient (detach_first_step resolved)."""
+        if self.detach_first_step is not None:
+            return self.detach_first_step
+        return self.method == "dp-dmd" and self.diversity_weight > 0
 
     @property
     def weights(self) -> dict[str, float]:

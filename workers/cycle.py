@@ -9,7 +9,7 @@ can call), the rows a loss applies to (Rows: one run's batch; TrialRows: each tr
 noise and flow times (drawn by the caller, in its order) and the optimizer step (the caller's, after the vote).
 
     out = critic_loss(adapter, critic, x_gen, t, eps2, cond, rows, real, gan_weight)
-    out = generator_loss(nets, anchors, t, eps2, sigmas, config, rows, weights)
+    out = generator_loss(nets, anchors, t, eps2, sigmas, config, rows, weights, detach)
     ok = vote(rows.flags(out), update)              # (rows.num,) bool: apply the update where True
 
 The baselines (loss.method dmd-regression, dmd-gan) are steps of the same cycle: the regression term on the
@@ -125,20 +125,23 @@ def critic_loss(adapter: TeacherAdapter, critic: nn.Module, x_gen: torch.Tensor,
 
 
 def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor, sigmas: torch.Tensor,
-                   config: RunConfig, rows: Rows, weights: dict[str, float | torch.Tensor]) -> LossOutput:
+                   config: RunConfig, rows: Rows, weights: dict[str, float | torch.Tensor],
+                   detach: bool | torch.Tensor) -> LossOutput:
     """Losses 1-4 for an anchor batch (workers.batches.AnchorBatch: eps, z, t_anchor, x0_anchor, cond): the
     generator's rollout from eps over sigmas, the diversity loss on its first step in the teacher's
     parameterisation (the adapter's), DMD on its sample scored by the guided teacher and the critic at flow
     times t with noise eps2, and the objective with weights (config.loss.weights: div, reg, gan; each a float, or
-    one per trial under TrialRows). The baselines' terms are computed only for the method that uses them. Runs
-    with its backward and step under generator_update (dmd-gan's critic frozen)."""
+    one per trial under TrialRows). detach: the stop-gradient after the first step (config.loss.first_step_detached,
+    or one flag per trial under TrialRows). The baselines' terms are computed only for the method that uses them.
+    Runs with its backward and step under generator_update (dmd-gan's critic frozen)."""
     adapter, parked, method = nets.adapter, nets.teacher_weights, config.loss.method
     if parked is not None:
         parked.fetch()  # what its score needs first, copied beside the rollout
     with record_function(f"{REGION}generator rollout"):
         start = adapter.initial_state(anchors.eps, sigmas, "generator")
-        rollout = generator_rollout(adapter.velocity_fn(nets.generator, anchors.cond), start, sigmas,
-                                    config.loss.detach_first_step)
+        if isinstance(detach, torch.Tensor):  # a flag per trial: one per row
+            detach = detach.repeat_interleave(len(start) // rows.num)
+        rollout = generator_rollout(adapter.velocity_fn(nets.generator, anchors.cond), start, sigmas, detach)
         prediction, target = adapter.diversity_terms(rollout.v_first, start, sigmas[0], anchors.eps, anchors.z,
                                                      anchors.t_anchor, anchors.x0_anchor)
         div = rows.loss(adapter.diversity_fn, prediction, target)

@@ -84,7 +84,7 @@ class Distiller:
                         self.teacher_weights)
         with generator_update(self.config, self.critic.module):
             out = generator_loss(nets, batch, t, eps2, self.generator_sigmas, self.config, self.rows,
-                                 self.config.loss.weights)
+                                 self.config.loss.weights, self.config.loss.first_step_detached)
             return self._apply(self.generator, out, where)
 
     # -- helpers ---------------------------------------------------------------------------------------

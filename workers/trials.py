@@ -53,7 +53,7 @@ from workers.progress import Progress, read_progress, write_progress
 TRIAL_STATE = "trial.pt"
 # What may differ between the trials of one batch: everything else is one computation.
 PER_TRIAL_KEYS = ("seed", "loss.diversity_weight", "loss.regression_weight", "loss.gan_generator_weight",
-                  "loss.gan_critic_weight", "tracking.run_name")
+                  "loss.gan_critic_weight", "loss.detach_first_step", "tracking.run_name")
 
 
 def check_batchable(configs: list[RunConfig]) -> None:
@@ -338,6 +338,10 @@ class TrialBatch:
         self.weights = {k: torch.tensor([c.loss.weights[k] for c in configs], device=device)
                         for k in config.loss.weights}
         self.critic_gan_weight = torch.tensor([c.loss.critic_gan_weight for c in configs], device=device)
+        # the stop-gradient after the first step, resolved per trial (DMD at lambda = 0 has none): one flag for all
+        # when they agree, else one per trial
+        detached = [c.loss.first_step_detached for c in configs]
+        self.detach = detached[0] if len(set(detached)) == 1 else torch.tensor(detached, device=device)
         self.rows = TrialRows(n)
         # Each trial's finite vote; under on_nonfinite=raise a trial that voted no stops (its updates are no
         # longer applied) and is reported at the next read, under skip that update is skipped and counted
@@ -360,7 +364,7 @@ class TrialBatch:
         nets = Networks(self.adapter, self.teacher, self.generator, self.critic, self.negative)
         with generator_update(self.configs[0], self.critic):
             out = generator_loss(nets, inputs.anchors, inputs.t, inputs.eps2, self.generator_sigmas, self.configs[0],
-                                 self.rows, self.weights)
+                                 self.rows, self.weights, self.detach)
             return self._apply(self.generator_optim, out, update)
 
     def _apply(self, optim: StackedAdamW, out, update: torch.Tensor) -> dict[str, torch.Tensor]:
