@@ -84,8 +84,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         name, (adapter, net) = "teacher", load_teacher(config, device, vae=True)
         sampler = teacher_sampler(config, adapter)
-    run_dir = runs.make_run_dir(config, "evaluate")
     result = evaluate(config, adapter, net, sampler, device=device)
+    run_dir = runs.make_run_dir(config, "evaluate")  # after the evaluation: a refused prompt leaves nothing behind
     (run_dir / "metrics.json").write_text(json.dumps({name: result.metrics}, indent=2))
     save_samples(result, run_dir / f"{name}_samples.npz")
     get_family(config.teacher.family).render({name: result.samples}, result.prompts,

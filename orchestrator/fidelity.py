@@ -79,7 +79,7 @@ def run_fidelity(config: RunConfig, base: dict, use_ray: bool = True, jobs: int 
             _log_to_parent(parent, teacher, out_dir)
 
     if use_ray:
-        tracking = _run_on_ray(config, base, space, teacher, out_dir, write)
+        tracking = _run_on_ray(config, base, space, teacher, out_dir, write, kind)
     else:
         _precompute_stores(base, space)
         deadline = start + time_limit_s if time_limit_s else None
@@ -126,15 +126,16 @@ def _log_to_parent(parent, teacher: dict[str, float], out_dir: Path) -> None:
 
 
 def _run_on_ray(config: RunConfig, base: dict, space: dict[str, dict], teacher: dict[str, float], out_dir: Path,
-                write: Callable) -> dict:
+                write: Callable, kind: str) -> dict:
     """The trials as a Ray Tune sweep in out_dir/sweep (continued when its Tune state is there), the table written
     when it is done; returns where its tracking is, for the summary."""
     from orchestrator.sweep import run_sweep
     from workers.tracking import tracking_uri
 
     sweep_dir = out_dir / "sweep"
+    again = "dpdmd demo (a new run)" if kind == "demo" else f"the same command with --out {out_dir}"
     result = run_sweep(config, base, space, teacher, sweep_dir, resume=(sweep_dir / "tune").is_dir(),
-                       on_done=lambda parent, result: write(result.rows, parent), quiet=True)
+                       on_done=lambda parent, result: write(result.rows, parent), quiet=True, continue_with=again)
     return {"MLflow": f"parent run {result.parent_run_id} (mlflow ui --backend-store-uri {tracking_uri(config)})"}
 
 

@@ -56,7 +56,27 @@ def resume_config(run_dir: Path, overrides: list[str], command: str = "distill")
     if overrides:
         raise ConfigError("--resume", f"a resumed run keeps the settings it started with (its config.yaml); drop "
                                       f"{' '.join(overrides)}, or start a new run with them")
+    kind = run_kind(run_dir)
+    if kind != command and (command == "sweep" or kind is not None):
+        again = {"sweep": f"`dpdmd sweep --resume {run_dir}`", "distill": f"`dpdmd distill --resume {run_dir}`",
+                 "fidelity": f"the `dpdmd fidelity` command that made it, with --out {run_dir}"}
+        raise ConfigError("--resume", f"{run_dir} is a {kind} directory; continue it with {again[kind]}" if kind else
+                          f"{run_dir} holds no Tune state (tune/): a sweep stopped before its trials started has "
+                          f"nothing to continue; start it again (its config.yaml holds the settings)")
     return recipes.resolve(run_dir / "config.yaml")
+
+
+def run_kind(run_dir: Path) -> str | None:
+    """Which command's directory run_dir is, from what it holds: a sweep's Tune state (tune/), a fidelity table's
+    trials (trials/ or sweep/), a run's checkpoints; None when it holds none of them yet."""
+    run_dir = Path(run_dir)
+    if (run_dir / "tune").is_dir():
+        return "sweep"
+    if (run_dir / "trials").is_dir() or (run_dir / "sweep").is_dir():
+        return "fidelity"
+    if (run_dir / CHECKPOINTS).is_dir():
+        return "distill"
+    return None
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import yaml
 
 import tune_spaces
 from workers.config import ConfigError, RunConfig
-from workers.configure import build, config_keys, set_dotted
+from workers.configure import NUMBER, build, config_keys, set_dotted
 
 PBT_KEYS = ("loss.diversity_weight", "critic.optim.lr")  # what population-based training perturbs
 
@@ -40,9 +41,43 @@ def load_space(name: str) -> dict[str, dict]:
         if not isinstance(values, list) or not values or (kind not in ("grid", "choice") and len(values) != 2):
             raise ConfigError(key, f"in search space {path.name}: {kind} needs "
                                    + ("a non-empty list" if kind in ("grid", "choice") else "[low, high]"))
-        for value in values if kind in ("grid", "choice") else []:
-            build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own
+        if kind not in ("grid", "choice"):
+            values = spec[kind] = _range(key, kind, values, path.name)  # Tune draws from these
+        for value in values:
+            build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own (a range: its ends)
     return space
+
+
+def _range(key: str, kind: str, values: list, where: str) -> list:
+    """A range's [low, high] as the numbers Tune draws between, or the error that names the key and the file
+    (Tune's own named neither, and came after the sweep's run directory existed): ends that are not numbers in
+    order, loguniform from 0, fractions for a key of whole numbers (which failed every trial) or whole numbers
+    (randint) for a key of fractions. YAML's 1e-5 (no dot) is a string: read as the number it is."""
+    values = [float(v) if isinstance(v, str) and NUMBER.fullmatch(v.strip()) else v for v in values]
+    low, high = values
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not low < high:
+        raise ConfigError(key, f"in search space {where}: {kind} needs [low, high] with low < high, got {values}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(key, f"in search space {where}: loguniform needs low > 0 (it draws the logarithm), got "
+                               f"{values}; use uniform to include 0")
+    whole = _field_type(key) is int
+    if kind == "randint":
+        if not (whole and all(isinstance(v, int) for v in values)):
+            raise ConfigError(key, f"in search space {where}: randint draws whole numbers between two whole numbers; "
+                                   f"{key} takes {_field_type(key).__name__}, got {values}")
+        return values
+    if whole:
+        raise ConfigError(key, f"in search space {where}: {kind} draws fractions, and {key} takes whole numbers; use "
+                               "randint (or a grid)")
+    return [float(low), float(high)]
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted config key's field, e.g. int for loss.anchor_step."""
+    cls: Any = RunConfig
+    for part in key.split("."):
+        cls = typing.get_type_hints(cls)[part]
+    return cls
 
 
 def tune_param_space(space: dict[str, dict]) -> dict:

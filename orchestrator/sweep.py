@@ -8,6 +8,7 @@ quality (plot and table) and the trade-off picked by sweep.quality_drop_from_bes
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from workers.config import ConfigError, RunConfig
 
 def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = None,
               teacher_metrics: dict | None = None, sweep_dir: Path | None = None, resume: bool = False,
-              on_done: Callable | None = None, quiet: bool = False) -> SweepResult:
+              on_done: Callable | None = None, quiet: bool = False, continue_with: str | None = None) -> SweepResult:
     """Run every trial of the space (default: sweep.space) on the cluster; base is the recipe-plus-overrides
     mapping that trials start from. sweep_dir: where the sweep's trials, Tune state and report go (a new run
     directory by default); resume=True continues the sweep in sweep_dir: finished trials are kept, unfinished
     ones continue from their last checkpoints. on_done(parent, result) runs while the parent MLflow run is
-    still open (to log a report into it); quiet: no table on the console."""
+    still open (to log a report into it); quiet: no table on the console; continue_with: the command that continues
+    a stopped sweep, as its caller's user runs it (default: `dpdmd sweep --resume SWEEP_DIR`)."""
     from orchestrator.cluster import as_a_job, ensure_ray
     from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
 
@@ -41,9 +43,13 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     if not resume:
         sweep_dir = make_run_dir(config, "sweep", *((sweep_dir.parent, sweep_dir.name) if sweep_dir else ()))
     with tracked_run(config, sweep_dir, "sweep") as parent, \
-            stop_cleanly(sweep_dir, as_a_job(f"dpdmd sweep --resume {sweep_dir}")):
+            stop_cleanly(sweep_dir, continue_with or as_a_job(f"dpdmd sweep --resume {sweep_dir}")):
         tuner, progress, guard = build_tuner(config, base, space, sweep_dir, parent.run_id, resume, teacher_metrics)
         print(f"[sweep] {progress.total} trials in {sweep_dir}")
+        # Tune's own Ctrl-C handler ends fit() as if the sweep were done: the unfinished trials came back as
+        # "stopped early", the report was written and the command exited 0. Without it, Ctrl-C reaches
+        # stop_cleanly as in every other command (Tune's experiment state is saved as the trials report).
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         grid = tuner.fit()
         result = collect(grid, guard, config, sweep_dir, parent.run_id, teacher_metrics)
         table = write_sweep(result, config, parent)

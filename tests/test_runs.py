@@ -83,6 +83,32 @@ def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
     assert "keeps the settings it started with" in capsys.readouterr().err
 
 
+def test_resume_refuses_another_commands_directory_and_names_its_command(tmp_path, capsys):
+    """`distill --resume SWEEP_DIR` trained a new run inside the sweep's directory (exit 0); `sweep --resume
+    RUN_DIR` of a distill run failed on a missing tune/tuner.pkl after reopening that run's MLflow run as FAILED."""
+    sweep, run, early = tmp_path / "sweep", tmp_path / "run", tmp_path / "early"
+    for d in (sweep / "tune", run / "checkpoints", early):
+        d.mkdir(parents=True)
+    for d in (sweep, run, early):
+        (d / "config.yaml").write_text("name: x\n")
+    assert main(["distill", "--no-ray", "--resume", str(sweep)]) == 2
+    assert f"a sweep directory; continue it with `dpdmd sweep --resume {sweep}`" in capsys.readouterr().err
+    assert main(["sweep", "--resume", str(run)]) == 2
+    assert f"a distill directory; continue it with `dpdmd distill --resume {run}`" in capsys.readouterr().err
+    assert main(["sweep", "--resume", str(early)]) == 2
+    assert "holds no Tune state (tune/)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "config.yaml", "config.yaml",
+                                                           "config.yaml", "early", "run", "sweep", "tune"]
+
+
+def test_evaluate_refusing_a_prompt_leaves_no_run_directory(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("class 9\n")  # toy2d has classes 0-3
+    code = main(["evaluate", "--recipe", "toy2d", f"evaluation.prompts={prompts}", f"storage.output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out" / "runs").exists(), err
+
+
 def test_jobs_without_no_ray_is_refused_not_ignored(tmp_path, capsys):
     """`dpdmd fidelity --jobs 4` under Ray ran its trials as Tune allowed, the flag silently dropped."""
     assert main(["fidelity", "--recipe", "shapes", "--jobs", "4", "sweep.space=fidelity",
@@ -92,13 +118,13 @@ def test_jobs_without_no_ray_is_refused_not_ignored(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict) -> tuple[subprocess.CompletedProcess,
-                                                                                           Path]:
+def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict,
+                                      run: str = "*") -> tuple[subprocess.CompletedProcess, Path]:
     """Start a dpdmd command, send it SIGINT once its first checkpoint is complete and registered (without Ray:
     the `latest` marker; under Ray Train: its checkpoint manager's record, written a moment after the files);
-    its output and run dir."""
+    its output and run dir. run: where a run's directory lies under runs (a sweep's trials: */*)."""
     def registered() -> bool:
-        records = [*runs.glob("*/checkpoints/latest"), *runs.glob("*/checkpoints/checkpoint_manager_snapshot.json")]
+        records = [*runs.glob(f"{run}/checkpoints/latest"), *runs.glob(f"{run}/checkpoints/checkpoint_manager_snapshot.json")]
         return any("step-" in record.read_text() for record in records)
 
     # SIGINT as a terminal gives it: a test run started as a background job of a script (`scripts/dev test &`)
@@ -196,6 +222,31 @@ def test_under_ray_ctrl_c_marks_the_mlflow_run_killed_and_resume_finishes_it_wit
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resumes"] >= 1
     assert run.data.metrics["generator_update"] == updates
+
+
+def test_ctrl_c_stops_a_sweep_with_its_resume_line_and_the_resume_finishes_every_trial(tmp_path, ray_env):
+    """Tune's own SIGINT handler ended fit() as if the sweep were done: the unfinished trials were reported as
+    "stopped early by the none scheduler", the report was written and the command exited 0 (the demo printed
+    "done"); before any trial had reported, collecting them raised a TypeError."""
+    from orchestrator.precompute import precompute
+
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.diversity_weight: {grid: [0.0, 0.5]}\n")
+    overrides = [*TINY, f"storage.output_dir={tmp_path}", f"sweep.space={space}", "schedule.num_generator_updates=150",
+                 "schedule.checkpoint_every=20", "schedule.log_every=100"]
+    precompute(tiny_config(tmp_path, *overrides[len(TINY):]), use_ray=False, progress=False)  # the store, here
+    dpdmd = [sys.executable, "-m", "orchestrator", "sweep"]
+    env = {**_env(), **ray_env}
+    stopped, sweep_dir = _interrupt_after_first_checkpoint([*dpdmd, "--recipe", "toy2d", *overrides],
+                                                           tmp_path / "runs", env, run="*/*")
+    assert stopped.returncode == 130, stopped.stdout[-3000:]
+    assert f"Continue with: dpdmd sweep --resume {sweep_dir}" in stopped.stdout
+    assert "stopped early" not in stopped.stdout and not (sweep_dir / "sweep.md").exists()
+    resumed = _run([*dpdmd, "--resume", str(sweep_dir)], env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    trials = sorted(p.parent.name for p in sweep_dir.glob("*/generator"))
+    assert trials == ["diversity_weight=0", "diversity_weight=0.5"], resumed.stdout[-2000:]
+    assert (sweep_dir / "sweep.md").is_file()
 
 
 def test_the_console_shows_every_trials_progress_line_and_drops_rays_noise():

@@ -46,6 +46,24 @@ def test_bad_kind_and_bad_values_are_refused(tmp_path):
     assert info.value.key == "loss.diversity_weight"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("loss.diversity_weight: {loguniform: [0.0, 1.0]}", "loguniform needs low > 0"),  # Ray's text, naming no key
+    ("loss.anchor_step: {uniform: [5, 20]}", "takes whole numbers; use randint"),  # every trial failed, 248 lines
+    ("loss.diversity_weight: {uniform: [0.5, 0.1]}", "low < high"),
+    ("loss.diversity_weight: {randint: [0, 3]}", "loss.diversity_weight takes float"),
+    ("loss.diversity_weight: {uniform: [-1, 0.1]}", "must be >= 0"),  # an end the key refuses
+])
+def test_a_range_that_cannot_be_drawn_is_refused_naming_its_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_space(_space(tmp_path, text + "\n"))
+    assert err.value.key == text.split(":")[0]
+
+
+def test_range_ends_are_numbers_as_tune_draws_them(tmp_path):
+    space = load_space(_space(tmp_path, "critic.optim.lr: {loguniform: [1e-5, 1e-3]}\nloss.anchor_step: {randint: [5, 21]}\n"))
+    assert space == {"critic.optim.lr": {"loguniform": [1e-5, 1e-3]}, "loss.anchor_step": {"randint": [5, 21]}}
+
+
 def test_missing_space_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="default"):
         load_space("nope")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from workers.config import ConfigError, RunConfig
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -58,7 +58,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise _not_finite(key, value)  # YAML 1.1 reads nan and inf (no dot) as strings
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
             number = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
             if not math.isfinite(number):  # 1e999
                 raise _not_finite(key, value)
