@@ -27,8 +27,10 @@ from workers.configure import to_dict
 DEFAULT_RECIPE = "toy2d"
 
 
-def _add_recipe_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--recipe", default=default,
+def _add_recipe_args(parser: argparse.ArgumentParser, default: str | None = None, resumable: bool = False) -> None:
+    """resumable: the command has --resume, which keeps the run's own recipe; --recipe defaults to None there, so
+    that one given beside --resume is seen (and refused), and `default` applies when the command is not resuming."""
+    parser.add_argument("--recipe", default=None if resumable else default,
                         help=f"built-in recipe ({', '.join(recipes.builtin_recipes())}) or a YAML path"
                              + (f" (default: {default})" if default else ""))
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -41,7 +43,11 @@ def parse_seeds(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, sep, hi = part.strip().partition("-")
+            if sep and int(hi) < int(lo):  # its range was empty, and the other parts went on alone
+                raise ConfigError("--seeds", f"{part.strip()!r} counts down; write {hi}-{lo}")
             seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError("--seeds", f"{text!r} is not a seed list; write e.g. 0-8 or 1,2,3") from None
     if not seeds or min(seeds) < 0:
@@ -146,13 +152,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from orchestrator.runs import finished, resume_config
 
     if args.resume:
-        config, run_dir = resume_config(args.resume, args.overrides, "distill"), Path(args.resume)
+        config, run_dir = resume_config(args.resume, args.overrides, "distill", args.recipe), Path(args.resume)
         if finished(run_dir, config):
             print(f"{run_dir} has finished already ({config.schedule.num_generator_updates} generator updates); "
                   f"its generator is {run_dir / 'generator'}")
             return 0
     else:
-        config, run_dir = recipes.resolve(args.recipe, args.overrides), None
+        config, run_dir = recipes.resolve(args.recipe or DEFAULT_RECIPE, args.overrides), None
     run_local(config, run_dir) if args.no_ray else run_distill(config, run_dir)
     return 0
 
@@ -162,10 +168,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
     if args.resume:
-        config = resume_config(args.resume, args.overrides, "sweep")
+        config = resume_config(args.resume, args.overrides, "sweep", args.recipe)
         run_sweep(config, to_dict(config), sweep_dir=Path(args.resume).resolve(), resume=True)
     else:
-        config = recipes.resolve(args.recipe, args.overrides)
+        config = recipes.resolve(args.recipe or DEFAULT_RECIPE, args.overrides)
         run_sweep(config, to_dict(config))
     return 0
 
@@ -224,7 +230,7 @@ def _repair_store_args(p: argparse.ArgumentParser) -> None:
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
-    _add_recipe_args(p, DEFAULT_RECIPE)
+    _add_recipe_args(p, DEFAULT_RECIPE, resumable=True)
     p.add_argument("--no-ray", action="store_true",
                    help="run the train function in this process (or under torchrun), without Ray or MLflow")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
@@ -232,7 +238,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    _add_recipe_args(p, DEFAULT_RECIPE)
+    _add_recipe_args(p, DEFAULT_RECIPE, resumable=True)
     p.add_argument("--resume", metavar="SWEEP_DIR", default=None,
                    help="continue a stopped sweep: its finished trials are kept, the others continue from their "
                         "last checkpoints")

@@ -47,15 +47,18 @@ def make_run_dir(config: RunConfig, kind: str, parent: Path | None = None, name:
     return run_dir
 
 
-def resume_config(run_dir: Path, overrides: list[str], command: str = "distill") -> RunConfig:
-    """The config of an earlier run directory of `dpdmd <command>`, to continue it exactly as it was started."""
+def resume_config(run_dir: Path, overrides: list[str], command: str = "distill",
+                  recipe: str | None = None) -> RunConfig:
+    """The config of an earlier run directory of `dpdmd <command>`, to continue it exactly as it was started
+    (recipe: a --recipe given beside --resume, refused)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError("--resume", f"{run_dir} is not a run directory (no config.yaml); give the directory "
                                       f"`dpdmd {command}` printed, e.g. outputs/runs/<time>-{command}-<name>")
-    if overrides:
+    if overrides or recipe:
+        given = " ".join([*([f"--recipe {recipe}"] if recipe else []), *overrides])
         raise ConfigError("--resume", f"a resumed run keeps the settings it started with (its config.yaml); drop "
-                                      f"{' '.join(overrides)}, or start a new run with them")
+                                      f"{given}, or start a new run with them")
     kind = run_kind(run_dir)
     if kind != command and (command == "sweep" or kind is not None):
         again = {"sweep": f"`dpdmd sweep --resume {run_dir}`", "distill": f"`dpdmd distill --resume {run_dir}`",

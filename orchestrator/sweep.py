@@ -29,9 +29,14 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
     ones continue from their last checkpoints. on_done(parent, result) runs while the parent MLflow run is
     still open (to log a report into it); quiet: no table on the console; continue_with: the command that continues
     a stopped sweep, as its caller's user runs it (default: `dpdmd sweep --resume SWEEP_DIR`)."""
-    from orchestrator.cluster import as_a_job, ensure_ray
-    from orchestrator.runs import make_run_dir, preflight, stop_cleanly, tracked_run
+    import time
 
+    from orchestrator.cluster import as_a_job, ensure_ray
+    from orchestrator.runs import make_run_dir, preflight, stop_cleanly, summary, tracked_run
+    from workers.context import clock
+    from workers.tracking import tracking_uri
+
+    start = time.time()
     space = space or load_space(config.sweep.space)
     # the scheduler's and the searcher's refusals (a grid under optuna, PBT with nothing to perturb) before the
     # stores, a run directory or an MLflow run exist
@@ -55,8 +60,12 @@ def run_sweep(config: RunConfig, base: dict, space: dict[str, dict] | None = Non
         table = write_sweep(result, config, parent)
         if on_done is not None:
             on_done(parent, result)
-    if not quiet:
-        print(table)
+    if not quiet:  # the table, then what was made and where, as every command closes
+        made = {"sweep directory": sweep_dir, "report": sweep_dir / "sweep.md"}
+        made.update({what: sweep_dir / name for what, name in (("Pareto plot", "pareto.png"), ("curves", "curves.png"),
+                                                               ("PBT", "pbt.png")) if (sweep_dir / name).is_file()})
+        made["MLflow"] = f"parent run {result.parent_run_id} (mlflow ui --backend-store-uri {tracking_uri(config)})"
+        print(f"{table}\n\n" + summary(f"[sweep] done in {clock(time.time() - start)}", made))
     return result
 
 

@@ -307,6 +307,15 @@ def test_the_stop_gradient_after_the_first_step_is_dp_dmds_alone_unless_forced(o
         assert resolve(recipe, overrides).loss.first_step_detached is detached, recipe
 
 
+def test_seed_lists_read_as_written_and_a_range_counting_down_is_named():
+    """`--seeds 5-3,1` sampled seed 1 alone: the empty range 5-3 was dropped without a word."""
+    assert cli.parse_seeds("0-2,10") == [0, 1, 2, 10] and cli.parse_seeds("7") == [7]
+    for text, message in (("5-3,1", "'5-3' counts down; write 3-5"), ("a-b", "not a seed list"),
+                          ("-1", "not a seed list")):
+        with pytest.raises(ConfigError, match=message):
+            cli.parse_seeds(text)
+
+
 def test_build_rejects_a_non_mapping_section():
     with pytest.raises(ConfigError, match="mapping"):
         build(RunConfig, {"teacher": [1, 2]})

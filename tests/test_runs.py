@@ -81,6 +81,8 @@ def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("name: x\n")
     assert main(["distill", "--resume", str(tmp_path), "loss.diversity_weight=0.1"]) == 2
     assert "keeps the settings it started with" in capsys.readouterr().err
+    assert main(["distill", "--resume", str(tmp_path), "--recipe", "shapes"]) == 2  # it went on with toy2d, silently
+    assert "keeps the settings it started with (its config.yaml); drop --recipe shapes" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_commands_directory_and_names_its_command(tmp_path, capsys):
@@ -104,7 +106,8 @@ def test_resume_refuses_another_commands_directory_and_names_its_command(tmp_pat
 def test_evaluate_refusing_a_prompt_leaves_no_run_directory(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("class 9\n")  # toy2d has classes 0-3
-    code = main(["evaluate", "--recipe", "toy2d", f"evaluation.prompts={prompts}", f"storage.output_dir={tmp_path / 'out'}"])
+    code = main(["evaluate", "--recipe", "toy2d", f"evaluation.prompts={prompts}",
+                 f"storage.output_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and not (tmp_path / "out" / "runs").exists(), err
 
@@ -124,7 +127,8 @@ def _interrupt_after_first_checkpoint(command: list[str], runs: Path, env: dict,
     the `latest` marker; under Ray Train: its checkpoint manager's record, written a moment after the files);
     its output and run dir. run: where a run's directory lies under runs (a sweep's trials: */*)."""
     def registered() -> bool:
-        records = [*runs.glob(f"{run}/checkpoints/latest"), *runs.glob(f"{run}/checkpoints/checkpoint_manager_snapshot.json")]
+        records = [*runs.glob(f"{run}/checkpoints/latest"),
+                   *runs.glob(f"{run}/checkpoints/checkpoint_manager_snapshot.json")]
         return any("step-" in record.read_text() for record in records)
 
     # SIGINT as a terminal gives it: a test run started as a background job of a script (`scripts/dev test &`)

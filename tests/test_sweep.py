@@ -60,7 +60,8 @@ def test_a_range_that_cannot_be_drawn_is_refused_naming_its_key(tmp_path, text, 
 
 
 def test_range_ends_are_numbers_as_tune_draws_them(tmp_path):
-    space = load_space(_space(tmp_path, "critic.optim.lr: {loguniform: [1e-5, 1e-3]}\nloss.anchor_step: {randint: [5, 21]}\n"))
+    space = load_space(_space(tmp_path, "critic.optim.lr: {loguniform: [1e-5, 1e-3]}\n"
+                                        "loss.anchor_step: {randint: [5, 21]}\n"))
     assert space == {"critic.optim.lr": {"loguniform": [1e-5, 1e-3]}, "loss.anchor_step": {"randint": [5, 21]}}
 
 

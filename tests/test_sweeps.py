@@ -149,7 +149,7 @@ def test_the_collapse_guard_stops_a_collapsing_trial_and_says_why(ray_cluster, o
     assert (result.sweep_dir / "curves.png").stat().st_size > 1000
 
 
-def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
+def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out, capsys):
     config = tiny_config(out, *SHARED, "schedule.num_generator_updates=8", "schedule.checkpoint_every=4",
                          "schedule.log_every=4", "sweep.scheduler=pbt", "sweep.metric=loss_generator",
                          "tracking.experiment=pbt-test")
@@ -165,3 +165,7 @@ def test_pbt_perturbs_lambda_and_continues_from_checkpoints(ray_cluster, out):
     for name, history in result.histories.items():  # each trial's reports carry the lambda it trained with
         assert set(history["loss.diversity_weight"].dropna()) <= {0.0, 0.5}, name
     assert (result.sweep_dir / "pbt.png").stat().st_size > 1000
+    # the closing lines say where the report and pictures are, as distill's do (a sweep printed its table alone)
+    closing = capsys.readouterr().out.strip().splitlines()[-6:]
+    assert closing[0].startswith("[sweep] done in ") and "report:" in closing[2] and "sweep.md" in closing[2]
+    assert any("PBT:" in line for line in closing) and "mlflow ui --backend-store-uri" in closing[-1]
