@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"dpdmd: {err}", file=sys.stderr)
         return 2
+    except cluster.ClusterStartError as err:
+        print(f"dpdmd: {err}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         from workers.store import StoreError  # imported only here: the store module loads torch and pyarrow
 

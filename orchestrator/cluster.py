@@ -49,10 +49,21 @@ def ensure_ray(object_store_gb: float = 1.0) -> None:
         # ever run our tasks: on a 2-core machine that was two useless processes, on a 64-core one sixty-four.
         # Without a dashboard nothing reads Ray's metrics, which every process of the cluster would still record
         # and export (an idle cluster: 1.9 -> 1.2 CPU-seconds a minute on the 2-core machine).
-        ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
-                 configure_logging=True, **options,
-                 _system_config={"worker_maximum_startup_concurrency": 16, "prestart_worker_first_driver": False,
-                                 "enable_metrics_collection": False})
+        try:
+            ray.init(address="local", include_dashboard=False, object_store_memory=int(object_store_gb * 2**30),
+                     configure_logging=True, **options,
+                     _system_config={"worker_maximum_startup_concurrency": 16, "prestart_worker_first_driver": False,
+                                     "enable_metrics_collection": False})
+        except Exception as err:  # Ray raises a bare Exception when its processes start too slowly
+            if "timed out during startup" not in str(err):
+                raise
+            raise ClusterStartError("the local Ray cluster did not start in time (a busy machine starts its processes "
+                                    "slowly); run the command again, or start a cluster with `ray start --head` and "
+                                    "set RAY_ADDRESS=auto") from None
+
+
+class ClusterStartError(RuntimeError):
+    """Ray's local cluster did not come up: a transient failure, told in one line (exit 1), not a traceback."""
 
 
 def beside_the_job(ours: dict, job_config_json: str | None = None) -> dict:

@@ -112,6 +112,23 @@ def test_evaluate_refusing_a_prompt_leaves_no_run_directory(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err and not (tmp_path / "out" / "runs").exists(), err
 
 
+def test_a_local_cluster_that_starts_too_slowly_is_one_line_naming_what_to_do(tmp_path, capsys, monkeypatch):
+    """On a busy machine (load average 23) `dpdmd sweep --resume` ended in Ray's traceback: "The current node timed
+    out during startup"; the same command again worked."""
+    import ray
+
+    def slow(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow)
+    code = main(["sweep", "--recipe", "toy2d", f"storage.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "did not start in time" in err and "run the command again" in err and "Traceback" not in err
+
+
 def test_jobs_without_no_ray_is_refused_not_ignored(tmp_path, capsys):
     """`dpdmd fidelity --jobs 4` under Ray ran its trials as Tune allowed, the flag silently dropped."""
     assert main(["fidelity", "--recipe", "shapes", "--jobs", "4", "sweep.space=fidelity",
