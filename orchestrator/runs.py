@@ -102,7 +102,13 @@ def stop_cleanly(run_dir: Path, resume_command: str):
 
     def where() -> str:
         last = last_checkpoint(run_dir)
-        return f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        if last:
+            return f"the last checkpoint is {last}"
+        # a sweep's: its trials' own (each continues from its last one)
+        trials = {p.parents[2].name for p in Path(run_dir).glob(f"*/{CHECKPOINTS}/step-*/progress.json")}
+        if trials:
+            return f"the checkpoints of {len(trials)} of its trials are kept ({run_dir}/<trial>/{CHECKPOINTS})"
+        return "no checkpoint was written yet"
 
     try:
         yield

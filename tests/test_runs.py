@@ -262,6 +262,7 @@ def test_ctrl_c_stops_a_sweep_with_its_resume_line_and_the_resume_finishes_every
                                                            tmp_path / "runs", env, run="*/*")
     assert stopped.returncode == 130, stopped.stdout[-3000:]
     assert f"Continue with: dpdmd sweep --resume {sweep_dir}" in stopped.stdout
+    assert "of its trials are kept" in stopped.stdout  # it said "no checkpoint was written yet": the trials' were
     assert "stopped early" not in stopped.stdout and not (sweep_dir / "sweep.md").exists()
     resumed = _run([*dpdmd, "--resume", str(sweep_dir)], env)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
