@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from orchestrator import recipe as recipes
-from orchestrator.runs import preflight, require_gpu
+from orchestrator.runs import require_gpu
 from workers.context import clock
 from workers.config import ConfigError, RunConfig
 from workers.evaluate import training_prompts
@@ -26,7 +26,7 @@ from workers.precompute import AnchorWriter
 from workers.store import (CONFIG, MANIFEST, NEGATIVE, ShardInfo, Store, StoreError, StoreSpec, filesystem, location,
                            open_store, read_config, read_manifest, shard_name, store_spec, store_url, verified_shards,
                            write_config, write_manifest)
-from workers.teacher import teacher_dir
+from workers.teacher import require_teacher, teacher_dir
 
 
 @dataclass
@@ -58,8 +58,9 @@ def precompute(config: RunConfig, use_ray: bool = True, progress: bool = True,
     The store holds every anchor row a run of world_size ranks (default distributed.num_workers) consumes,
     so that no generator update sees a row twice; an existing store of the same settings that is too small
     is extended, its shards kept. A damaged store (see fill_store) is repaired on the way. A teacher that is
-    not where the config says, or not a pipeline of its family, is refused before the store is touched."""
-    preflight(config)
+    not where the config says, or not a pipeline of its family, is refused before the store is touched (LPIPS's
+    weights are the trainers' to need: a store may be filled on another machine)."""
+    require_teacher(config)
     spec = store_spec(config, training_prompts(config), teacher_dir(config), world_size)
     return fill_store(config, spec, use_ray, progress, plan=plan)
 

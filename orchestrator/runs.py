@@ -62,7 +62,8 @@ def resume_config(run_dir: Path, overrides: list[str], command: str = "distill",
     kind = run_kind(run_dir)
     if kind != command and (command == "sweep" or kind is not None):
         again = {"sweep": f"`dpdmd sweep --resume {run_dir}`", "distill": f"`dpdmd distill --resume {run_dir}`",
-                 "fidelity": f"the `dpdmd fidelity` command that made it, with --out {run_dir}"}
+                 "fidelity": f"the `dpdmd fidelity` command that made it, with --out {run_dir}",
+                 "demo": "`dpdmd demo` (a new run: the demo does not continue)"}
         raise ConfigError("--resume", f"{run_dir} is a {kind} directory; continue it with {again[kind]}" if kind else
                           f"{run_dir} holds no Tune state (tune/): a sweep stopped before its trials started has "
                           f"nothing to continue; start it again (its config.yaml holds the settings)")
@@ -71,12 +72,12 @@ def resume_config(run_dir: Path, overrides: list[str], command: str = "distill",
 
 def run_kind(run_dir: Path) -> str | None:
     """Which command's directory run_dir is, from what it holds: a sweep's Tune state (tune/), a fidelity table's
-    trials (trials/ or sweep/), a run's checkpoints; None when it holds none of them yet."""
+    trials (trials/ or sweep/; the demo's, by its name), a run's checkpoints; None when it holds none of them yet."""
     run_dir = Path(run_dir)
     if (run_dir / "tune").is_dir():
         return "sweep"
     if (run_dir / "trials").is_dir() or (run_dir / "sweep").is_dir():
-        return "fidelity"
+        return "demo" if "-demo-" in run_dir.name else "fidelity"
     if (run_dir / CHECKPOINTS).is_dir():
         return "distill"
     return None

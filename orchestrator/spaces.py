@@ -14,7 +14,7 @@ import yaml
 
 import tune_spaces
 from workers.config import ConfigError, RunConfig
-from workers.configure import NUMBER, build, config_keys, set_dotted
+from workers.configure import NUMBER, build, config_keys, set_dotted, type_name
 
 PBT_KEYS = ("loss.diversity_weight", "critic.optim.lr")  # what population-based training perturbs
 
@@ -42,9 +42,12 @@ def load_space(name: str) -> dict[str, dict]:
             raise ConfigError(key, f"in search space {path.name}: {kind} needs "
                                    + ("a non-empty list" if kind in ("grid", "choice") else "[low, high]"))
         if kind not in ("grid", "choice"):
-            values = spec[kind] = _range(key, kind, values, path.name)  # Tune draws from these
+            spec[kind] = _range(key, kind, values, path.name)  # Tune draws from these
+            # a range's low end and, for randint, the last whole number it draws (Tune's high is left out; a
+            # continuous range's high end is never drawn either, and a key may be open there: 0 <= x < 1)
+            values = [spec[kind][0]] + ([spec[kind][1] - 1] if kind == "randint" else [])
         for value in values:
-            build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own (a range: its ends)
+            build(RunConfig, set_dotted({}, key, value))  # each value must resolve on its own
     return space
 
 
@@ -64,7 +67,7 @@ def _range(key: str, kind: str, values: list, where: str) -> list:
     if kind == "randint":
         if not (whole and all(isinstance(v, int) for v in values)):
             raise ConfigError(key, f"in search space {where}: randint draws whole numbers between two whole numbers; "
-                                   f"{key} takes {_field_type(key).__name__}, got {values}")
+                                   f"{key} takes {type_name(_field_type(key))}, got {values}")
         return values
     if whole:
         raise ConfigError(key, f"in search space {where}: {kind} draws fractions, and {key} takes whole numbers; use "

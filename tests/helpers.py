@@ -89,10 +89,12 @@ def mlflow_server(tmp_path: Path):
     return server, uri
 
 
-def same_loss(ours: float, theirs: float, cycle: int) -> bool:
-    """A loss of trials trained together against train's for the same trial and cycle. The same computation in
-    another order: float32 rounding apart, rel 1e-6 to 1e-5 in the first cycle. From the first generator update on,
-    AdamW's first steps are about lr * sign(g), so a near-zero gradient element whose rounding flips its sign moves
-    a whole step: measured on a DMD trial (its first step in the gradient), the losses after it drift by up to
-    2e-4, and by 1e-6 under an optimizer whose step follows the gradient (AdamW at eps = 1)."""
-    return ours == pytest.approx(theirs, rel=1e-4 if cycle == 0 else 1e-3, abs=1e-6)
+def same_loss(ours: float, theirs: float, cycle: int, config) -> bool:
+    """A loss of trials trained together against train's for the same trial (config) and cycle. The same computation
+    in another order: float32 rounding apart, rel 1e-6 to 1e-5. A trial whose first step is in the gradient (DMD and
+    the baselines: no stop-gradient) drifts more from its first generator update on: AdamW's first steps are about
+    lr * sign(g), so a near-zero gradient element whose rounding flips its sign moves a whole step. Measured on a DMD
+    trial, its losses after it drift by up to 2e-4, and by 1e-6 under an optimizer whose step follows the gradient
+    (AdamW at eps = 1): rel 1e-3 for those, 1e-4 for every other."""
+    loose = cycle > 0 and not config.loss.first_step_detached
+    return ours == pytest.approx(theirs, rel=1e-3 if loose else 1e-4, abs=1e-6)

@@ -250,7 +250,7 @@ def test_trials_together_train_each_baseline_as_train_trains_each_trial_alone(tm
     for i in range(2):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", term, "loss_generator", *extra):
-                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle), (i, cycle, key)
+                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle, cs[i]), (i, cycle, key)
     assert together[0]["loss_generator"][0] == pytest.approx(together[0]["loss_dmd"][0])  # weight 0: DMD alone
     assert together[0]["loss_generator"][1] > together[0]["loss_dmd"][1]  # weight 0.5: the term counts
 

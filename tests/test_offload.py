@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from helpers import tiny_config
-from models.adapter import Conditioning
 from orchestrator.precompute import precompute
 from models.tiny_pipelines import tiny_sd3_transformer
 from sd_models import tiny_sd3_inputs

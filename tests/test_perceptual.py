@@ -186,3 +186,12 @@ def test_a_regression_run_without_the_lpips_weights_stops_before_any_work_naming
     assert code == 2 and "Traceback" not in err
     assert "vgg16-397923af.pth" in err and "vgg.pth" in err and "loss.lpips_weights=DIR" in err, err
     assert not (tmp_path / "out").exists()  # no store, no run directory
+
+
+def test_a_store_for_the_regression_remedy_fills_where_lpips_is_not(tmp_path, teacher_path, monkeypatch):
+    """The store holds the teacher's samples, not LPIPS's distances: it may be filled on a machine without LPIPS's
+    weights (the trainers need them). The preflight precompute ran for the pipeline check refused it for them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    store, _ = precompute(sd3_regression(tmp_path, teacher_path, f"loss.lpips_weights={tmp_path / 'nowhere'}"),
+                          use_ray=False, progress=False)
+    assert next(store.batches(2)).x_teacher.shape == (2, 16, 8, 8)

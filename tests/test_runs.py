@@ -88,19 +88,22 @@ def test_resume_refuses_overrides_and_non_run_directories(tmp_path, capsys):
 def test_resume_refuses_another_commands_directory_and_names_its_command(tmp_path, capsys):
     """`distill --resume SWEEP_DIR` trained a new run inside the sweep's directory (exit 0); `sweep --resume
     RUN_DIR` of a distill run failed on a missing tune/tuner.pkl after reopening that run's MLflow run as FAILED."""
-    sweep, run, early = tmp_path / "sweep", tmp_path / "run", tmp_path / "early"
-    for d in (sweep / "tune", run / "checkpoints", early):
+    sweep, run, early, demo = tmp_path / "sweep", tmp_path / "run", tmp_path / "early", tmp_path / "1-2-demo-toy2d"
+    for d in (sweep / "tune", run / "checkpoints", early, demo / "sweep"):
         d.mkdir(parents=True)
-    for d in (sweep, run, early):
+    for d in (sweep, run, early, demo):
         (d / "config.yaml").write_text("name: x\n")
+    assert main(["distill", "--resume", str(demo)]) == 2  # the demo has no command that continues it
+    assert "a demo directory; continue it with `dpdmd demo` (a new run" in capsys.readouterr().err
     assert main(["distill", "--no-ray", "--resume", str(sweep)]) == 2
     assert f"a sweep directory; continue it with `dpdmd sweep --resume {sweep}`" in capsys.readouterr().err
     assert main(["sweep", "--resume", str(run)]) == 2
     assert f"a distill directory; continue it with `dpdmd distill --resume {run}`" in capsys.readouterr().err
     assert main(["sweep", "--resume", str(early)]) == 2
     assert "holds no Tune state (tune/)" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "config.yaml", "config.yaml",
-                                                           "config.yaml", "early", "run", "sweep", "tune"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["1-2-demo-toy2d", "checkpoints", "config.yaml",
+                                                           "config.yaml", "config.yaml", "config.yaml", "early",
+                                                           "run", "sweep", "sweep", "tune"]
 
 
 def test_evaluate_refusing_a_prompt_leaves_no_run_directory(tmp_path, capsys):

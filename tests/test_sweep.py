@@ -52,11 +52,20 @@ def test_bad_kind_and_bad_values_are_refused(tmp_path):
     ("loss.diversity_weight: {uniform: [0.5, 0.1]}", "low < high"),
     ("loss.diversity_weight: {randint: [0, 3]}", "loss.diversity_weight takes float"),
     ("loss.diversity_weight: {uniform: [-1, 0.1]}", "must be >= 0"),  # an end the key refuses
+    ("generator.shift: {randint: [1, 3]}", "generator.shift takes float | None"),  # a union's name: was a crash
+    ("loss.anchor_step: {randint: [1, 32]}", "K = 31 must not exceed"),  # the last value randint draws
 ])
 def test_a_range_that_cannot_be_drawn_is_refused_naming_its_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_space(_space(tmp_path, text + "\n"))
     assert err.value.key == text.split(":")[0]
+
+
+def test_a_range_is_checked_on_what_tune_draws_from_it(tmp_path):
+    """randint leaves its high end out (K = 1..30 of 30 teacher steps), and a continuous range never draws its
+    high end (a key open there, 0 <= x < 1): both were refused on that end."""
+    assert load_space(_space(tmp_path, "loss.anchor_step: {randint: [1, 31]}\n"
+                                       "sweep.collapse_fraction: {uniform: [0, 1]}\n"))
 
 
 def test_range_ends_are_numbers_as_tune_draws_them(tmp_path):

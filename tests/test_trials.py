@@ -80,7 +80,8 @@ def test_trials_together_match_train_run_one_at_a_time(runs):
     for i in range(len(TRIALS)):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator", "dmd_normaliser"):
-                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle), (i, cycle, key)
+                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle, runs["configs"][i]), \
+                    (i, cycle, key)
     # the exported generator of trial 0 is train's, update for update
     from safetensors.torch import load_file
     ours = load_file(runs["dirs"][0] / GENERATOR_DIR / "unet" / "diffusion_pytorch_model.safetensors")
@@ -122,7 +123,7 @@ def test_trials_together_with_folded_fused_attention_match_train_run_one_at_a_ti
     for i in range(len(TRIALS)):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
-                assert same_loss(folded[cycle][key][i], runs["alone"][i][cycle][key], cycle), \
+                assert same_loss(folded[cycle][key][i], runs["alone"][i][cycle][key], cycle, runs["configs"][i]), \
                     (i, cycle, key)
 
 
@@ -174,7 +175,7 @@ def test_trials_together_compiled_match_train_run_one_at_a_time(runs, monkeypatc
     for i in range(len(TRIALS)):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
-                assert same_loss(compiled[cycle][key][i], runs["alone"][i][cycle][key], cycle), \
+                assert same_loss(compiled[cycle][key][i], runs["alone"][i][cycle][key], cycle, runs["configs"][i]), \
                     (i, cycle, key)
 
 
@@ -320,7 +321,7 @@ def test_an_epsilon_teacher_trains_together_as_train_trains_each_trial_alone(tmp
     for i in range(len(TRIALS)):
         for cycle in range(UPDATES):
             for key in ("loss_critic", "loss_dmd", "loss_div", "loss_generator"):
-                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle), (i, cycle, key)
+                assert same_loss(together[cycle][key][i], alone[i][cycle][key], cycle, cs[i]), (i, cycle, key)
     assert together[0]["loss_generator"][1] > together[0]["loss_dmd"][1]  # lambda 0.5: the diversity term counts
 
 

@@ -18,7 +18,7 @@ from workers.config import ConfigError, RunConfig
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -40,7 +40,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise
             except ConfigError:
                 pass
-        raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(key, f"expected {' or '.join(type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -71,7 +71,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(key, f"expected {type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 class NotFinite(ConfigError):
