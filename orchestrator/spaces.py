@@ -63,11 +63,12 @@ def _range(key: str, kind: str, values: list, where: str) -> list:
     if kind == "loguniform" and low <= 0:
         raise ConfigError(key, f"in search space {where}: loguniform needs low > 0 (it draws the logarithm), got "
                                f"{values}; use uniform to include 0")
-    whole = _field_type(key) is int
+    field = _field_type(key)
+    whole = field is int
     if kind == "randint":
         if not (whole and all(isinstance(v, int) for v in values)):
             raise ConfigError(key, f"in search space {where}: randint draws whole numbers between two whole numbers; "
-                                   f"{key} takes {type_name(_field_type(key))}, got {values}")
+                                   f"{key} takes {type_name(field)}, got {values}")
         return values
     if whole:
         raise ConfigError(key, f"in search space {where}: {kind} draws fractions, and {key} takes whole numbers; use "

@@ -132,15 +132,14 @@ def generator_loss(nets: Networks, anchors, t: torch.Tensor, eps2: torch.Tensor,
     parameterisation (the adapter's), DMD on its sample scored by the guided teacher and the critic at flow
     times t with noise eps2, and the objective with weights (config.loss.weights: div, reg, gan; each a float, or
     one per trial under TrialRows). detach: the stop-gradient after the first step (config.loss.first_step_detached,
-    or one flag per trial under TrialRows). The baselines' terms are computed only for the method that uses them.
-    Runs with its backward and step under generator_update (dmd-gan's critic frozen)."""
+    or one flag per row of the batch when trials trained together differ in it). The baselines' terms are computed
+    only for the method that uses them. Runs with its backward and step under generator_update (dmd-gan's critic
+    frozen)."""
     adapter, parked, method = nets.adapter, nets.teacher_weights, config.loss.method
     if parked is not None:
         parked.fetch()  # what its score needs first, copied beside the rollout
     with record_function(f"{REGION}generator rollout"):
         start = adapter.initial_state(anchors.eps, sigmas, "generator")
-        if isinstance(detach, torch.Tensor):  # a flag per trial: one per row
-            detach = detach.repeat_interleave(len(start) // rows.num)
         rollout = generator_rollout(adapter.velocity_fn(nets.generator, anchors.cond), start, sigmas, detach)
         prediction, target = adapter.diversity_terms(rollout.v_first, start, sigmas[0], anchors.eps, anchors.z,
                                                      anchors.t_anchor, anchors.x0_anchor)

@@ -339,9 +339,10 @@ class TrialBatch:
                         for k in config.loss.weights}
         self.critic_gan_weight = torch.tensor([c.loss.critic_gan_weight for c in configs], device=device)
         # the stop-gradient after the first step, resolved per trial (DMD at lambda = 0 has none): one flag for all
-        # when they agree, else one per trial
+        # when they agree, else one per row of the trial-major anchor batch, made once
         detached = [c.loss.first_step_detached for c in configs]
-        self.detach = detached[0] if len(set(detached)) == 1 else torch.tensor(detached, device=device)
+        self.detach = detached[0] if len(set(detached)) == 1 else torch.tensor(
+            detached, device=device).repeat_interleave(config.distributed.batch_size_per_worker)
         self.rows = TrialRows(n)
         # Each trial's finite vote; under on_nonfinite=raise a trial that voted no stops (its updates are no
         # longer applied) and is reported at the next read, under skip that update is skipped and counted
